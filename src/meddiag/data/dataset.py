@@ -1,0 +1,66 @@
+"""In-memory image data sets: the common form every data source is read into."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Literal
+
+import torch
+
+Task = Literal["binary", "multiclass", "multilabel"]
+SPLITS = ("train", "val", "test")
+
+
+@dataclass
+class Split:
+    """One split of a data set, held in memory.
+
+    images: uint8 tensor (N, C, H, W), or (N, C, D, H, W) for volumes.
+    labels: int64 (N,) class indices, or float32 (N, K) 0/1 for multi-label tasks.
+    paths: the source file of each image, or None for array sources (MedMNIST).
+    """
+
+    images: torch.Tensor
+    labels: torch.Tensor
+    paths: list[str] | None = None
+
+    def __len__(self) -> int:
+        return int(self.images.shape[0])
+
+    def class_counts(self, num_classes: int) -> list[int]:
+        if self.labels.ndim == 2:
+            return [int(v) for v in self.labels.sum(0).tolist()]
+        return torch.bincount(self.labels, minlength=num_classes).tolist()
+
+
+@dataclass
+class ImageData:
+    """A data set ready for training: splits in memory plus what the model must know.
+
+    ``split_origin`` says for each split whether it came with the data ("given") or was
+    carved out of the training set ("carved"). ``excluded`` lists (path, reason) of files
+    that could not be used.
+    """
+
+    name: str
+    task: Task
+    class_names: list[str]
+    splits: dict[str, Split]
+    image_size: int
+    in_channels: int
+    spatial_dims: int = 2
+    split_origin: dict[str, str] = field(default_factory=dict)
+    excluded: list[tuple[str, str]] = field(default_factory=list)
+
+    @property
+    def num_classes(self) -> int:
+        return len(self.class_names)
+
+    def summary(self) -> str:
+        """One line per split: images and images per class."""
+        lines = []
+        for name, split in self.splits.items():
+            counts = ", ".join(f"{c}={n}" for c, n in zip(self.class_names, split.class_counts(self.num_classes)))
+            origin = f" ({self.split_origin[name]})" if name in self.split_origin else ""
+            lines.append(f"{name}{origin}: {len(split)} images [{counts}]")
+        return "\n".join(lines)

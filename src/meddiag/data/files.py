@@ -1,0 +1,137 @@
+"""Turning a list of labelled image files into an in-memory :class:`ImageData`.
+
+Shared by image folders and CSV manifests: files are decoded in parallel, files that
+cannot be read are excluded by name (never silently), and missing splits are carved
+out of the training files with a seeded stratified (and, given patient ids,
+patient-grouped) split.
+"""
+
+from __future__ import annotations
+
+import os
+import warnings
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from rich.progress import Progress
+
+from meddiag.data.dataset import SPLITS, ImageData, Split
+from meddiag.data.images import Fit, read_image, to_model_input
+from meddiag.data.splits import stratified_split
+from meddiag.errors import DataError, ImageReadError
+
+DEFAULT_FILE_IMAGE_SIZE = 128
+
+
+@dataclass
+class FileRecord:
+    path: Path
+    label: str
+    split: str | None = None
+    patient_id: str | None = None
+
+
+def load_file_records(
+    records: list[FileRecord],
+    name: str,
+    *,
+    image_size: int | None = None,
+    fit: Fit = "pad",
+    seed: int = 0,
+    val_fraction: float = 0.1,
+    test_fraction: float = 0.2,
+    progress: bool = True,
+) -> ImageData:
+    """Read labelled files into memory at ``image_size`` (default 128) and split them.
+
+    Records without a split are training files. When no record is in "val" (or "test"),
+    that split is carved from the training files. Unreadable files are listed in
+    ``ImageData.excluded`` and a warning names each one.
+    """
+    size = image_size or DEFAULT_FILE_IMAGE_SIZE
+    class_names = sorted({r.label for r in records})
+    _check_classes(class_names, name)
+    arrays, excluded = _read_all(records, size, fit, progress)
+    kept = [(r, a) for r, a in zip(records, arrays) if a is not None]
+    if not kept:
+        raise DataError(f"none of the {len(records)} images in {name} could be read; the first failure: {excluded[0][0]}: {excluded[0][1]}")
+    for path, reason in excluded:
+        warnings.warn(f"excluded {path}: {reason}", stacklevel=2)
+    channels = 3 if any(a.shape[0] == 3 for _, a in kept) else 1
+
+    by_split: dict[str, list[int]] = {s: [] for s in SPLITS}
+    for i, (rec, _) in enumerate(kept):
+        by_split[rec.split or "train"].append(i)
+    labels = np.array([class_names.index(r.label) for r, _ in kept])
+    patients = [r.patient_id for r, _ in kept]
+    has_patients = any(p is not None for p in patients)
+    origin = {s: "given" for s in SPLITS if by_split[s]}
+    n_train = len(by_split["train"])
+    for split, fraction in (("test", test_fraction), ("val", val_fraction)):
+        if by_split[split] or not by_split["train"]:
+            continue
+        pool = np.array(by_split["train"])
+        groups = [patients[i] or f"#{i}" for i in pool] if has_patients else None
+        # Fractions are of the original training files: carving test first must not shrink val's share.
+        share = fraction * n_train / len(pool)
+        keep, carve = stratified_split(labels[pool], min(share, 0.5), seed, groups)
+        by_split["train"], by_split[split] = pool[keep].tolist(), pool[carve].tolist()
+        origin[split] = "carved from train"
+
+    splits: dict[str, Split] = {}
+    for split in SPLITS:
+        idx = by_split[split]
+        if not idx:
+            raise DataError(f"{name}: the {split} split is empty; add images or use larger data")
+        imgs = [kept[i][1] for i in idx]
+        if channels == 3:
+            imgs = [np.repeat(a, 3, axis=0) if a.shape[0] == 1 else a for a in imgs]
+        splits[split] = Split(
+            images=torch.from_numpy(np.stack(imgs)),
+            labels=torch.from_numpy(labels[idx].astype(np.int64)),
+            paths=[str(kept[i][0].path) for i in idx],
+        )
+    missing = [c for c, n in zip(class_names, splits["train"].class_counts(len(class_names))) if n == 0]
+    if missing:
+        raise DataError(f"{name}: no training images of class {', '.join(missing)}")
+    return ImageData(
+        name=name,
+        task="binary" if len(class_names) == 2 else "multiclass",
+        class_names=class_names,
+        splits=splits,
+        image_size=size,
+        in_channels=channels,
+        split_origin=origin,
+        excluded=excluded,
+    )
+
+
+def _check_classes(class_names: list[str], name: str) -> None:
+    if len(class_names) < 2:
+        found = f"only the class '{class_names[0]}'" if class_names else "no class"
+        raise DataError(f"{name}: found {found}; a classifier needs images of at least 2 classes")
+
+
+def _read_all(records: list[FileRecord], size: int, fit: Fit, progress: bool) -> tuple[list[np.ndarray | None], list[tuple[str, str]]]:
+    """Decode and resize every file in parallel; (arrays with None for failures, excluded)."""
+
+    def read_one(rec: FileRecord) -> np.ndarray | str:
+        try:
+            arr = read_image(rec.path)
+        except ImageReadError as exc:
+            return exc.reason
+        return to_model_input(arr, size, 3 if arr.ndim == 3 else 1, fit)
+
+    results: list[np.ndarray | str] = []
+    workers = min(8, (os.cpu_count() or 1) * 2)
+    with ThreadPoolExecutor(workers) as pool, Progress(disable=not progress, transient=True) as bar:
+        task = bar.add_task(f"reading {len(records)} images", total=len(records))
+        for res in pool.map(read_one, records, chunksize=32):
+            results.append(res)
+            bar.advance(task)
+    arrays = [r if isinstance(r, np.ndarray) else None for r in results]
+    excluded = [(str(rec.path), r) for rec, r in zip(records, results) if isinstance(r, str)]
+    return arrays, excluded

@@ -1,0 +1,117 @@
+"""Reading image files and turning them into model input.
+
+One function, :func:`to_model_input`, prepares every image the same way for training,
+evaluation and prediction, so preprocessing can never disagree between them.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Literal
+
+import numpy as np
+from PIL import Image, ImageFile, UnidentifiedImageError
+
+from meddiag.errors import ImageReadError
+
+IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff")
+Fit = Literal["pad", "stretch"]
+
+# A truncated file must fail loudly, never be padded with grey and trained on.
+ImageFile.LOAD_TRUNCATED_IMAGES = False
+# Refuse decompression bombs (PIL raises DecompressionBombError above 2x this many pixels).
+Image.MAX_IMAGE_PIXELS = 20_000 * 20_000
+
+
+def is_image_file(path: Path) -> bool:
+    """Whether ``path`` has one of the image extensions meddiag reads (case-insensitive)."""
+    return path.suffix.lower() in IMAGE_EXTENSIONS and not path.name.startswith(".")
+
+
+def read_image(path: str | Path) -> np.ndarray:
+    """Read a 2D image file.
+
+    Returns a uint8 array of shape (H, W) for grayscale (also for RGB files whose three
+    channels are equal, as most exported X-rays are) or (H, W, 3) for colour. Images of
+    more than 8 bits are scaled to 0-255 by their own minimum and maximum.
+
+    Raises :class:`ImageReadError` naming the file for a missing, truncated or
+    undecodable file.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise ImageReadError(path, "no such file")
+    try:
+        with Image.open(path) as img:
+            img.load()
+            arr = _to_uint8(img)
+    except ImageReadError:
+        raise
+    except UnidentifiedImageError:
+        raise ImageReadError(path, "not an image format meddiag can decode") from None
+    except (OSError, ValueError, SyntaxError) as exc:  # truncated or corrupt data
+        raise ImageReadError(path, f"corrupt or truncated image ({exc})") from None
+    except Image.DecompressionBombError as exc:
+        raise ImageReadError(path, f"refused: too many pixels ({exc})") from None
+    if arr.size == 0:
+        raise ImageReadError(path, "image has no pixels")
+    return arr
+
+
+def _to_uint8(img: Image.Image) -> np.ndarray:
+    if img.mode in ("I;16", "I;16B", "I;16L", "I", "F"):
+        arr = np.asarray(img, dtype=np.float64)
+        lo, hi = float(arr.min()), float(arr.max())
+        scaled = (arr - lo) / (hi - lo) * 255.0 if hi > lo else np.zeros_like(arr)
+        return np.round(scaled).astype(np.uint8)
+    if img.mode in ("L", "1", "P") and not (img.mode == "P" and "transparency" in img.info):
+        arr = np.asarray(img.convert("L"))
+        if img.mode == "P" and _palette_is_colour(img):
+            return np.asarray(img.convert("RGB"))
+        return arr
+    arr = np.asarray(img.convert("RGB"))
+    if (arr[..., 0] == arr[..., 1]).all() and (arr[..., 1] == arr[..., 2]).all():
+        return np.ascontiguousarray(arr[..., 0])
+    return arr
+
+
+def _palette_is_colour(img: Image.Image) -> bool:
+    rgb = np.asarray(img.convert("RGB"))
+    return not ((rgb[..., 0] == rgb[..., 1]).all() and (rgb[..., 1] == rgb[..., 2]).all())
+
+
+def is_colour(arr: np.ndarray) -> bool:
+    """Whether an array from :func:`read_image` has three colour channels."""
+    return arr.ndim == 3
+
+
+def to_model_input(arr: np.ndarray, image_size: int, channels: int, fit: Fit = "pad") -> np.ndarray:
+    """Resize an image from :func:`read_image` to the model's input.
+
+    ``fit="pad"`` keeps the aspect ratio and pads the short side with black (so anatomy
+    keeps its proportions); ``"stretch"`` resizes to a square regardless. Colour images
+    become luminance for 1-channel models; grayscale is repeated for 3-channel models.
+
+    Returns uint8 of shape (channels, image_size, image_size).
+    """
+    if channels == 1 and arr.ndim == 3:
+        img = Image.fromarray(arr, "RGB").convert("L")
+    else:
+        img = Image.fromarray(arr, "L" if arr.ndim == 2 else "RGB")
+    w, h = img.size
+    if fit == "stretch" or w == h:
+        img = img.resize((image_size, image_size), Image.Resampling.BILINEAR, reducing_gap=3.0)
+    else:
+        scale = image_size / max(w, h)
+        nw, nh = max(1, round(w * scale)), max(1, round(h * scale))
+        resized = img.resize((nw, nh), Image.Resampling.BILINEAR, reducing_gap=3.0)
+        img = Image.new(img.mode, (image_size, image_size))
+        img.paste(resized, ((image_size - nw) // 2, (image_size - nh) // 2))
+    out = np.asarray(img)
+    if out.ndim == 2:
+        out = out[None]
+        if channels == 3:
+            out = np.repeat(out, 3, axis=0)
+    else:
+        out = out.transpose(2, 0, 1)
+    return np.ascontiguousarray(out)

@@ -1,0 +1,48 @@
+"""The ``DATA`` argument of every command: a MedMNIST name, an image folder or a CSV manifest."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from meddiag.data.dataset import ImageData
+from meddiag.data.files import load_file_records
+from meddiag.data.folder import scan_image_folder
+from meddiag.data.images import Fit
+from meddiag.data.manifest import read_manifest
+from meddiag.data.medmnist import load_medmnist, medmnist_names, parse_medmnist
+from meddiag.errors import DataError
+
+
+def load_data(
+    spec: str,
+    *,
+    image_size: int | None = None,
+    fit: Fit = "pad",
+    seed: int = 0,
+    val_fraction: float = 0.1,
+    test_fraction: float = 0.2,
+    progress: bool = True,
+) -> ImageData:
+    """Read the data set ``spec`` into memory with train/val/test splits.
+
+    ``spec`` is a MedMNIST name (``pneumoniamnist``, ``pneumoniamnist@64``), a folder
+    (``ROOT/CLASS/*`` or ``ROOT/{train,val,test}/CLASS/*``) or a ``.csv`` manifest.
+    ``image_size`` None keeps a MedMNIST file's own size, and is 128 for files.
+    """
+    mnist = parse_medmnist(spec)
+    if mnist is not None:
+        return load_medmnist(mnist, image_size)
+    path = Path(spec).expanduser()
+    if not path.exists():
+        hint = "" if any(c in spec for c in "/\\.") else f" (MedMNIST names: {', '.join(medmnist_names())})"
+        raise DataError(f"{spec}: no such file or folder, and not a MedMNIST data set name{hint}")
+    if path.is_dir():
+        records = scan_image_folder(path)
+    elif path.suffix.lower() == ".csv":
+        records = read_manifest(path)
+    else:
+        raise DataError(f"{spec}: expected a folder of class folders or a .csv manifest")
+    return load_file_records(
+        records, str(path), image_size=image_size, fit=fit, seed=seed,
+        val_fraction=val_fraction, test_fraction=test_fraction, progress=progress,
+    )
