@@ -1,0 +1,83 @@
+"""Self-sufficient checkpoints: the weights plus everything needed to use them.
+
+A checkpoint is a Lightning checkpoint (so training can resume from it) with one more
+entry, ``"meddiag"``: the :class:`ModelCard` metadata. Predicting needs nothing else:
+not the training data, not the config. Loading uses ``torch.load(weights_only=True)``,
+which accepts only tensors and plain containers, never arbitrary pickled objects.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Literal
+
+import torch
+from pydantic import BaseModel, ConfigDict, Field
+from torch import nn
+
+import meddiag
+from meddiag.errors import ModelError
+from meddiag.models.registry import create_model
+
+META_KEY = "meddiag"
+STATE_PREFIX = "model."
+
+
+class ModelCard(BaseModel):
+    """What a trained model is and how its input must be prepared."""
+
+    model_config = ConfigDict(extra="ignore", protected_namespaces=())
+    model_name: str
+    model_kwargs: dict = Field(default_factory=dict)
+    class_names: list[str]
+    task: Literal["binary", "multiclass", "multilabel"]
+    image_size: int
+    in_channels: int
+    spatial_dims: int = 2
+    mean: float = 0.5
+    std: float = 0.5
+    fit: Literal["pad", "stretch"] = "pad"
+    threshold: float = Field(0.5, description="decision threshold on the positive class (binary) or each label (multi-label)")
+    data_name: str = ""
+    meddiag_version: str = meddiag.__version__
+
+    @property
+    def num_classes(self) -> int:
+        return len(self.class_names)
+
+    def build_model(self) -> nn.Module:
+        return create_model(self.model_name, self.in_channels, self.num_classes, self.spatial_dims, self.image_size, **self.model_kwargs)
+
+
+def save_checkpoint(path: str | Path, model: nn.Module, card: ModelCard) -> Path:
+    """Write a minimal checkpoint: the weights and the model card."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    state = {STATE_PREFIX + k: v for k, v in model.state_dict().items()}
+    torch.save({"state_dict": state, META_KEY: card.model_dump()}, path)
+    return path
+
+
+def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") -> tuple[nn.Module, ModelCard]:
+    """Load a checkpoint written by training or :func:`save_checkpoint`.
+
+    Returns the model in eval mode and its card. Raises :class:`ModelError` naming the
+    file when it is missing, not a meddiag checkpoint, or holds anything but tensors.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise ModelError(f"checkpoint {path} does not exist")
+    try:
+        ckpt = torch.load(path, map_location=map_location, weights_only=True)
+    except Exception as exc:  # noqa: BLE001 - any unpickling failure means: not safe or not ours
+        raise ModelError(f"cannot load checkpoint {path}: {exc.__class__.__name__}: {str(exc).splitlines()[0]}") from None
+    if not isinstance(ckpt, dict) or META_KEY not in ckpt or "state_dict" not in ckpt:
+        raise ModelError(f"{path} is not a meddiag checkpoint (it has no model card)")
+    card = ModelCard.model_validate(ckpt[META_KEY])
+    model = card.build_model()
+    state = {k[len(STATE_PREFIX):]: v for k, v in ckpt["state_dict"].items() if k.startswith(STATE_PREFIX)}
+    try:
+        model.load_state_dict(state)
+    except RuntimeError as exc:
+        raise ModelError(f"{path}: weights do not fit model {card.model_name}: {str(exc).splitlines()[0]}") from None
+    return model.eval(), card

@@ -1,0 +1,55 @@
+"""ResNet, DenseNet and EfficientNet from MONAI, 2D and 3D through one code path.
+
+Inputs of 64 px or less get a CIFAR-style stem (3x3 stride-1 first convolution, no
+max-pool), as the MedMNIST baselines do; larger inputs keep the ImageNet stem.
+"""
+
+from __future__ import annotations
+
+from monai.networks.nets import DenseNet121, EfficientNetBN, ResNet
+from torch import nn
+
+from meddiag.models.registry import register_model
+
+SMALL_INPUT = 64
+
+
+def _resnet(block: str, layers: list[int], in_channels: int, num_classes: int, spatial_dims: int, image_size: int) -> nn.Module:
+    small = image_size <= SMALL_INPUT
+    return ResNet(
+        block=block, layers=layers, block_inplanes=[64, 128, 256, 512], spatial_dims=spatial_dims,
+        n_input_channels=in_channels, num_classes=num_classes,
+        conv1_t_size=3 if small else 7, conv1_t_stride=1 if small else 2, no_max_pool=small,
+    )
+
+
+@register_model("resnet18", spatial_dims=(2, 3), target_layer="layer4", description="ResNet-18 (MONAI), 11M parameters")
+def resnet18(in_channels: int, num_classes: int, spatial_dims: int = 2, image_size: int = 224) -> nn.Module:
+    return _resnet("basic", [2, 2, 2, 2], in_channels, num_classes, spatial_dims, image_size)
+
+
+@register_model("resnet50", spatial_dims=(2, 3), target_layer="layer4", description="ResNet-50 (MONAI), 23M parameters")
+def resnet50(in_channels: int, num_classes: int, spatial_dims: int = 2, image_size: int = 224) -> nn.Module:
+    return _resnet("bottleneck", [3, 4, 6, 3], in_channels, num_classes, spatial_dims, image_size)
+
+
+@register_model("densenet121", spatial_dims=(2, 3), target_layer="features.norm5", description="DenseNet-121 (MONAI), 7M parameters")
+def densenet121(in_channels: int, num_classes: int, spatial_dims: int = 2, image_size: int = 224) -> nn.Module:
+    net = DenseNet121(spatial_dims=spatial_dims, in_channels=in_channels, out_channels=num_classes)
+    if image_size <= SMALL_INPUT:
+        conv = nn.Conv2d if spatial_dims == 2 else nn.Conv3d
+        net.features.conv0 = conv(in_channels, 64, kernel_size=3, stride=1, padding=1, bias=False)
+        net.features.pool0 = nn.Identity()
+    return net
+
+
+@register_model("efficientnet_b0", spatial_dims=(2, 3), target_layer="_bn1", description="EfficientNet-B0 (MONAI), 4M parameters")
+def efficientnet_b0(in_channels: int, num_classes: int, spatial_dims: int = 2, image_size: int = 224) -> nn.Module:
+    net = EfficientNetBN("efficientnet-b0", pretrained=False, progress=False, spatial_dims=spatial_dims,
+                         in_channels=in_channels, num_classes=num_classes)
+    if image_size <= SMALL_INPUT:
+        # stride 1 and 'same' padding in the stem: small images keep their resolution.
+        conv = nn.Conv2d if spatial_dims == 2 else nn.Conv3d
+        net._conv_stem = conv(in_channels, net._conv_stem.out_channels, kernel_size=3, stride=1, padding=1, bias=False)
+        net._conv_stem_padding = nn.Identity()
+    return net
