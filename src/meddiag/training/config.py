@@ -1,0 +1,72 @@
+"""The training configuration: defaults, a YAML file, and command-line overrides, in that order."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+from meddiag.data.transforms import AugmentConfig
+from meddiag.errors import ConfigError
+
+
+class TrainConfig(BaseModel):
+    """Everything that defines a training run. ``config.yaml`` in a run folder is this, resolved."""
+
+    model_config = ConfigDict(extra="forbid", protected_namespaces=())
+
+    data: str = Field(description="MedMNIST name (pneumoniamnist, pneumoniamnist@64), image folder or CSV manifest")
+    model: str = "resnet18"
+    epochs: int = Field(20, ge=1)
+    batch_size: int = Field(128, ge=1)
+    lr: float = Field(1e-3, gt=0)
+    weight_decay: float = Field(1e-4, ge=0)
+    optimizer: Literal["adamw", "adam", "sgd"] = "adamw"
+    scheduler: Literal["cosine", "step", "none"] = Field("cosine", description="step: lr x0.1 at 50% and 75% of the epochs")
+    image_size: int | None = Field(None, ge=8, description="None: a MedMNIST file's own size, 128 for image files")
+    fit: Literal["pad", "stretch"] = "pad"
+    mean: float = 0.5
+    std: float = Field(0.5, gt=0)
+    augment: AugmentConfig = Field(default_factory=AugmentConfig)
+    seed: int = 0
+    val_fraction: float = Field(0.1, gt=0, lt=0.5)
+    test_fraction: float = Field(0.2, gt=0, lt=0.5)
+    early_stopping_patience: int = Field(10, ge=0, description="epochs without a better val AUC before stopping; 0 = never")
+    threshold: float = Field(0.5, gt=0, lt=1)
+    accelerator: str = "auto"
+    devices: int | str = "auto"
+    precision: str = Field("auto", description="auto: bf16-mixed where the hardware computes bf16 natively, else 32-true")
+    num_workers: int = Field(0, ge=0)
+    out: str | None = Field(None, description="run folder; default runs/<data>-<model>[-N]")
+
+    @classmethod
+    def from_sources(cls, config_file: str | Path | None = None, **overrides: Any) -> TrainConfig:
+        """Defaults, then ``config_file`` (YAML), then the non-None ``overrides``."""
+        values: dict[str, Any] = {}
+        if config_file is not None:
+            values.update(read_yaml(config_file))
+        values.update({k: v for k, v in overrides.items() if v is not None})
+        try:
+            return cls.model_validate(values)
+        except ValidationError as exc:
+            problems = "; ".join(f"{'.'.join(map(str, e['loc'])) or 'config'}: {e['msg']}" for e in exc.errors())
+            where = f" in {config_file}" if config_file else ""
+            raise ConfigError(f"invalid training configuration{where}: {problems}") from None
+
+    def to_yaml(self, path: str | Path) -> None:
+        Path(path).write_text(yaml.safe_dump(self.model_dump(mode="json"), sort_keys=False))
+
+
+def read_yaml(path: str | Path) -> dict[str, Any]:
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"config file {path} does not exist")
+    try:
+        values = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"{path} is not valid YAML: {exc}") from None
+    if not isinstance(values, dict):
+        raise ConfigError(f"{path} must hold a mapping of settings, e.g. 'model: resnet18'")
+    return values
