@@ -1,0 +1,3 @@
+from meddiag.cli import app
+
+app(prog_name="meddiag")

@@ -1,0 +1,148 @@
+"""The ``meddiag`` command line: parses arguments and calls the library, nothing more."""
+
+from __future__ import annotations
+
+import functools
+import logging
+import sys
+import warnings
+from collections.abc import Callable
+from pathlib import Path
+from typing import Annotated, Any, Optional
+
+import typer
+
+from meddiag import __version__
+from meddiag.errors import MeddiagError
+
+app = typer.Typer(
+    name="meddiag", no_args_is_help=True, add_completion=False, pretty_exceptions_enable=False,
+    help="Computer-aided diagnosis from medical images: train, evaluate and apply CNN classifiers.",
+)
+
+
+def _plain_warning(message: Any, category: type, filename: str, lineno: int, file: Any = None, line: Any = None) -> None:
+    print(f"warning: {message}", file=sys.stderr)
+
+
+def friendly_errors(func: Callable[..., Any]) -> Callable[..., Any]:
+    """Turn meddiag's errors into one 'error: ...' line and exit code 2, never a traceback."""
+
+    @functools.wraps(func)
+    def wrapper(*args: Any, **kwargs: Any) -> Any:
+        warnings.showwarning = _plain_warning
+        try:
+            return func(*args, **kwargs)
+        except MeddiagError as exc:
+            print(f"error: {exc}", file=sys.stderr)
+            raise typer.Exit(2) from None
+        except KeyboardInterrupt:
+            print("interrupted", file=sys.stderr)
+            raise typer.Exit(130) from None
+
+    return wrapper
+
+
+def _version(value: bool) -> None:
+    if value:
+        print(f"meddiag {__version__}")
+        raise typer.Exit()
+
+
+@app.callback()
+def main(version: Annotated[Optional[bool], typer.Option("--version", callback=_version, is_eager=True, help="Print the version.")] = None) -> None:
+    """meddiag: train, evaluate and apply diagnostic CNNs on medical images."""
+
+
+DataArg = Annotated[Optional[str], typer.Argument(help="MedMNIST name (pneumoniamnist, pneumoniamnist@64), image folder, or CSV manifest")]
+
+
+@app.command()
+@friendly_errors
+def train(
+    data: DataArg = None,
+    model: Annotated[Optional[str], typer.Option(help="Model name (see 'meddiag models'). [default: resnet18]")] = None,
+    epochs: Annotated[Optional[int], typer.Option(help="Maximum epochs. [default: 20]")] = None,
+    batch_size: Annotated[Optional[int], typer.Option(help="Images per batch. [default: 128]")] = None,
+    lr: Annotated[Optional[float], typer.Option(help="Learning rate. [default: 0.001]")] = None,
+    image_size: Annotated[Optional[int], typer.Option(help="Input size in pixels. [default: MedMNIST file's size; 128 for image files]")] = None,
+    seed: Annotated[Optional[int], typer.Option(help="Random seed (splits, initialisation, augmentation). [default: 0]")] = None,
+    out: Annotated[Optional[str], typer.Option(help="Run folder. [default: runs/<data>-<model>]")] = None,
+    config: Annotated[Optional[Path], typer.Option(help="YAML configuration (e.g. a run's config.yaml); options given here override it.")] = None,
+    resume: Annotated[bool, typer.Option(help="Continue the run in --out from its last checkpoint.")] = False,
+    accelerator: Annotated[Optional[str], typer.Option(help="cpu, gpu or auto. [default: auto]")] = None,
+    devices: Annotated[Optional[str], typer.Option(help="Number of devices, or auto. [default: auto]")] = None,
+    progress: Annotated[Optional[bool], typer.Option("--progress/--no-progress", help="Progress bar. [default: when in a terminal]")] = None,
+) -> None:
+    """Train a model on DATA, evaluate it on the test split, and write a run folder."""
+    from meddiag.training.config import TrainConfig
+    from meddiag.workflow import train_and_evaluate
+
+    # Lightning announces its hardware probe and tips at INFO; meddiag prints its own summary.
+    logging.getLogger("lightning.pytorch").setLevel(logging.WARNING)
+
+    if resume and out and config is None and (Path(out) / "config.yaml").exists():
+        config = Path(out) / "config.yaml"
+    cfg = TrainConfig.from_sources(
+        config, data=data, model=model, epochs=epochs, batch_size=batch_size, lr=lr, image_size=image_size,
+        seed=seed, out=out, accelerator=accelerator, devices=int(devices) if devices and devices.isdigit() else devices,
+    ) if (data or config) else _missing_data()
+    result = train_and_evaluate(cfg, resume=resume, progress=progress)
+    print(result.summary())
+
+
+def _missing_data() -> Any:
+    raise MeddiagError("give the DATA to train on (or a --config file that names it)")
+
+
+@app.command()
+@friendly_errors
+def evaluate(
+    run: Annotated[Path, typer.Argument(help="Run folder (or a checkpoint file).")],
+    data: Annotated[Optional[str], typer.Option(help="Evaluate on other data. [default: the run's own data]")] = None,
+    split: Annotated[str, typer.Option(help="train, val or test.")] = "test",
+    out: Annotated[Optional[Path], typer.Option(help="Where to write metrics.json and plots.")] = None,
+) -> None:
+    """Evaluate a trained run: metrics.json (AUC, ACC, per-class sensitivity/specificity/PPV/NPV/F1), plots."""
+    from meddiag.evaluation.evaluate import evaluate_run, summary_line
+
+    metrics = evaluate_run(run, data=data, split=split, out_dir=out, progress=sys.stderr.isatty())
+    print(summary_line(metrics))
+
+
+@app.command()
+@friendly_errors
+def predict(
+    run: Annotated[Path, typer.Argument(help="Run folder (or a checkpoint file).")],
+    paths: Annotated[list[Path], typer.Argument(help="Image files and/or folders.")],
+    output: Annotated[Optional[Path], typer.Option(help="Write predictions to this CSV instead of the screen.")] = None,
+) -> None:
+    """Diagnose images: the predicted class and each class's probability, per file.
+
+    Unreadable files are reported by name and skipped; the exit code is 1 if any failed.
+    """
+    from meddiag.serving.predictor import Predictor, write_predictions_csv
+
+    predictor = Predictor.from_run(run)
+    predictions, failures = predictor.predict(list(paths))
+    names = predictor.card.class_names
+    if output:
+        write_predictions_csv(output, predictions, names)
+        print(f"{len(predictions)} predictions -> {output}")
+    else:
+        write_predictions_csv("/dev/stdout", predictions, names)
+    for f in failures:
+        print(f"error: {f.path}: {f.reason}", file=sys.stderr)
+    if failures:
+        print(f"{len(failures)} file(s) could not be predicted", file=sys.stderr)
+        raise typer.Exit(1)
+
+
+@app.command("models")
+def list_models_command() -> None:
+    """List the available models."""
+    from meddiag.models import list_models
+
+    for entry in list_models():
+        dims = "/".join(f"{d}D" for d in entry.spatial_dims)
+        print(f"{entry.name:<16} {dims:<6} {entry.description}")

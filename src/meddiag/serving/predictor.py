@@ -1,0 +1,114 @@
+"""Diagnosing new image files with a trained checkpoint, and nothing else.
+
+Preprocessing comes from the checkpoint's model card (input size, channels, fit,
+normalisation), so it always matches training. A file that cannot be read is
+reported by name and skipped; the rest are still predicted.
+"""
+
+from __future__ import annotations
+
+import csv
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from meddiag.data.images import is_image_file, read_image, to_model_input
+from meddiag.errors import DataError, ImageReadError
+from meddiag.evaluation.evaluate import best_checkpoint
+from meddiag.evaluation.metrics import predict_labels
+from meddiag.models.checkpoint import load_checkpoint
+from meddiag.models.inference import predict_proba
+
+
+@dataclass
+class Prediction:
+    path: str
+    predicted: str
+    probabilities: dict[str, float]
+
+
+@dataclass
+class Failure:
+    path: str
+    reason: str
+
+
+def collect_image_files(paths: list[str | Path]) -> tuple[list[Path], list[Failure]]:
+    """Expand folders (recursively, image extensions only); missing paths become failures."""
+    files: list[Path] = []
+    failures: list[Failure] = []
+    for raw in paths:
+        path = Path(raw)
+        if path.is_dir():
+            found = sorted(p for p in path.rglob("*") if p.is_file() and is_image_file(p))
+            if not found:
+                failures.append(Failure(str(path), "folder contains no image files"))
+            files += found
+        elif path.is_file():
+            files.append(path)
+        else:
+            failures.append(Failure(str(path), "no such file or folder"))
+    return files, failures
+
+
+class Predictor:
+    """A loaded model ready to diagnose files: ``Predictor.from_run("runs/x").predict(["a.png"])``."""
+
+    def __init__(self, checkpoint: str | Path, device: str = "cpu", batch_size: int = 64) -> None:
+        self.model, self.card = load_checkpoint(checkpoint, map_location=device)
+        self.model.to(device)
+        self.batch_size = batch_size
+
+    @classmethod
+    def from_run(cls, run: str | Path, **kwargs: object) -> Predictor:
+        return cls(best_checkpoint(Path(run)), **kwargs)  # type: ignore[arg-type]
+
+    def predict_arrays(self, images: torch.Tensor) -> np.ndarray:
+        """Probabilities (N, K) for uint8 model input (N, C, H, W)."""
+        c = self.card
+        return predict_proba(self.model, images, c.task, c.mean, c.std, self.batch_size).numpy()
+
+    def predict(self, paths: list[str | Path]) -> tuple[list[Prediction], list[Failure]]:
+        """Predict every image file in ``paths`` (files or folders).
+
+        Returns the predictions and, separately, each file that failed with its reason.
+        """
+        if self.card.spatial_dims != 2:
+            raise DataError("this model takes volumes; predicting from volume files comes with DICOM/NIfTI support")
+        files, failures = collect_image_files(paths)
+        predictions: list[Prediction] = []
+        for start in range(0, len(files), self.batch_size):
+            batch, ok = [], []
+            for path in files[start : start + self.batch_size]:
+                try:
+                    arr = read_image(path)
+                except ImageReadError as exc:
+                    failures.append(Failure(exc.path, exc.reason))
+                    continue
+                batch.append(to_model_input(arr, self.card.image_size, self.card.in_channels, self.card.fit))
+                ok.append(path)
+            if not batch:
+                continue
+            probs = self.predict_arrays(torch.from_numpy(np.stack(batch)))
+            predictions += self._rows(ok, probs)
+        return predictions, failures
+
+    def _rows(self, paths: list[Path], probs: np.ndarray) -> list[Prediction]:
+        c = self.card
+        decided = predict_labels(probs, c.task, c.threshold)
+        rows = []
+        for path, p, d in zip(paths, probs, decided):
+            label = ";".join(n for n, v in zip(c.class_names, d) if v) if c.task == "multilabel" else c.class_names[int(d)]
+            rows.append(Prediction(str(path), label, {n: float(v) for n, v in zip(c.class_names, p)}))
+        return rows
+
+
+def write_predictions_csv(path: str | Path, predictions: list[Prediction], class_names: list[str]) -> None:
+    """``path,prediction,prob_<class>...`` one row per image."""
+    with open(path, "w", newline="") as fh:
+        writer = csv.writer(fh)
+        writer.writerow(["path", "prediction", *[f"prob_{c}" for c in class_names]])
+        for p in predictions:
+            writer.writerow([p.path, p.predicted, *[f"{p.probabilities[c]:.6f}" for c in class_names]])
