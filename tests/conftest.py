@@ -1,0 +1,60 @@
+"""Shared fixtures: synthetic image folders the tests make themselves, and the real shared data."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+SHARED_DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"
+MEDMNIST_DIR = SHARED_DATA / "medmnist"
+
+
+def synthetic_image(label: int, rng: np.random.Generator, size: int = 40, rgb: bool = False) -> np.ndarray:
+    """A noisy image with a bright blob on the left (class 0) or the right (class 1)."""
+    img = rng.normal(60, 15, (size, size))
+    yy, xx = np.mgrid[:size, :size]
+    cx = size * (0.3 if label == 0 else 0.7) + rng.normal(0, 1.5)
+    cy = size * 0.5 + rng.normal(0, 3)
+    img += 150 * np.exp(-((xx - cx) ** 2 + (yy - cy) ** 2) / (2 * (size / 10) ** 2))
+    img = np.clip(img, 0, 255).astype(np.uint8)
+    if rgb:
+        return np.stack([img, img, img], axis=-1)
+    return img
+
+
+def make_image_folder(root: Path, per_class: int = 30, classes: tuple[str, ...] = ("normal", "pneumonia"),
+                      splits: tuple[str, ...] | None = None, seed: int = 0, ext: str = ".png") -> Path:
+    """ROOT/CLASS/*.png, or ROOT/SPLIT/CLASS/*.png when ``splits`` is given."""
+    rng = np.random.default_rng(seed)
+    for split in splits or (None,):
+        base = root / split if split else root
+        for label, name in enumerate(classes):
+            (base / name).mkdir(parents=True, exist_ok=True)
+            for i in range(per_class):
+                Image.fromarray(synthetic_image(label % 2, rng)).save(base / name / f"img{i:03d}{ext}")
+    return root
+
+
+@pytest.fixture
+def image_folder(tmp_path: Path) -> Path:
+    return make_image_folder(tmp_path / "images")
+
+
+@pytest.fixture
+def shared_medmnist(monkeypatch: pytest.MonkeyPatch) -> Path:
+    if not (MEDMNIST_DIR / "pneumoniamnist.npz").exists():
+        pytest.skip(f"shared data not found at {MEDMNIST_DIR}")
+    monkeypatch.setenv("MEDDIAG_DATA", str(MEDMNIST_DIR))
+    return MEDMNIST_DIR
+
+
+@pytest.fixture(autouse=True)
+def _few_threads() -> None:
+    # Tests train tiny models; keep them from oversubscribing a 2-core machine.
+    import torch
+
+    torch.set_num_threads(min(2, os.cpu_count() or 1))

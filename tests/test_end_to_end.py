@@ -1,0 +1,146 @@
+"""train -> evaluate -> predict through the real command line, as a user runs it."""
+
+from __future__ import annotations
+
+import csv
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import yaml
+from PIL import Image
+
+from conftest import make_image_folder, synthetic_image
+
+
+def meddiag(*args: str, env: dict | None = None, cwd: Path | None = None) -> subprocess.CompletedProcess:
+    full_env = {**os.environ, "MEDDIAG_DATA": os.environ.get("MEDDIAG_DATA", "/nonexistent"), **(env or {})}
+    return subprocess.run([sys.executable, "-m", "meddiag", *args], capture_output=True, text=True, env=full_env, cwd=cwd, timeout=600)
+
+
+def no_traceback(proc: subprocess.CompletedProcess) -> bool:
+    return "Traceback" not in proc.stderr and "Traceback" not in proc.stdout
+
+
+@pytest.fixture(scope="module")
+def trained_run(tmp_path_factory) -> tuple[Path, Path]:
+    """One small run on a synthetic two-class folder, shared by the tests below."""
+    base = tmp_path_factory.mktemp("e2e")
+    data = make_image_folder(base / "images", per_class=40)
+    run = base / "run"
+    proc = meddiag("train", str(data), "--model", "seed_cnn", "--epochs", "15", "--image-size", "32",
+                   "--batch-size", "8", "--out", str(run), "--no-progress")
+    assert proc.returncode == 0, proc.stderr
+    return data, run, proc
+
+
+def test_train_writes_a_complete_run_folder(trained_run):
+    data, run, proc = trained_run
+    for name in ["config.yaml", "data.json", "history.csv", "metrics.json", "predictions.csv",
+                 "checkpoints/best.ckpt", "checkpoints/last.ckpt", "splits/train.csv", "splits/val.csv",
+                 "splits/test.csv", "plots/roc.png", "plots/confusion_matrix.png", "plots/training_curves.png"]:
+        assert (run / name).exists(), name
+    summary = proc.stdout.strip().splitlines()[-1]
+    assert summary.startswith("test AUC") and str(run) in summary
+    history = list(csv.DictReader(open(run / "history.csv")))
+    assert [int(r["epoch"]) for r in history] == list(range(1, len(history) + 1))
+    assert {"train_loss", "val_auc", "val_acc", "lr", "time_s"} <= set(history[0])
+
+
+def test_the_model_learns_the_synthetic_task(trained_run):
+    _, run, _ = trained_run
+    metrics = json.loads((run / "metrics.json").read_text())
+    assert metrics["split"] == "test" and metrics["n_images"] == 16
+    assert metrics["auc"] >= 0.9, metrics
+    assert set(metrics["per_class"]["pneumonia"]) >= {"sensitivity", "specificity", "ppv", "npv", "f1", "support"}
+
+
+def test_config_yaml_is_resolved_and_reproduces(trained_run, tmp_path):
+    _, run, _ = trained_run
+    config = yaml.safe_load((run / "config.yaml").read_text())
+    assert config["image_size"] == 32 and config["model"] == "seed_cnn" and config["out"] == str(run)
+    from meddiag.training import TrainConfig
+
+    again = TrainConfig.from_sources(run / "config.yaml", out=str(tmp_path / "again"))
+    assert again.model_dump(exclude={"out"}) == TrainConfig.model_validate(config).model_dump(exclude={"out"})
+
+
+def test_evaluate_matches_what_train_reported(trained_run, tmp_path):
+    _, run, _ = trained_run
+    proc = meddiag("evaluate", str(run), "--out", str(tmp_path / "ev"))
+    assert proc.returncode == 0, proc.stderr
+    original = json.loads((run / "metrics.json").read_text())
+    again = json.loads((tmp_path / "ev" / "metrics.json").read_text())
+    assert again["auc"] == pytest.approx(original["auc"]) and again["acc"] == pytest.approx(original["acc"])
+    proc = meddiag("evaluate", str(run), "--split", "val", "--out", str(tmp_path / "val"))
+    assert proc.returncode == 0 and json.loads((tmp_path / "val" / "metrics.json").read_text())["split"] == "val"
+
+
+def test_predict_files_and_folders(trained_run, tmp_path):
+    data, run, _ = trained_run
+    rng = np.random.default_rng(5)
+    new = tmp_path / "new"
+    new.mkdir()
+    for label in (0, 1):
+        Image.fromarray(synthetic_image(label, rng, size=60, rgb=True)).save(new / f"case{label}.jpg")
+    out = tmp_path / "preds.csv"
+    proc = meddiag("predict", str(run), str(new), str(data / "normal" / "img000.png"), "--output", str(out))
+    assert proc.returncode == 0, proc.stderr
+    rows = {Path(r["path"]).name: r for r in csv.DictReader(open(out))}
+    assert set(rows) == {"case0.jpg", "case1.jpg", "img000.png"}
+    for row in rows.values():
+        assert float(row["prob_normal"]) + float(row["prob_pneumonia"]) == pytest.approx(1, abs=1e-5)
+    assert rows["case0.jpg"]["prediction"] == "normal" and rows["case1.jpg"]["prediction"] == "pneumonia"
+
+
+def test_predict_reports_bad_files_by_name_and_fails(trained_run, tmp_path):
+    data, run, _ = trained_run
+    (tmp_path / "broken.png").write_bytes(b"\x89PNG\r\n\x1a\nnot really")
+    proc = meddiag("predict", str(run), str(tmp_path / "broken.png"), str(tmp_path / "missing.png"),
+                   str(data / "pneumonia" / "img001.png"))
+    assert proc.returncode == 1
+    assert "broken.png" in proc.stderr and "missing.png" in proc.stderr and no_traceback(proc)
+    assert "img001.png" in proc.stdout  # the good file is still predicted
+
+
+def test_resume_continues_from_the_last_checkpoint(tmp_path):
+    data = make_image_folder(tmp_path / "images", per_class=12)
+    run = tmp_path / "run"
+    first = meddiag("train", str(data), "--model", "seed_cnn", "--epochs", "1", "--image-size", "24", "--out", str(run), "--no-progress")
+    assert first.returncode == 0, first.stderr
+    again = meddiag("train", str(data), "--out", str(run), "--no-progress")
+    assert again.returncode == 2 and "--resume" in again.stderr
+    resumed = meddiag("train", "--out", str(run), "--resume", "--epochs", "2", "--no-progress")
+    assert resumed.returncode == 0, resumed.stderr
+    assert [r["epoch"] for r in csv.DictReader(open(run / "history.csv"))] == ["1", "2"]
+
+
+@pytest.mark.parametrize("args, message", [
+    (["train", "/no/such/folder"], "no such file or folder"),
+    (["train", "pneumoniamnist", "--model", "resnet19"], "unknown model 'resnet19'"),
+    (["evaluate", "/no/such/run"], "does not exist"),
+    (["predict", "/no/such/run", "x.png"], "does not exist"),
+])
+def test_errors_are_one_clear_line(args, message):
+    proc = meddiag(*args)
+    assert proc.returncode == 2
+    assert message in proc.stderr and proc.stderr.startswith("error:") and no_traceback(proc)
+
+
+def test_models_command_lists_models():
+    proc = meddiag("models")
+    assert proc.returncode == 0 and "seed_cnn" in proc.stdout and "efficientnet_b0" in proc.stdout
+
+
+def test_real_pneumoniamnist_smoke_run(shared_medmnist, tmp_path):
+    """One short run on the real shared file: the whole pipeline on real data, learning something."""
+    run = tmp_path / "pneu"
+    proc = meddiag("train", "pneumoniamnist", "--model", "seed_cnn", "--epochs", "1", "--out", str(run), "--no-progress",
+                   env={"MEDDIAG_DATA": str(shared_medmnist)})
+    assert proc.returncode == 0, proc.stderr
+    metrics = json.loads((run / "metrics.json").read_text())
+    assert metrics["n_images"] == 624 and metrics["auc"] > 0.85
