@@ -80,6 +80,13 @@ def test_evaluate_matches_what_train_reported(trained_run, tmp_path):
     assert proc.returncode == 0 and json.loads((tmp_path / "val" / "metrics.json").read_text())["split"] == "val"
 
 
+def test_evaluate_a_checkpoint_file(trained_run, tmp_path):
+    _, run, _ = trained_run
+    proc = meddiag("evaluate", str(run / "checkpoints" / "best.ckpt"), "--split", "val", "--out", str(tmp_path / "ck"))
+    assert proc.returncode == 0, proc.stderr
+    assert json.loads((tmp_path / "ck" / "metrics.json").read_text())["n_images"] == 8
+
+
 def test_predict_files_and_folders(trained_run, tmp_path):
     data, run, _ = trained_run
     rng = np.random.default_rng(5)
@@ -144,3 +151,15 @@ def test_real_pneumoniamnist_smoke_run(shared_medmnist, tmp_path):
     assert proc.returncode == 0, proc.stderr
     metrics = json.loads((run / "metrics.json").read_text())
     assert metrics["n_images"] == 624 and metrics["auc"] > 0.85
+
+
+def test_two_process_ddp_on_cpu(tmp_path):
+    """Lightning's DDP (gloo on CPU): the extra process joins the run; one evaluation, one summary."""
+    data = make_image_folder(tmp_path / "images", per_class=16)
+    run = tmp_path / "ddp"
+    proc = meddiag("train", str(data), "--model", "seed_cnn", "--epochs", "2", "--image-size", "24", "--batch-size", "8",
+                   "--accelerator", "cpu", "--devices", "2", "--out", str(run), "--no-progress")
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.count("test AUC") == 1
+    assert (run / "metrics.json").exists() and (run / "checkpoints" / "best.ckpt").exists()
+    assert [r["epoch"] for r in csv.DictReader(open(run / "history.csv"))] == ["1", "2"]

@@ -88,7 +88,8 @@ def train(
         seed=seed, out=out, accelerator=accelerator, devices=int(devices) if devices and devices.isdigit() else devices,
     ) if (data or config) else _missing_data()
     result = train_and_evaluate(cfg, resume=resume, progress=progress)
-    print(result.summary())
+    if result.test_metrics is not None:
+        print(result.summary())
 
 
 def _missing_data() -> Any:
@@ -130,7 +131,7 @@ def predict(
         write_predictions_csv(output, predictions, names)
         print(f"{len(predictions)} predictions -> {output}")
     else:
-        write_predictions_csv("/dev/stdout", predictions, names)
+        write_predictions_csv(sys.stdout, predictions, names)
     for f in failures:
         print(f"error: {f.path}: {f.reason}", file=sys.stderr)
     if failures:

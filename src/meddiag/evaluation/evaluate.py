@@ -35,6 +35,11 @@ def best_checkpoint(run_dir: Path) -> Path:
     return path
 
 
+def run_folder(path: Path) -> Path:
+    """The run folder of a run folder or of a checkpoint file inside one (``RUN/checkpoints/x.ckpt``)."""
+    return path.parent.parent if path.is_file() else path
+
+
 def evaluate_run(run_dir: str | Path, data: str | ImageData | None = None, split: str = "test",
                  out_dir: str | Path | None = None, progress: bool = True) -> dict:
     """Evaluate a run's best checkpoint and write ``metrics.json``, ``predictions.csv`` and plots.
@@ -50,8 +55,10 @@ def evaluate_run(run_dir: str | Path, data: str | ImageData | None = None, split
     if isinstance(data, ImageData):
         dataset = data
     elif own_data:
-        config = TrainConfig.model_validate(read_yaml(run_dir / "config.yaml"))
-        dataset = load_training_data(config, progress)
+        config_file = run_folder(run_dir) / "config.yaml"
+        if not config_file.exists():
+            raise MeddiagError(f"{config_file} not found: to evaluate a checkpoint outside its run folder, give --data")
+        dataset = load_training_data(TrainConfig.model_validate(read_yaml(config_file)), progress)
     else:
         dataset = load_data(data, image_size=card.image_size, fit=card.fit, progress=progress)
     if split not in dataset.splits:
@@ -59,11 +66,12 @@ def evaluate_run(run_dir: str | Path, data: str | ImageData | None = None, split
     if dataset.class_names != card.class_names:
         raise DataError(f"{dataset.name} has classes {dataset.class_names}, but the model was trained on {card.class_names}")
     if out_dir is None:
+        home = run_folder(run_dir)
         if own_data and split == "test":
-            out_dir = run_dir
+            out_dir = home
         else:
             tag = "" if own_data else "-" + "".join(c if c.isalnum() or c in "@_-" else "_" for c in Path(dataset.name).name)
-            out_dir = run_dir / f"eval{tag}-{split}"
+            out_dir = home / f"eval{tag}-{split}"
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
 
@@ -80,9 +88,9 @@ def evaluate_run(run_dir: str | Path, data: str | ImageData | None = None, split
     plot_roc(labels, probs, card.task, card.class_names, plots / "roc.png")
     if "confusion_matrix" in metrics:
         plot_confusion_matrix(np.array(metrics["confusion_matrix"]), card.class_names, plots / "confusion_matrix.png")
-    history = read_history(run_dir / "history.csv")
+    history = read_history(run_folder(run_dir) / "history.csv")
     if history:
-        plot_training_curves(history, run_dir / "plots" / "training_curves.png")
+        plot_training_curves(history, run_folder(run_dir) / "plots" / "training_curves.png")
     return metrics
 
 

@@ -8,6 +8,7 @@ import matplotlib
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
+from matplotlib.ticker import MaxNLocator  # noqa: E402
 import numpy as np  # noqa: E402
 
 from meddiag.evaluation.metrics import roc_auc  # noqa: E402
@@ -68,6 +69,8 @@ def plot_training_curves(history: list[dict[str, float]], path: Path) -> Path:
     ax2.plot(epochs, [h["val_acc"] for h in history], label="val ACC")
     ax2.set(xlabel="epoch", title="Validation")
     ax2.legend()
+    for ax in (ax1, ax2):
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
     return _save(fig, path)
 
 

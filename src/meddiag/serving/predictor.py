@@ -10,6 +10,7 @@ from __future__ import annotations
 import csv
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TextIO
 
 import numpy as np
 import torch
@@ -105,10 +106,17 @@ class Predictor:
         return rows
 
 
-def write_predictions_csv(path: str | Path, predictions: list[Prediction], class_names: list[str]) -> None:
-    """``path,prediction,prob_<class>...`` one row per image."""
-    with open(path, "w", newline="") as fh:
-        writer = csv.writer(fh)
-        writer.writerow(["path", "prediction", *[f"prob_{c}" for c in class_names]])
-        for p in predictions:
-            writer.writerow([p.path, p.predicted, *[f"{p.probabilities[c]:.6f}" for c in class_names]])
+def write_predictions_csv(out: str | Path | TextIO, predictions: list[Prediction], class_names: list[str]) -> None:
+    """``path,prediction,prob_<class>...``, one row per image, to a file path or an open text stream."""
+    if not isinstance(out, (str, Path)):
+        _write_rows(out, predictions, class_names)
+        return
+    with open(out, "w", newline="") as fh:
+        _write_rows(fh, predictions, class_names)
+
+
+def _write_rows(fh: TextIO, predictions: list[Prediction], class_names: list[str]) -> None:
+    writer = csv.writer(fh, lineterminator="\n")
+    writer.writerow(["path", "prediction", *[f"prob_{c}" for c in class_names]])
+    for p in predictions:
+        writer.writerow([p.path, p.predicted, *[f"{p.probabilities[c]:.6f}" for c in class_names]])

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import csv
 import json
+import os
 import re
 import sys
 import time
@@ -40,6 +41,7 @@ class TrainResult:
     config: TrainConfig
     train_seconds: float
     best_val_auc: float | None
+    is_global_zero: bool = True  # False in the extra processes of a multi-device run
 
 
 def default_run_dir(config: TrainConfig, root: Path = Path("runs")) -> Path:
@@ -68,20 +70,24 @@ def train(config: TrainConfig, *, resume: bool = False, progress: bool | None = 
     """
     get_entry(config.model)  # fail on an unknown model before reading any data
     progress = sys.stderr.isatty() if progress is None else progress
+    # Under DDP, Lightning re-runs this command once per extra process: those processes find the
+    # run folder made by process 0 and must join it, not refuse it or write it again.
+    launched_rank = int(os.environ.get("LOCAL_RANK", "0"))
     run_dir = Path(config.out) if config.out else default_run_dir(config)
     last = run_dir / "checkpoints" / "last.ckpt"
     if resume:
         if not last.exists():
             raise ConfigError(f"cannot resume: {last} does not exist")
-    elif run_dir.exists() and any(run_dir.iterdir()):
+    elif launched_rank == 0 and run_dir.exists() and any(run_dir.iterdir()):
         raise ConfigError(f"run folder {run_dir} already exists; pass --resume to continue it or choose another --out")
 
     L.seed_everything(config.seed, workers=True, verbose=False)
-    data = load_training_data(config, progress)
+    data = load_training_data(config, progress and launched_rank == 0)
     config = config.model_copy(update={"image_size": data.image_size, "out": str(run_dir)})
-    run_dir.mkdir(parents=True, exist_ok=True)
-    config.to_yaml(run_dir / "config.yaml")
-    write_data_record(data, run_dir)
+    if launched_rank == 0:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        config.to_yaml(run_dir / "config.yaml")
+        write_data_record(data, run_dir)
 
     card = ModelCard(
         model_name=config.model, class_names=data.class_names, task=data.task, image_size=data.image_size,
@@ -122,7 +128,8 @@ def train(config: TrainConfig, *, resume: bool = False, progress: bool | None = 
     seconds = time.perf_counter() - start
     best = Path(checkpoints.best_model_path) if checkpoints.best_model_path else last
     score = checkpoints.best_model_score
-    return TrainResult(run_dir, best, data, config, seconds, float(score) if score is not None else None)
+    return TrainResult(run_dir, best, data, config, seconds, float(score) if score is not None else None,
+                       is_global_zero=trainer.is_global_zero)
 
 
 def resolve_precision(precision: str, accelerator: str) -> str:
