@@ -127,6 +127,7 @@ def test_resume_continues_from_the_last_checkpoint(tmp_path):
 
 
 @pytest.mark.parametrize("args, message", [
+    (["train"], "give the DATA to train on"),
     (["train", "/no/such/folder"], "no such file or folder"),
     (["train", "pneumoniamnist", "--model", "resnet19"], "unknown model 'resnet19'"),
     (["evaluate", "/no/such/run"], "does not exist"),

@@ -83,17 +83,15 @@ def train(
 
     if resume and out and config is None and (Path(out) / "config.yaml").exists():
         config = Path(out) / "config.yaml"
+    if not (data or config):
+        raise MeddiagError("give the DATA to train on (or a --config file that names it)")
     cfg = TrainConfig.from_sources(
         config, data=data, model=model, epochs=epochs, batch_size=batch_size, lr=lr, image_size=image_size,
         seed=seed, out=out, accelerator=accelerator, devices=int(devices) if devices and devices.isdigit() else devices,
-    ) if (data or config) else _missing_data()
+    )
     result = train_and_evaluate(cfg, resume=resume, progress=progress)
     if result.test_metrics is not None:
         print(result.summary())
-
-
-def _missing_data() -> Any:
-    raise MeddiagError("give the DATA to train on (or a --config file that names it)")
 
 
 @app.command()

@@ -64,20 +64,13 @@ def _to_uint8(img: Image.Image) -> np.ndarray:
         lo, hi = float(arr.min()), float(arr.max())
         scaled = (arr - lo) / (hi - lo) * 255.0 if hi > lo else np.zeros_like(arr)
         return np.round(scaled).astype(np.uint8)
-    if img.mode in ("L", "1", "P") and not (img.mode == "P" and "transparency" in img.info):
-        arr = np.asarray(img.convert("L"))
-        if img.mode == "P" and _palette_is_colour(img):
-            return np.asarray(img.convert("RGB"))
-        return arr
+    if img.mode in ("L", "1"):
+        return np.asarray(img.convert("L"))
+    # Palette, RGB(A), CMYK, YCbCr...: to RGB, then gray if the three channels are equal.
     arr = np.asarray(img.convert("RGB"))
     if (arr[..., 0] == arr[..., 1]).all() and (arr[..., 1] == arr[..., 2]).all():
         return np.ascontiguousarray(arr[..., 0])
     return arr
-
-
-def _palette_is_colour(img: Image.Image) -> bool:
-    rgb = np.asarray(img.convert("RGB"))
-    return not ((rgb[..., 0] == rgb[..., 1]).all() and (rgb[..., 1] == rgb[..., 2]).all())
 
 
 def is_colour(arr: np.ndarray) -> bool:
