@@ -164,3 +164,25 @@ def test_two_process_ddp_on_cpu(tmp_path):
     assert proc.stdout.count("test AUC") == 1
     assert (run / "metrics.json").exists() and (run / "checkpoints" / "best.ckpt").exists()
     assert [r["epoch"] for r in csv.DictReader(open(run / "history.csv"))] == ["1", "2"]
+
+
+def test_dicom_folder_train_and_predict_keep_the_window(tmp_path):
+    from conftest import write_dicom
+
+    rng = np.random.default_rng(1)
+    for label, name in enumerate(["normal", "pneumonia"]):
+        for i in range(24):
+            # Stored values 0..1020; with intercept -1000 they are -1000..20 HU.
+            write_dicom(tmp_path / "dcm" / name / f"{i}.dcm", synthetic_image(label, rng).astype(np.uint16) * 4,
+                        RescaleSlope=1, RescaleIntercept=-1000, WindowCenter=2000, WindowWidth=10)
+    run = tmp_path / "run"
+    proc = meddiag("train", str(tmp_path / "dcm"), "--model", "seed_cnn", "--epochs", "12", "--batch-size", "8",
+                   "--image-size", "32", "--window", "-500,1100", "--out", str(run), "--no-progress")
+    assert proc.returncode == 0, proc.stderr
+    from meddiag.models import load_checkpoint
+
+    assert load_checkpoint(run / "checkpoints" / "best.ckpt")[1].window == "-500,1100"
+    metrics = json.loads((run / "metrics.json").read_text())
+    assert metrics["auc"] >= 0.9  # the files' own window (2000 +/- 5) would show a blank image
+    proc = meddiag("predict", str(run), str(tmp_path / "dcm" / "pneumonia" / "0.dcm"))
+    assert proc.returncode == 0 and "0.dcm,pneumonia" in proc.stdout

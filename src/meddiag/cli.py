@@ -67,6 +67,7 @@ def train(
     lr: Annotated[Optional[float], typer.Option(help="Learning rate. [default: 0.001]")] = None,
     image_size: Annotated[Optional[int], typer.Option(help="Input size in pixels. [default: MedMNIST file's size; 128 for image files]")] = None,
     seed: Annotated[Optional[int], typer.Option(help="Random seed (splits, initialisation, augmentation). [default: 0]")] = None,
+    window: Annotated[Optional[str], typer.Option(help="DICOM window: lung, mediastinum, bone, brain, abdomen, soft_tissue or C,W. [default: each file's own]")] = None,
     out: Annotated[Optional[str], typer.Option(help="Run folder. [default: runs/<data>-<model>]")] = None,
     config: Annotated[Optional[Path], typer.Option(help="YAML configuration (e.g. a run's config.yaml); options given here override it.")] = None,
     resume: Annotated[bool, typer.Option(help="Continue the run in --out from its last checkpoint.")] = False,
@@ -87,7 +88,7 @@ def train(
         raise MeddiagError("give the DATA to train on (or a --config file that names it)")
     cfg = TrainConfig.from_sources(
         config, data=data, model=model, epochs=epochs, batch_size=batch_size, lr=lr, image_size=image_size,
-        seed=seed, out=out, accelerator=accelerator, devices=int(devices) if devices and devices.isdigit() else devices,
+        seed=seed, window=window, out=out, accelerator=accelerator, devices=int(devices) if devices and devices.isdigit() else devices,
     )
     result = train_and_evaluate(cfg, resume=resume, progress=progress)
     if result.test_metrics is not None:

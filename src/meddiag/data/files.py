@@ -40,6 +40,7 @@ def load_file_records(
     *,
     image_size: int | None = None,
     fit: Fit = "pad",
+    window: str | None = None,
     seed: int = 0,
     val_fraction: float = 0.1,
     test_fraction: float = 0.2,
@@ -54,7 +55,7 @@ def load_file_records(
     size = image_size or DEFAULT_FILE_IMAGE_SIZE
     class_names = sorted({r.label for r in records})
     _check_classes(class_names, name)
-    arrays, excluded = _read_all(records, size, fit, progress)
+    arrays, excluded = _read_all(records, size, fit, window, progress)
     kept = [(r, a) for r, a in zip(records, arrays) if a is not None]
     if not kept:
         raise DataError(f"none of the {len(records)} images in {name} could be read; the first failure: {excluded[0][0]}: {excluded[0][1]}")
@@ -115,12 +116,12 @@ def _check_classes(class_names: list[str], name: str) -> None:
         raise DataError(f"{name}: found {found}; a classifier needs images of at least 2 classes")
 
 
-def _read_all(records: list[FileRecord], size: int, fit: Fit, progress: bool) -> tuple[list[np.ndarray | None], list[tuple[str, str]]]:
+def _read_all(records: list[FileRecord], size: int, fit: Fit, window: str | None, progress: bool) -> tuple[list[np.ndarray | None], list[tuple[str, str]]]:
     """Decode and resize every file in parallel; (arrays with None for failures, excluded)."""
 
     def read_one(rec: FileRecord) -> np.ndarray | str:
         try:
-            arr = read_image(rec.path)
+            arr = read_image(rec.path, window)
         except ImageReadError as exc:
             return exc.reason
         return to_model_input(arr, size, 3 if arr.ndim == 3 else 1, fit)

@@ -12,9 +12,10 @@ from typing import Literal
 import numpy as np
 from PIL import Image, ImageFile, UnidentifiedImageError
 
+from meddiag.data.dicom import is_dicom_file, read_dicom, unit_to_uint8
 from meddiag.errors import ImageReadError
 
-IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff")
+IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".dcm", ".dicom")
 Fit = Literal["pad", "stretch"]
 
 # A truncated file must fail loudly, never be padded with grey and trained on.
@@ -24,16 +25,22 @@ Image.MAX_IMAGE_PIXELS = 20_000 * 20_000
 
 
 def is_image_file(path: Path) -> bool:
-    """Whether ``path`` has one of the image extensions meddiag reads (case-insensitive)."""
-    return path.suffix.lower() in IMAGE_EXTENSIONS and not path.name.startswith(".")
+    """Whether meddiag reads ``path`` as an image: a known extension (case-insensitive), or
+    no extension and a DICOM marker (DICOM exports often have no extension)."""
+    if path.name.startswith("."):
+        return False
+    suffix = path.suffix.lower()
+    return suffix in IMAGE_EXTENSIONS or (suffix == "" and is_dicom_file(path))
 
 
-def read_image(path: str | Path) -> np.ndarray:
-    """Read a 2D image file.
+def read_image(path: str | Path, window: str | tuple[float, float] | None = None) -> np.ndarray:
+    """Read a 2D image file: PNG, JPEG, BMP, TIFF or DICOM.
 
     Returns a uint8 array of shape (H, W) for grayscale (also for RGB files whose three
-    channels are equal, as most exported X-rays are) or (H, W, 3) for colour. Images of
-    more than 8 bits are scaled to 0-255 by their own minimum and maximum.
+    channels are equal, as most exported X-rays are) or (H, W, 3) for colour. PNG/TIFF
+    images of more than 8 bits are scaled to 0-255 by their own minimum and maximum;
+    DICOM goes through its Modality LUT and VOI window (``window``: a preset name,
+    ``"C,W"``, or None for the file's own; see :mod:`meddiag.data.dicom`).
 
     Raises :class:`ImageReadError` naming the file for a missing, truncated or
     undecodable file.
@@ -41,6 +48,8 @@ def read_image(path: str | Path) -> np.ndarray:
     path = Path(path)
     if not path.is_file():
         raise ImageReadError(path, "no such file")
+    if is_dicom_file(path):
+        return _read_dicom_2d(path, window)
     try:
         with Image.open(path) as img:
             img.load()
@@ -58,6 +67,22 @@ def read_image(path: str | Path) -> np.ndarray:
     return arr
 
 
+def _read_dicom_2d(path: Path, window: str | tuple[float, float] | None) -> np.ndarray:
+    image = read_dicom(path, window)
+    if image.frames > 1:
+        raise ImageReadError(path, f"a multi-frame DICOM ({image.frames} frames) is a volume, not a 2D image")
+    if image.is_colour:
+        return _gray_if_equal(image.pixels)
+    return unit_to_uint8(image.pixels)
+
+
+def _gray_if_equal(arr: np.ndarray) -> np.ndarray:
+    """(H, W, 3) -> (H, W) when the three channels are equal, else unchanged."""
+    if (arr[..., 0] == arr[..., 1]).all() and (arr[..., 1] == arr[..., 2]).all():
+        return np.ascontiguousarray(arr[..., 0])
+    return arr
+
+
 def _to_uint8(img: Image.Image) -> np.ndarray:
     if img.mode in ("I;16", "I;16B", "I;16L", "I", "F"):
         arr = np.asarray(img, dtype=np.float64)
@@ -67,10 +92,7 @@ def _to_uint8(img: Image.Image) -> np.ndarray:
     if img.mode in ("L", "1"):
         return np.asarray(img.convert("L"))
     # Palette, RGB(A), CMYK, YCbCr...: to RGB, then gray if the three channels are equal.
-    arr = np.asarray(img.convert("RGB"))
-    if (arr[..., 0] == arr[..., 1]).all() and (arr[..., 1] == arr[..., 2]).all():
-        return np.ascontiguousarray(arr[..., 0])
-    return arr
+    return _gray_if_equal(np.asarray(img.convert("RGB")))
 
 
 def is_colour(arr: np.ndarray) -> bool:

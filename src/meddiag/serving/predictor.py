@@ -84,7 +84,7 @@ class Predictor:
             batch, ok = [], []
             for path in files[start : start + self.batch_size]:
                 try:
-                    arr = read_image(path)
+                    arr = read_image(path, self.card.window)
                 except ImageReadError as exc:
                     failures.append(Failure(exc.path, exc.reason))
                     continue

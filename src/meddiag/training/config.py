@@ -6,8 +6,9 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
+from meddiag.data.dicom import parse_window
 from meddiag.data.transforms import AugmentConfig
 from meddiag.errors import ConfigError
 
@@ -27,6 +28,7 @@ class TrainConfig(BaseModel):
     scheduler: Literal["cosine", "step", "none"] = Field("cosine", description="step: lr x0.1 at 50% and 75% of the epochs")
     image_size: int | None = Field(None, ge=8, description="None: a MedMNIST file's own size, 128 for image files")
     fit: Literal["pad", "stretch"] = "pad"
+    window: str | None = Field(None, description="DICOM VOI window: lung, mediastinum, bone, brain, abdomen, soft_tissue, or 'C,W'; None = each file's own")
     mean: float = 0.5
     std: float = Field(0.5, gt=0)
     augment: AugmentConfig = Field(default_factory=AugmentConfig)
@@ -40,6 +42,12 @@ class TrainConfig(BaseModel):
     precision: str = Field("auto", description="auto: bf16-mixed where the hardware computes bf16 natively, else 32-true")
     num_workers: int = Field(0, ge=0)
     out: str | None = Field(None, description="run folder; default runs/<data>-<model>[-N]")
+
+    @field_validator("window")
+    @classmethod
+    def _known_window(cls, value: str | None) -> str | None:
+        parse_window(value)  # raises ValueError with the accepted forms
+        return value
 
     @classmethod
     def from_sources(cls, config_file: str | Path | None = None, **overrides: Any) -> TrainConfig:

@@ -1,0 +1,203 @@
+"""DICOM files and series: pixel data to displayable intensities, as a radiologist's viewer would.
+
+Grayscale pipeline: stored values -> Modality LUT (RescaleSlope/Intercept: Hounsfield units for CT)
+-> VOI (the file's WindowCenter/Width or VOI LUT by default; a named preset such as ``lung``; or an
+explicit ``"C,W"``) -> MONOCHROME1 inverted so that high values are bright. Colour (RGB, YBR)
+becomes RGB. Compressed transfer syntaxes decode through pydicom's pylibjpeg plugins.
+
+Only non-identifying attributes are kept (modality, UIDs, geometry): patient names, ids, dates
+and accession numbers never leave this module, and errors name the file by its path alone.
+"""
+
+from __future__ import annotations
+
+import warnings
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from meddiag.errors import ImageReadError
+
+# (center, width) in Hounsfield units, as commonly used in CT reading.
+WINDOW_PRESETS: dict[str, tuple[float, float]] = {
+    "lung": (-600.0, 1500.0),
+    "mediastinum": (50.0, 350.0),
+    "bone": (400.0, 1800.0),
+    "brain": (40.0, 80.0),
+    "abdomen": (40.0, 400.0),
+    "soft_tissue": (50.0, 400.0),
+}
+
+# Storage classes that hold no image to classify (by SOP Class UID).
+_NON_IMAGE_SOP_CLASSES = {
+    "1.2.840.10008.5.1.4.1.1.66.4": "a segmentation object (SEG)",
+    "1.2.840.10008.5.1.4.1.1.481.3": "an RT structure set",
+    "1.2.840.10008.5.1.4.1.1.104.1": "an encapsulated PDF",
+    "1.2.840.10008.5.1.4.1.1.88.11": "a structured report",
+    "1.2.840.10008.5.1.4.1.1.88.22": "a structured report",
+    "1.2.840.10008.5.1.4.1.1.88.33": "a structured report",
+    "1.2.840.10008.5.1.4.1.1.11.1": "a presentation state",
+    "1.2.840.10008.5.1.4.1.1.88.59": "a key object selection",
+}
+
+
+@dataclass
+class DicomImage:
+    """Pixels of one DICOM file and the non-identifying facts about them.
+
+    pixels: float32 in [0, 1] after VOI, (H, W) or (frames, H, W); or uint8 RGB (H, W, 3).
+    spacing: (row, column) pixel spacing in mm, when the file states it.
+    """
+
+    pixels: np.ndarray
+    modality: str
+    sop_instance_uid: str
+    series_instance_uid: str
+    spacing: tuple[float, float] | None
+    frames: int
+
+    @property
+    def is_colour(self) -> bool:
+        return self.pixels.dtype == np.uint8 and self.pixels.ndim == 3 and self.pixels.shape[-1] == 3
+
+
+def parse_window(window: str | tuple[float, float] | None) -> tuple[float, float] | None:
+    """A preset name (``lung``, ``bone``, ...), ``"C,W"``, a (center, width) pair, or None (the file's own)."""
+    if window is None or isinstance(window, tuple):
+        return window
+    text = window.strip().lower()
+    if text in WINDOW_PRESETS:
+        return WINDOW_PRESETS[text]
+    try:
+        center, width = (float(v) for v in text.split(","))
+    except ValueError:
+        raise ValueError(f"window must be one of {', '.join(WINDOW_PRESETS)} or 'CENTER,WIDTH', not '{window}'") from None
+    if width <= 0:
+        raise ValueError(f"window width must be positive, got {width}")
+    return center, width
+
+
+def is_dicom_file(path: Path) -> bool:
+    """A .dcm/.dicom file, or any file with the 'DICM' marker at byte 128 (DICOM Part 10)."""
+    if path.suffix.lower() in (".dcm", ".dicom"):
+        return True
+    try:
+        with open(path, "rb") as fh:
+            fh.seek(128)
+            return fh.read(4) == b"DICM"
+    except OSError:
+        return False
+
+
+def read_dicom_dataset(path: Path, stop_before_pixels: bool = False):  # noqa: ANN201 - pydicom.Dataset
+    """pydicom's dataset of ``path``; :class:`ImageReadError` naming the file if it is not DICOM."""
+    import pydicom
+    from pydicom.errors import InvalidDicomError
+
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # pydicom warns on common, harmless deviations from the standard
+            return pydicom.dcmread(path, stop_before_pixels=stop_before_pixels)
+    except InvalidDicomError:
+        raise ImageReadError(path, "not a DICOM file (no DICM marker and no valid header)") from None
+    except (OSError, EOFError, ValueError, KeyError, TypeError) as exc:
+        raise ImageReadError(path, f"corrupt or truncated DICOM ({exc.__class__.__name__})") from None
+
+
+def read_dicom(path: str | Path, window: str | tuple[float, float] | None = None) -> DicomImage:
+    """Read a DICOM file's image as displayable intensities (see the module docstring)."""
+    path = Path(path)
+    if not path.is_file():
+        raise ImageReadError(path, "no such file")
+    ds = read_dicom_dataset(path)
+    sop_class = str(ds.get("SOPClassUID", ""))
+    if sop_class in _NON_IMAGE_SOP_CLASSES:
+        raise ImageReadError(path, f"{_NON_IMAGE_SOP_CLASSES[sop_class]} has no image to classify")
+    if "PixelData" not in ds and "FloatPixelData" not in ds and "DoubleFloatPixelData" not in ds:
+        raise ImageReadError(path, "the file has no pixel data")
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            raw = ds.pixel_array
+    except Exception as exc:  # noqa: BLE001 - decoders raise many types; all mean "cannot decode"
+        syntax = getattr(getattr(ds, "file_meta", None), "TransferSyntaxUID", None)
+        name = getattr(syntax, "name", str(syntax))
+        raise ImageReadError(path, f"pixel data cannot be decoded (transfer syntax {name}): {str(exc).splitlines()[0][:200]}") from None
+    if raw.size == 0:
+        raise ImageReadError(path, "the image has no pixels")
+    frames = int(ds.get("NumberOfFrames", 1) or 1)
+    photometric = str(ds.get("PhotometricInterpretation", "MONOCHROME2")).upper()
+    samples = int(ds.get("SamplesPerPixel", 1) or 1)
+    if samples == 3 or photometric.startswith(("RGB", "YBR")):
+        pixels = _to_uint8_rgb(raw)
+    else:
+        pixels = grayscale_to_unit(ds, raw, parse_window(window))
+    spacing = _spacing(ds)
+    return DicomImage(
+        pixels=pixels,
+        modality=str(ds.get("Modality", "")),
+        sop_instance_uid=str(ds.get("SOPInstanceUID", "")),
+        series_instance_uid=str(ds.get("SeriesInstanceUID", "")),
+        spacing=spacing,
+        frames=frames,
+    )
+
+
+def grayscale_to_unit(ds, raw: np.ndarray, window: tuple[float, float] | None) -> np.ndarray:  # noqa: ANN001
+    """Modality LUT, then VOI, then MONOCHROME1 inversion: float32 in [0, 1]."""
+    from pydicom.pixels import apply_modality_lut, apply_voi_lut
+
+    values = apply_modality_lut(raw, ds).astype(np.float64)
+    if window is not None:
+        out = apply_window(values, *window)
+    elif "VOILUTSequence" in ds:
+        lut = apply_voi_lut(values, ds, index=0).astype(np.float64)
+        out = _min_max(lut)
+    elif "WindowCenter" in ds and "WindowWidth" in ds:
+        out = apply_window(values, first_value(ds.WindowCenter), first_value(ds.WindowWidth))
+    else:
+        out = _min_max(values)
+    if str(ds.get("PhotometricInterpretation", "")).upper() == "MONOCHROME1":
+        out = 1.0 - out
+    return out.astype(np.float32)
+
+
+def apply_window(values: np.ndarray, center: float, width: float) -> np.ndarray:
+    """DICOM's linear VOI function (PS3.3 C.11.2.1.2.1), mapped to [0, 1]."""
+    width = max(float(width), 1.0)
+    low = center - 0.5 - (width - 1) / 2
+    return np.clip((values - low) / (width - 1), 0.0, 1.0) if width > 1 else (values > center - 0.5).astype(np.float64)
+
+
+def _spacing(ds) -> tuple[float, float] | None:  # noqa: ANN001
+    """(row, column) spacing in mm from PixelSpacing, else ImagerPixelSpacing; None if absent or zero."""
+    for key in ("PixelSpacing", "ImagerPixelSpacing"):
+        value = ds.get(key)
+        if value is not None and len(value) == 2 and float(value[0]) > 0 and float(value[1]) > 0:
+            return float(value[0]), float(value[1])
+    return None
+
+
+def first_value(value: object) -> float:
+    """The first of a multi-valued DICOM attribute (e.g. WindowCenter), or the value itself."""
+    try:
+        return float(value[0])  # type: ignore[index]
+    except TypeError:
+        return float(value)  # type: ignore[arg-type]
+
+
+def _min_max(values: np.ndarray) -> np.ndarray:
+    lo, hi = float(values.min()), float(values.max())
+    return (values - lo) / (hi - lo) if hi > lo else np.zeros_like(values)
+
+
+def _to_uint8_rgb(raw: np.ndarray) -> np.ndarray:
+    if raw.dtype == np.uint8:
+        return raw
+    return np.round(_min_max(raw.astype(np.float64)) * 255).astype(np.uint8)
+
+
+def unit_to_uint8(pixels: np.ndarray) -> np.ndarray:
+    """float [0, 1] -> uint8 0..255 (rounded)."""
+    return np.round(np.clip(pixels, 0.0, 1.0) * 255.0).astype(np.uint8)

@@ -1,0 +1,116 @@
+"""Volumes: DICOM series in any file order, mixed series, NIfTI in RAS, 4D choice, clear errors."""
+
+import random
+import shutil
+
+import nibabel as nib
+import numpy as np
+import pydicom
+import pytest
+
+from meddiag.data.volumes import read_dicom_series, read_nifti
+from meddiag.errors import ImageReadError
+
+from conftest import SHARED_DATA
+
+SERIES = SHARED_DATA / "dicom" / "vs_seg_001_t1_series"
+NIFTI = SHARED_DATA / "nifti"
+
+
+@pytest.fixture(scope="module")
+def series_volume():
+    if not SERIES.exists():
+        pytest.skip("shared DICOM series not available")
+    (volume,) = read_dicom_series(SERIES)
+    return volume
+
+
+def test_series_becomes_a_ras_volume_with_spacing(series_volume):
+    v = series_volume
+    assert v.array.shape == (512, 512, 120) and len(v.sources) == 120
+    assert v.spacing == pytest.approx((0.41015625, 0.41015625, 1.5), abs=1e-4)
+    assert nib.aff2axcodes(v.affine) == ("R", "A", "S")
+    assert v.modality == "MR" and v.series_instance_uid and v.excluded == []
+
+
+def test_series_order_comes_from_positions_not_file_names(series_volume, tmp_path):
+    files = sorted(SERIES.iterdir())
+    names = [f"x{i:03d}.dcm" for i in range(len(files))]
+    random.Random(7).shuffle(names)
+    for src, name in zip(files, names):
+        shutil.copy(src, tmp_path / name)
+    (shuffled,) = read_dicom_series(tmp_path)
+    np.testing.assert_array_equal(shuffled.array, series_volume.array)
+    np.testing.assert_allclose(shuffled.affine, series_volume.affine)
+    # Slices follow the slice normal: positions along it increase with the slice index.
+    zs = [float(pydicom.dcmread(p, stop_before_pixels=True).ImagePositionPatient[2]) for p in shuffled.sources[:5]]
+    assert zs == sorted(zs) or zs == sorted(zs, reverse=True)
+
+
+def test_mixed_series_are_separated_and_junk_is_excluded(tmp_path):
+    if not SERIES.exists():
+        pytest.skip("shared DICOM series not available")
+    for i, src in enumerate(sorted(SERIES.iterdir())[:5]):
+        ds = pydicom.dcmread(src)
+        if i < 2:
+            ds.SeriesInstanceUID = "1.2.3.4.5"
+        ds.save_as(tmp_path / f"s{i}.dcm")
+    (tmp_path / "notes.txt").write_text("not dicom")
+    volumes = read_dicom_series(tmp_path)
+    assert sorted(v.array.shape[2] if v.array.shape[2] < 10 else -1 for v in volumes) == [2, 3]
+    assert [p for p, _ in volumes[0].excluded] == [str(tmp_path / "notes.txt")]
+
+
+def test_inconsistent_slice_size_names_the_file(tmp_path):
+    if not SERIES.exists():
+        pytest.skip("shared DICOM series not available")
+    for i, src in enumerate(sorted(SERIES.iterdir())[:3]):
+        ds = pydicom.dcmread(src)
+        if i == 2:
+            ds.Rows = 256
+        ds.save_as(tmp_path / f"s{i}.dcm")
+    with pytest.raises(ImageReadError, match=r"s2.dcm.*256x512.*512x512"):
+        read_dicom_series(tmp_path)
+
+
+def test_nifti_left_stays_left(tmp_path):
+    data = np.zeros((4, 5, 6), np.float32)
+    data[0, 2, 3] = 1.0  # the first voxel along i
+    las = np.diag([-2.0, 2.0, 2.0, 1.0])  # i runs towards the patient's Left
+    nib.save(nib.Nifti1Image(data, las), tmp_path / "las.nii.gz")
+    v = read_nifti(tmp_path / "las.nii.gz")
+    assert nib.aff2axcodes(v.affine) == ("R", "A", "S")
+    # In LAS voxel 0 is the right-most; in RAS it must be the last along axis 0.
+    assert np.unravel_index(v.array.argmax(), v.array.shape) == (3, 2, 3)
+    assert v.spacing == pytest.approx((2.0, 2.0, 2.0))
+    # The voxel keeps its place in the world.
+    world_before = las @ np.array([0, 2, 3, 1])
+    world_after = v.affine @ np.array([3, 2, 3, 1])
+    np.testing.assert_allclose(world_before, world_after)
+
+
+def test_shared_nifti_volumes_and_4d_choice():
+    if not NIFTI.exists():
+        pytest.skip("shared NIfTI data not available")
+    ct = read_nifti(NIFTI / "niivue" / "CT_AVM.nii.gz")
+    assert ct.array.ndim == 3 and nib.aff2axcodes(ct.affine) == ("R", "A", "S")
+    with pytest.raises(ImageReadError, match="4D file with 20 volumes.*0..19"):
+        read_nifti(NIFTI / "nibabel" / "functional.nii")
+    third = read_nifti(NIFTI / "nibabel" / "functional.nii", volume_index=2)
+    assert third.array.ndim == 3
+    with pytest.raises(ImageReadError, match="outside 0..19"):
+        read_nifti(NIFTI / "nibabel" / "functional.nii", volume_index=20)
+
+
+def test_corrupt_nifti_is_named(tmp_path):
+    (tmp_path / "bad.nii.gz").write_bytes(b"\x1f\x8b broken")
+    with pytest.raises(ImageReadError, match="bad.nii.gz.*not a readable NIfTI"):
+        read_nifti(tmp_path / "bad.nii.gz")
+
+
+def test_volume_windowing():
+    from meddiag.data.volumes import Volume
+
+    v = Volume(array=np.array([[[-1000.0, 0.0, 40.0, 1000.0]]], np.float32), affine=np.eye(4))
+    np.testing.assert_allclose(v.to_unit("brain")[0, 0], [0, 0, 40 / 79, 1], atol=1e-6)
+    np.testing.assert_allclose(v.to_unit()[0, 0], [0, 0.5, 0.52, 1])
