@@ -11,8 +11,9 @@ and accession numbers never leave this module, and errors name the file by its p
 
 from __future__ import annotations
 
-import warnings
+import hashlib
 from dataclasses import dataclass
+from functools import lru_cache
 from pathlib import Path
 
 import numpy as np
@@ -90,19 +91,52 @@ def is_dicom_file(path: Path) -> bool:
         return False
 
 
+@lru_cache(maxsize=1)
+def _quiet_value_validation() -> None:
+    """Stop pydicom's value-validation warnings on reading: they quote header values verbatim,
+    so an odd PatientName or PatientBirthDate would reach the log. (Set through pydicom's own
+    configuration; ``warnings.catch_warnings`` is not thread-safe and files are read in threads.)"""
+    from pydicom import config
+
+    config.settings.reading_validation_mode = config.IGNORE
+
+
 def read_dicom_dataset(path: Path, stop_before_pixels: bool = False):  # noqa: ANN201 - pydicom.Dataset
     """pydicom's dataset of ``path``; :class:`ImageReadError` naming the file if it is not DICOM."""
     import pydicom
     from pydicom.errors import InvalidDicomError
 
+    _quiet_value_validation()
     try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")  # pydicom warns on common, harmless deviations from the standard
-            return pydicom.dcmread(path, stop_before_pixels=stop_before_pixels)
+        return pydicom.dcmread(path, stop_before_pixels=stop_before_pixels)
     except InvalidDicomError:
         raise ImageReadError(path, "not a DICOM file (no DICM marker and no valid header)") from None
     except (OSError, EOFError, ValueError, KeyError, TypeError) as exc:
         raise ImageReadError(path, f"corrupt or truncated DICOM ({exc.__class__.__name__})") from None
+
+
+@dataclass(frozen=True)
+class DicomIdentity:
+    """What may be known of a file's provenance without any protected health information.
+
+    patient_key: a one-way key (SHA-256 of the PatientID) that groups a patient's files for
+    splitting; the PatientID itself is never kept. UIDs identify objects, not people.
+    """
+
+    patient_key: str | None
+    sop_instance_uid: str
+    series_instance_uid: str
+
+
+def patient_key(patient_id: str) -> str:
+    return hashlib.sha256(b"meddiag-patient:" + patient_id.encode()).hexdigest()[:16]
+
+
+def read_dicom_identity(path: str | Path) -> DicomIdentity:
+    """A DICOM file's :class:`DicomIdentity`, from its header only."""
+    ds = read_dicom_dataset(Path(path), stop_before_pixels=True)
+    pid = str(ds.get("PatientID", "") or "").strip()
+    return DicomIdentity(patient_key(pid) if pid else None, str(ds.get("SOPInstanceUID", "")), str(ds.get("SeriesInstanceUID", "")))
 
 
 def read_dicom(path: str | Path, window: str | tuple[float, float] | None = None) -> DicomImage:
@@ -117,9 +151,7 @@ def read_dicom(path: str | Path, window: str | tuple[float, float] | None = None
     if "PixelData" not in ds and "FloatPixelData" not in ds and "DoubleFloatPixelData" not in ds:
         raise ImageReadError(path, "the file has no pixel data")
     try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")
-            raw = ds.pixel_array
+        raw = ds.pixel_array
     except Exception as exc:  # noqa: BLE001 - decoders raise many types; all mean "cannot decode"
         syntax = getattr(getattr(ds, "file_meta", None), "TransferSyntaxUID", None)
         name = getattr(syntax, "name", str(syntax))

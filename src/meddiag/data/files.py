@@ -19,6 +19,7 @@ import torch
 from rich.progress import Progress
 
 from meddiag.data.dataset import SPLITS, ImageData, Split
+from meddiag.data.dicom import is_dicom_file, read_dicom_identity
 from meddiag.data.images import Fit, read_image, to_model_input
 from meddiag.data.splits import stratified_split
 from meddiag.errors import DataError, ImageReadError
@@ -49,7 +50,8 @@ def load_file_records(
     """Read labelled files into memory at ``image_size`` (default 128) and split them.
 
     Records without a split are training files. When no record is in "val" (or "test"),
-    that split is carved from the training files. Unreadable files are listed in
+    that split is carved from the training files, keeping each patient's files together
+    (patient ids from the manifest, or for DICOM files a one-way key of their PatientID). Unreadable files are listed in
     ``ImageData.excluded`` and a warning names each one.
     """
     size = image_size or DEFAULT_FILE_IMAGE_SIZE
@@ -122,6 +124,8 @@ def _read_all(records: list[FileRecord], size: int, fit: Fit, window: str | None
     def read_one(rec: FileRecord) -> np.ndarray | str:
         try:
             arr = read_image(rec.path, window)
+            if rec.patient_id is None and is_dicom_file(Path(rec.path)):
+                rec.patient_id = read_dicom_identity(rec.path).patient_key
         except ImageReadError as exc:
             return exc.reason
         return to_model_input(arr, size, 3 if arr.ndim == 3 else 1, fit)

@@ -1,7 +1,9 @@
 """ResNet, DenseNet and EfficientNet from MONAI, 2D and 3D through one code path.
 
-Inputs of 64 px or less get a CIFAR-style stem (3x3 stride-1 first convolution, no
-max-pool), as the MedMNIST baselines do; larger inputs keep the ImageNet stem.
+2D inputs of 64 px or less get a CIFAR-style stem (3x3 stride-1 first convolution, no
+max-pool), as the MedMNIST baselines do; larger inputs keep the ImageNet stem. Volumes always
+keep the strided stem: measured on 2 CPU cores, ResNet-18 on 28^3 volumes trains at 3 volumes/s
+with a CIFAR stem and at 95 volumes/s with the strided one.
 """
 
 from __future__ import annotations
@@ -14,8 +16,13 @@ from meddiag.models.registry import register_model
 SMALL_INPUT = 64
 
 
+def cifar_stem(spatial_dims: int, image_size: int) -> bool:
+    """Whether a network gets the stride-1, no-max-pool stem: small 2D images only."""
+    return spatial_dims == 2 and image_size <= SMALL_INPUT
+
+
 def _resnet(block: str, layers: list[int], in_channels: int, num_classes: int, spatial_dims: int, image_size: int) -> nn.Module:
-    small = image_size <= SMALL_INPUT
+    small = cifar_stem(spatial_dims, image_size)
     return ResNet(
         block=block, layers=layers, block_inplanes=[64, 128, 256, 512], spatial_dims=spatial_dims,
         n_input_channels=in_channels, num_classes=num_classes,
@@ -36,7 +43,7 @@ def resnet50(in_channels: int, num_classes: int, spatial_dims: int = 2, image_si
 @register_model("densenet121", spatial_dims=(2, 3), target_layer="features.norm5", description="DenseNet-121 (MONAI), 7M parameters")
 def densenet121(in_channels: int, num_classes: int, spatial_dims: int = 2, image_size: int = 224) -> nn.Module:
     net = DenseNet121(spatial_dims=spatial_dims, in_channels=in_channels, out_channels=num_classes)
-    if image_size <= SMALL_INPUT:
+    if cifar_stem(spatial_dims, image_size):
         conv = nn.Conv2d if spatial_dims == 2 else nn.Conv3d
         net.features.conv0 = conv(in_channels, 64, kernel_size=3, stride=1, padding=1, bias=False)
         net.features.pool0 = nn.Identity()
@@ -47,7 +54,7 @@ def densenet121(in_channels: int, num_classes: int, spatial_dims: int = 2, image
 def efficientnet_b0(in_channels: int, num_classes: int, spatial_dims: int = 2, image_size: int = 224) -> nn.Module:
     net = EfficientNetBN("efficientnet-b0", pretrained=False, progress=False, spatial_dims=spatial_dims,
                          in_channels=in_channels, num_classes=num_classes)
-    if image_size <= SMALL_INPUT:
+    if cifar_stem(spatial_dims, image_size):
         # stride 1 and 'same' padding in the stem: small images keep their resolution.
         conv = nn.Conv2d if spatial_dims == 2 else nn.Conv3d
         net._conv_stem = conv(in_channels, net._conv_stem.out_channels, kernel_size=3, stride=1, padding=1, bias=False)

@@ -15,6 +15,7 @@ from typing import TextIO
 import numpy as np
 import torch
 
+from meddiag.data.dicom import is_dicom_file, read_dicom_identity
 from meddiag.data.images import is_image_file, read_image, to_model_input
 from meddiag.errors import DataError, ImageReadError
 from meddiag.evaluation.evaluate import best_checkpoint
@@ -28,6 +29,8 @@ class Prediction:
     path: str
     predicted: str
     probabilities: dict[str, float]
+    sop_instance_uid: str = ""  # DICOM files: which object was diagnosed (an object id, not PHI)
+    series_instance_uid: str = ""
 
 
 @dataclass
@@ -102,12 +105,17 @@ class Predictor:
         rows = []
         for path, p, d in zip(paths, probs, decided):
             label = ";".join(n for n, v in zip(c.class_names, d) if v) if c.task == "multilabel" else c.class_names[int(d)]
-            rows.append(Prediction(str(path), label, {n: float(v) for n, v in zip(c.class_names, p)}))
+            row = Prediction(str(path), label, {n: float(v) for n, v in zip(c.class_names, p)})
+            if is_dicom_file(path):
+                ident = read_dicom_identity(path)
+                row.sop_instance_uid, row.series_instance_uid = ident.sop_instance_uid, ident.series_instance_uid
+            rows.append(row)
         return rows
 
 
 def write_predictions_csv(out: str | Path | TextIO, predictions: list[Prediction], class_names: list[str]) -> None:
-    """``path,prediction,prob_<class>...``, one row per image, to a file path or an open text stream."""
+    """``path,prediction,prob_<class>...,sop_instance_uid,series_instance_uid``, one row per image
+    (the UIDs are empty for non-DICOM files), to a file path or an open text stream."""
     if not isinstance(out, (str, Path)):
         _write_rows(out, predictions, class_names)
         return
@@ -117,6 +125,7 @@ def write_predictions_csv(out: str | Path | TextIO, predictions: list[Prediction
 
 def _write_rows(fh: TextIO, predictions: list[Prediction], class_names: list[str]) -> None:
     writer = csv.writer(fh, lineterminator="\n")
-    writer.writerow(["path", "prediction", *[f"prob_{c}" for c in class_names]])
+    writer.writerow(["path", "prediction", *[f"prob_{c}" for c in class_names], "sop_instance_uid", "series_instance_uid"])
     for p in predictions:
-        writer.writerow([p.path, p.predicted, *[f"{p.probabilities[c]:.6f}" for c in class_names]])
+        writer.writerow([p.path, p.predicted, *[f"{p.probabilities[c]:.6f}" for c in class_names],
+                         p.sop_instance_uid, p.series_instance_uid])

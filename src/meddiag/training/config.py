@@ -21,7 +21,7 @@ class TrainConfig(BaseModel):
     data: str = Field(description="MedMNIST name (pneumoniamnist, pneumoniamnist@64), image folder or CSV manifest")
     model: str = "resnet18"
     epochs: int = Field(20, ge=1)
-    batch_size: int = Field(128, ge=1)
+    batch_size: int | None = Field(None, ge=1, description="None: 128 for images, 32 for volumes")
     lr: float = Field(1e-3, gt=0)
     weight_decay: float = Field(1e-4, ge=0)
     optimizer: Literal["adamw", "adam", "sgd"] = "adamw"
