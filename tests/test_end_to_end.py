@@ -186,3 +186,27 @@ def test_dicom_folder_train_and_predict_keep_the_window(tmp_path):
     assert metrics["auc"] >= 0.9  # the files' own window (2000 +/- 5) would show a blank image
     proc = meddiag("predict", str(run), str(tmp_path / "dcm" / "pneumonia" / "0.dcm"))
     assert proc.returncode == 0 and "0.dcm,pneumonia" in proc.stdout
+
+
+def test_3d_medmnist_train_then_predict_volumes(shared_medmnist, tmp_path):
+    """Volumes end to end: a 3D model is chosen for 3D data; NIfTI files and a DICOM series are predicted."""
+    from conftest import SHARED_DATA
+
+    run = tmp_path / "adrenal"
+    proc = meddiag("train", "adrenalmnist3d", "--model", "seed_cnn", "--epochs", "1", "--out", str(run), "--no-progress",
+                   env={"MEDDIAG_DATA": str(shared_medmnist)})
+    assert proc.returncode == 0, proc.stderr
+    metrics = json.loads((run / "metrics.json").read_text())
+    assert metrics["n_images"] == 298 and metrics["class_names"] == ["normal", "hyperplasia"]
+    from meddiag.models import load_checkpoint
+
+    assert load_checkpoint(run / "checkpoints" / "best.ckpt")[1].spatial_dims == 3
+    nifti, series = SHARED_DATA / "nifti" / "niivue", SHARED_DATA / "dicom" / "vs_seg_001_t1_series"
+    proc = meddiag("predict", str(run), str(nifti / "CT_pitch.nii.gz"), str(series),
+                   str(SHARED_DATA / "nifti" / "nibabel" / "functional.nii"), "--output", str(tmp_path / "p.csv"))
+    assert proc.returncode == 1 and "functional.nii" in proc.stderr and "4D file" in proc.stderr
+    rows = list(csv.DictReader(open(tmp_path / "p.csv")))
+    assert [Path(r["path"]).name for r in rows] == ["CT_pitch.nii.gz", "vs_seg_001_t1_series"]
+    assert rows[1]["series_instance_uid"] and not rows[0]["series_instance_uid"]
+    for row in rows:
+        assert float(row["prob_normal"]) + float(row["prob_hyperplasia"]) == pytest.approx(1, abs=1e-5)

@@ -31,6 +31,9 @@ def test_no_phi_in_any_output_and_patients_stay_in_one_split(tmp_path):
     data = _phi_folder(tmp_path / "study")
     run = tmp_path / "run"
     outputs = []
+    proc = meddiag("inspect", str(data))
+    assert proc.returncode == 0 and "broken.dcm" in proc.stdout
+    outputs.append(proc.stdout + proc.stderr)
     proc = meddiag("train", str(data), "--model", "seed_cnn", "--epochs", "2", "--batch-size", "8",
                    "--image-size", "24", "--out", str(run), "--no-progress")
     assert proc.returncode == 0, proc.stderr

@@ -67,6 +67,7 @@ def train(
     lr: Annotated[Optional[float], typer.Option(help="Learning rate. [default: 0.001]")] = None,
     image_size: Annotated[Optional[int], typer.Option(help="Input size in pixels. [default: MedMNIST file's size; 128 for image files]")] = None,
     seed: Annotated[Optional[int], typer.Option(help="Random seed (splits, initialisation, augmentation). [default: 0]")] = None,
+    fit: Annotated[Optional[str], typer.Option(help="Resize keeping the aspect ratio (pad) or not (stretch). [default: pad]")] = None,
     window: Annotated[Optional[str], typer.Option(help="DICOM window: lung, mediastinum, bone, brain, abdomen, soft_tissue or C,W. [default: each file's own]")] = None,
     out: Annotated[Optional[str], typer.Option(help="Run folder. [default: runs/<data>-<model>]")] = None,
     config: Annotated[Optional[Path], typer.Option(help="YAML configuration (e.g. a run's config.yaml); options given here override it.")] = None,
@@ -88,7 +89,7 @@ def train(
         raise MeddiagError("give the DATA to train on (or a --config file that names it)")
     cfg = TrainConfig.from_sources(
         config, data=data, model=model, epochs=epochs, batch_size=batch_size, lr=lr, image_size=image_size,
-        seed=seed, window=window, out=out, accelerator=accelerator, devices=int(devices) if devices and devices.isdigit() else devices,
+        seed=seed, fit=fit, window=window, out=out, accelerator=accelerator, devices=int(devices) if devices and devices.isdigit() else devices,
     )
     result = train_and_evaluate(cfg, resume=resume, progress=progress)
     if result.test_metrics is not None:
@@ -136,6 +137,24 @@ def predict(
     if failures:
         print(f"{len(failures)} file(s) could not be predicted", file=sys.stderr)
         raise typer.Exit(1)
+
+
+@app.command()
+@friendly_errors
+def inspect(
+    data: Annotated[str, typer.Argument(help="MedMNIST name, image folder, or CSV manifest")],
+    json_out: Annotated[Optional[Path], typer.Option("--json", help="Also write the report as JSON.")] = None,
+) -> None:
+    """Describe a data set: images per class and split, modalities, sizes, bit depth, spacing,
+    unreadable files, and leakage (identical images or one patient in two splits)."""
+    import json
+
+    from meddiag.data.inspection import inspect_data, render
+
+    report = inspect_data(data, progress=sys.stderr.isatty())
+    print(render(report))
+    if json_out:
+        json_out.write_text(json.dumps(report.to_dict(), indent=2))
 
 
 @app.command("models")

@@ -52,6 +52,29 @@ class Volume:
         return ((self.array - lo) / (hi - lo) if hi > lo else np.zeros_like(self.array)).astype(np.float32)
 
 
+def volume_to_model_input(volume: Volume, image_size: int, channels: int = 1,
+                          window: str | tuple[float, float] | None = None) -> np.ndarray:
+    """A volume as model input: windowed to [0, 1], resized (trilinear) to ``image_size`` along every
+    axis, uint8 of shape (channels, S, S, S)."""
+    import torch
+    import torch.nn.functional as F
+
+    unit = torch.from_numpy(volume.to_unit(window))[None, None]
+    resized = F.interpolate(unit, size=(image_size,) * 3, mode="trilinear", align_corners=False)[0]
+    out = (resized.clamp(0, 1) * 255).round().to(torch.uint8).numpy()
+    return np.repeat(out, channels, axis=0) if channels > 1 else out
+
+
+def read_volumes(path: str | Path) -> list[Volume]:
+    """The volumes at ``path``: a NIfTI file is one; a folder of DICOM files is one per series."""
+    path = Path(path)
+    if path.is_file() and is_nifti_file(path):
+        return [read_nifti(path)]
+    if path.is_dir():
+        return read_dicom_series(path)
+    raise ImageReadError(path, "not a NIfTI file (.nii, .nii.gz) or a folder holding a DICOM series")
+
+
 def to_canonical(array: np.ndarray, affine: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """Reorder and flip the first three axes of ``array`` to RAS+, updating the affine."""
     import nibabel as nib

@@ -17,6 +17,7 @@ import torch
 
 from meddiag.data.dicom import is_dicom_file, read_dicom_identity
 from meddiag.data.images import is_image_file, read_image, to_model_input
+from meddiag.data.volumes import is_nifti_file, read_volumes, volume_to_model_input
 from meddiag.errors import DataError, ImageReadError
 from meddiag.evaluation.evaluate import best_checkpoint
 from meddiag.evaluation.metrics import predict_labels
@@ -70,17 +71,18 @@ class Predictor:
         return cls(best_checkpoint(Path(run)), **kwargs)  # type: ignore[arg-type]
 
     def predict_arrays(self, images: torch.Tensor) -> np.ndarray:
-        """Probabilities (N, K) for uint8 model input (N, C, H, W)."""
+        """Probabilities (N, K) for uint8 model input (N, C, H, W) or (N, C, D, H, W)."""
         c = self.card
         return predict_proba(self.model, images, c.task, c.mean, c.std, self.batch_size).numpy()
 
     def predict(self, paths: list[str | Path]) -> tuple[list[Prediction], list[Failure]]:
-        """Predict every image file in ``paths`` (files or folders).
+        """Predict every image file in ``paths`` (files or folders); for 3D models every volume
+        (NIfTI files, and folders holding a DICOM series).
 
         Returns the predictions and, separately, each file that failed with its reason.
         """
-        if self.card.spatial_dims != 2:
-            raise DataError("this model takes volumes; predicting from volume files comes with DICOM/NIfTI support")
+        if self.card.spatial_dims == 3:
+            return self.predict_volumes(paths)
         files, failures = collect_image_files(paths)
         predictions: list[Prediction] = []
         for start in range(0, len(files), self.batch_size):
@@ -99,6 +101,28 @@ class Predictor:
             predictions += self._rows(ok, probs)
         return predictions, failures
 
+    def predict_volumes(self, paths: list[str | Path]) -> tuple[list[Prediction], list[Failure]]:
+        """3D models: each NIfTI file under ``paths`` and each DICOM series folder is one volume."""
+        c = self.card
+        predictions: list[Prediction] = []
+        failures: list[Failure] = []
+        for raw in paths:
+            path = Path(raw)
+            nifti = sorted(p for p in path.rglob("*") if is_nifti_file(p)) if path.is_dir() else []
+            for source in nifti or [path]:
+                try:
+                    volumes = read_volumes(source)
+                except (ImageReadError, DataError) as exc:
+                    failures.append(Failure(str(source), getattr(exc, "reason", str(exc))))
+                    continue
+                failures += [Failure(p, r) for p, r in (volumes[0].excluded if volumes else [])]
+                batch = np.stack([volume_to_model_input(v, c.image_size, c.in_channels, c.window) for v in volumes])
+                probs = self.predict_arrays(torch.from_numpy(batch))
+                for volume, row in zip(volumes, self._rows([source] * len(volumes), probs)):
+                    row.series_instance_uid = volume.series_instance_uid
+                    predictions.append(row)
+        return predictions, failures
+
     def _rows(self, paths: list[Path], probs: np.ndarray) -> list[Prediction]:
         c = self.card
         decided = predict_labels(probs, c.task, c.threshold)
@@ -106,7 +130,7 @@ class Predictor:
         for path, p, d in zip(paths, probs, decided):
             label = ";".join(n for n, v in zip(c.class_names, d) if v) if c.task == "multilabel" else c.class_names[int(d)]
             row = Prediction(str(path), label, {n: float(v) for n, v in zip(c.class_names, p)})
-            if is_dicom_file(path):
+            if path.is_file() and is_dicom_file(path):
                 ident = read_dicom_identity(path)
                 row.sop_instance_uid, row.series_instance_uid = ident.sop_instance_uid, ident.series_instance_uid
             rows.append(row)

@@ -1,0 +1,191 @@
+"""``meddiag inspect``: what a data set holds, what cannot be read, and what leaks between splits.
+
+Leakage is an image (identical decoded pixels) or a patient in more than one split. Patients
+are shown only by a one-way key, never by their id, so the report carries no PHI.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+from collections import Counter, defaultdict
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import numpy as np
+from PIL import Image
+
+from meddiag.data.dicom import is_dicom_file, patient_key, read_dicom, read_dicom_dataset, read_dicom_identity
+from meddiag.data.files import FileRecord
+from meddiag.data.folder import scan_image_folder
+from meddiag.data.images import read_image
+from meddiag.data.manifest import read_manifest
+from meddiag.data.medmnist import load_medmnist, parse_medmnist
+from meddiag.errors import DataError, ImageReadError
+
+UNSPLIT = "(unsplit)"
+
+
+@dataclass
+class FileFacts:
+    split: str
+    label: str
+    path: str
+    modality: str = ""
+    size: str = ""          # "WxH" (or "WxHxF" for multi-frame)
+    bit_depth: str = ""     # e.g. "8", "16", "8x3"
+    spacing: str = ""       # "0.70x0.70 mm"
+    pixel_hash: str = ""
+    patient: str | None = None  # one-way key
+    error: str | None = None
+
+
+@dataclass
+class DataInspection:
+    """The facts ``meddiag inspect`` prints; ``to_dict()`` is its JSON form."""
+
+    name: str
+    counts: dict[str, dict[str, int]]
+    modalities: dict[str, int]
+    sizes: dict[str, int]
+    bit_depths: dict[str, int]
+    spacings: dict[str, int]
+    unreadable: list[dict[str, str]] = field(default_factory=list)
+    duplicate_images: list[dict] = field(default_factory=list)
+    patients_across_splits: list[dict] = field(default_factory=list)
+
+    @property
+    def leakage(self) -> bool:
+        return bool(self.duplicate_images or self.patients_across_splits)
+
+    def to_dict(self) -> dict:
+        return asdict(self) | {"leakage": self.leakage}
+
+
+def inspect_data(spec: str, progress: bool = True) -> DataInspection:
+    """Inspect a MedMNIST name, an image folder or a CSV manifest."""
+    mnist = parse_medmnist(spec)
+    facts = _medmnist_facts(spec) if mnist is not None else _file_facts(_records(spec), progress)
+    return summarise(spec, facts)
+
+
+def _records(spec: str) -> list[FileRecord]:
+    path = Path(spec).expanduser()
+    if path.is_dir():
+        return scan_image_folder(path)
+    if path.is_file() and path.suffix.lower() == ".csv":
+        return read_manifest(path)
+    raise DataError(f"{spec}: not a MedMNIST name, an image folder or a .csv manifest")
+
+
+def _medmnist_facts(spec: str) -> list[FileFacts]:
+    data = load_medmnist(parse_medmnist(spec))  # type: ignore[arg-type]
+    facts = []
+    for split, part in data.splits.items():
+        shape = "x".join(map(str, part.images.shape[2:][::-1]))
+        depth = "8" if data.in_channels == 1 else f"8x{data.in_channels}"
+        for i in range(len(part)):
+            label = data.class_names[int(part.labels[i])] if part.labels.ndim == 1 else "multi-label"
+            digest = hashlib.sha1(part.images[i].numpy().tobytes()).hexdigest()
+            facts.append(FileFacts(split, label, f"{split}[{i}]", "", shape, depth, "", digest))
+    return facts
+
+
+def _file_facts(records: list[FileRecord], progress: bool) -> list[FileFacts]:
+    from rich.progress import Progress
+
+    with ThreadPoolExecutor(min(8, (os.cpu_count() or 1) * 2)) as pool, Progress(disable=not progress, transient=True) as bar:
+        task = bar.add_task(f"inspecting {len(records)} files", total=len(records))
+        out = []
+        for fact in pool.map(_facts_of, records, chunksize=16):
+            out.append(fact)
+            bar.advance(task)
+    return out
+
+
+def _facts_of(rec: FileRecord) -> FileFacts:
+    fact = FileFacts(rec.split or UNSPLIT, rec.label, str(rec.path))
+    if rec.patient_id is not None:
+        fact.patient = patient_key(rec.patient_id)
+    try:
+        if is_dicom_file(Path(rec.path)):
+            ds = read_dicom_dataset(Path(rec.path), stop_before_pixels=True)
+            image = read_dicom(rec.path)
+            fact.modality = str(ds.get("Modality", "")) or "DICOM"
+            frames = f"x{image.frames}" if image.frames > 1 else ""
+            fact.size = f"{ds.get('Columns')}x{ds.get('Rows')}{frames}"
+            samples = int(ds.get("SamplesPerPixel", 1) or 1)
+            fact.bit_depth = f"{ds.get('BitsStored', '?')}" + (f"x{samples}" if samples > 1 else "")
+            if image.spacing:
+                fact.spacing = f"{image.spacing[1]:.2f}x{image.spacing[0]:.2f} mm"
+            fact.pixel_hash = hashlib.sha1(np.ascontiguousarray(image.pixels).tobytes()).hexdigest()
+            fact.patient = fact.patient or read_dicom_identity(rec.path).patient_key
+        else:
+            arr = read_image(rec.path)
+            with Image.open(rec.path) as img:
+                fact.modality = (img.format or "image").upper()
+                fact.size = f"{img.width}x{img.height}"
+                bits = {"1": "1", "L": "8", "P": "8", "RGB": "8x3", "RGBA": "8x4", "I;16": "16", "I;16B": "16", "I": "32", "F": "32f"}
+                fact.bit_depth = bits.get(img.mode, img.mode)
+            fact.pixel_hash = hashlib.sha1(arr.tobytes()).hexdigest()
+    except ImageReadError as exc:
+        fact.error = exc.reason
+    return fact
+
+
+def summarise(name: str, facts: list[FileFacts]) -> DataInspection:
+    counts: dict[str, dict[str, int]] = defaultdict(lambda: defaultdict(int))
+    for f in facts:
+        if f.error is None:
+            counts[f.split][f.label] += 1
+    good = [f for f in facts if f.error is None]
+    by_hash: dict[str, list[FileFacts]] = defaultdict(list)
+    for f in good:
+        by_hash[f.pixel_hash].append(f)
+    duplicates = [
+        {"splits": sorted({f.split for f in group}), "files": [f.path for f in group]}
+        for group in by_hash.values() if len({f.split for f in group}) > 1
+    ]
+    by_patient: dict[str, set[str]] = defaultdict(set)
+    for f in good:
+        if f.patient:
+            by_patient[f.patient].add(f.split)
+    patients = [{"patient_key": k, "splits": sorted(s)} for k, s in sorted(by_patient.items()) if len(s) > 1]
+    return DataInspection(
+        name=name,
+        counts={s: dict(sorted(c.items())) for s, c in sorted(counts.items())},
+        modalities=dict(Counter(f.modality for f in good).most_common()),
+        sizes=dict(Counter(f.size for f in good).most_common()),
+        bit_depths=dict(Counter(f.bit_depth for f in good).most_common()),
+        spacings=dict(Counter(f.spacing for f in good if f.spacing).most_common()),
+        unreadable=[{"path": f.path, "reason": f.error} for f in facts if f.error is not None],
+        duplicate_images=duplicates,
+        patients_across_splits=patients,
+    )
+
+
+def render(report: DataInspection, limit: int = 10) -> str:
+    """A plain-text report: counts table, then facts, then problems (first ``limit`` of each)."""
+    classes = sorted({c for per in report.counts.values() for c in per})
+    width = max([len(c) for c in classes] + [12])
+    lines = [f"data: {report.name}", "", f"{'split':<12}" + "".join(f"{c:>{width + 2}}" for c in classes) + f"{'total':>9}"]
+    for split, per in report.counts.items():
+        lines.append(f"{split:<12}" + "".join(f"{per.get(c, 0):>{width + 2}}" for c in classes) + f"{sum(per.values()):>9}")
+
+    def top(counter: dict[str, int]) -> str:
+        items = list(counter.items())
+        text = ", ".join(f"{k or '?'} ({v})" for k, v in items[:5])
+        return text + (f", ... {len(items) - 5} more" if len(items) > 5 else "")
+
+    lines += ["", f"modalities: {top(report.modalities)}", f"sizes (WxH): {top(report.sizes)}",
+              f"bit depth: {top(report.bit_depths)}"]
+    if report.spacings:
+        lines.append(f"pixel spacing: {top(report.spacings)}")
+    lines.append(f"unreadable files: {len(report.unreadable)}")
+    lines += [f"  {u['path']}: {u['reason']}" for u in report.unreadable[:limit]]
+    lines.append(f"identical images in more than one split: {len(report.duplicate_images)}" + ("  LEAKAGE" if report.duplicate_images else ""))
+    lines += [f"  {', '.join(d['splits'])}: {' = '.join(d['files'][:3])}" for d in report.duplicate_images[:limit]]
+    lines.append(f"patients in more than one split: {len(report.patients_across_splits)}" + ("  LEAKAGE" if report.patients_across_splits else ""))
+    lines += [f"  patient key {p['patient_key']}: {', '.join(p['splits'])}" for p in report.patients_across_splits[:limit]]
+    return "\n".join(lines)
