@@ -114,3 +114,64 @@ def test_volume_windowing():
     v = Volume(array=np.array([[[-1000.0, 0.0, 40.0, 1000.0]]], np.float32), affine=np.eye(4))
     np.testing.assert_allclose(v.to_unit("brain")[0, 0], [0, 0, 40 / 79, 1], atol=1e-6)
     np.testing.assert_allclose(v.to_unit()[0, 0], [0, 0.5, 0.52, 1])
+
+
+def _blob_volume(label: int, rng, n: int = 20) -> np.ndarray:
+    vol = rng.normal(100, 20, (n, n, n))
+    zz, yy, xx = np.mgrid[:n, :n, :n]
+    cx = n * (0.3 if label == 0 else 0.7)
+    vol += 800 * np.exp(-((xx - cx) ** 2 + (yy - n / 2) ** 2 + (zz - n / 2) ** 2) / (2 * (n / 8) ** 2))
+    return np.clip(vol, 0, 4000)
+
+
+def _write_series(folder, vol, rng, patient):
+    from conftest import write_dicom
+
+    uid = f"1.2.826.0.1.{rng.integers(1e9)}"
+    for k in rng.permutation(vol.shape[0]):  # written in shuffled order on purpose
+        write_dicom(folder / f"slice{k:03d}.dcm", vol[k].astype(np.uint16), SeriesInstanceUID=uid, PatientID=patient,
+                    ImagePositionPatient=[0, 0, float(2 * k)], ImageOrientationPatient=[1, 0, 0, 0, 1, 0],
+                    PixelSpacing=[1, 1], InstanceNumber=int(k) + 1)
+
+
+def test_folder_of_nifti_volumes_and_dicom_series_trains_in_3d(tmp_path):
+    from meddiag.data import load_data
+    from meddiag.data.inspection import inspect_data
+    from test_end_to_end import meddiag
+
+    rng = np.random.default_rng(0)
+    root = tmp_path / "study"
+    for label, name in enumerate(["benign", "malignant"]):
+        (root / name).mkdir(parents=True)
+        for i in range(10):
+            nib.save(nib.Nifti1Image(_blob_volume(label, rng).astype(np.float32), np.eye(4)), root / name / f"v{i}.nii.gz")
+        for i in range(2):
+            _write_series(root / name / f"series{i}", _blob_volume(label, rng), rng, f"P{label}{i}")
+    data = load_data(str(root), image_size=16, progress=False)
+    assert data.spatial_dims == 3 and data.in_channels == 1
+    assert sum(len(s) for s in data.splits.values()) == 24
+    assert data.splits["train"].images.shape[1:] == (1, 16, 16, 16)
+    report = inspect_data(str(root), progress=False)
+    assert report.counts == {"(unsplit)": {"benign": 12, "malignant": 12}} and report.unreadable == []
+
+    run = tmp_path / "run"
+    proc = meddiag("train", str(root), "--model", "seed_cnn", "--epochs", "8", "--batch-size", "4", "--image-size", "20",
+                   "--out", str(run), "--no-progress")
+    assert proc.returncode == 0, proc.stderr
+    proc = meddiag("predict", str(run), str(root / "malignant" / "series0"), str(root / "benign" / "v0.nii.gz"))
+    assert proc.returncode == 0, proc.stderr
+    assert "series0" in proc.stdout and "v0.nii.gz" in proc.stdout
+
+
+def test_images_and_volumes_do_not_mix(tmp_path):
+    from PIL import Image
+
+    from meddiag.data import load_data
+    from meddiag.errors import DataError
+
+    for name in ("a", "b"):
+        (tmp_path / name).mkdir()
+        Image.fromarray(np.zeros((8, 8), np.uint8)).save(tmp_path / name / "x.png")
+    nib.save(nib.Nifti1Image(np.zeros((4, 4, 4), np.float32), np.eye(4)), tmp_path / "a" / "v.nii.gz")
+    with pytest.raises(DataError, match="mixes 2D images.*and volumes"):
+        load_data(str(tmp_path), progress=False)

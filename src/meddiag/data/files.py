@@ -20,11 +20,18 @@ from rich.progress import Progress
 
 from meddiag.data.dataset import SPLITS, ImageData, Split
 from meddiag.data.dicom import is_dicom_file, read_dicom_identity
+from meddiag.data.volumes import is_nifti_file, read_volumes, volume_to_model_input
 from meddiag.data.images import Fit, read_image, to_model_input
 from meddiag.data.splits import stratified_split
 from meddiag.errors import DataError, ImageReadError
 
 DEFAULT_FILE_IMAGE_SIZE = 128
+DEFAULT_VOLUME_SIZE = 64
+
+
+def is_volume_source(path: Path) -> bool:
+    """A NIfTI file or a folder (a DICOM series) is a volume; anything else a 2D image."""
+    return path.is_dir() or is_nifti_file(path)
 
 
 @dataclass
@@ -47,16 +54,24 @@ def load_file_records(
     test_fraction: float = 0.2,
     progress: bool = True,
 ) -> ImageData:
-    """Read labelled files into memory at ``image_size`` (default 128) and split them.
+    """Read labelled files into memory at ``image_size`` and split them.
+
+    2D images default to 128 px; volumes (NIfTI files, DICOM series folders) to 64^3 voxels.
 
     Records without a split are training files. When no record is in "val" (or "test"),
     that split is carved from the training files, keeping each patient's files together
     (patient ids from the manifest, or for DICOM files a one-way key of their PatientID). Unreadable files are listed in
     ``ImageData.excluded`` and a warning names each one.
     """
-    size = image_size or DEFAULT_FILE_IMAGE_SIZE
     class_names = sorted({r.label for r in records})
     _check_classes(class_names, name)
+    volume = [is_volume_source(Path(r.path)) for r in records]
+    if any(volume) and not all(volume):
+        image = next(r.path for r, v in zip(records, volume) if not v)
+        vol = next(r.path for r, v in zip(records, volume) if v)
+        raise DataError(f"{name} mixes 2D images ({image}) and volumes ({vol}); a model takes one or the other")
+    spatial_dims = 3 if all(volume) else 2
+    size = image_size or (DEFAULT_VOLUME_SIZE if spatial_dims == 3 else DEFAULT_FILE_IMAGE_SIZE)
     arrays, excluded = _read_all(records, size, fit, window, progress)
     kept = [(r, a) for r, a in zip(records, arrays) if a is not None]
     if not kept:
@@ -107,6 +122,7 @@ def load_file_records(
         splits=splits,
         image_size=size,
         in_channels=channels,
+        spatial_dims=spatial_dims,
         split_origin=origin,
         excluded=excluded,
     )
@@ -118,10 +134,25 @@ def _check_classes(class_names: list[str], name: str) -> None:
         raise DataError(f"{name}: found {found}; a classifier needs images of at least 2 classes")
 
 
+def _read_volume(rec: FileRecord, size: int, window: str | None) -> np.ndarray | str:
+    """A volume record as (1, S, S, S) uint8, or the reason it cannot be used."""
+    try:
+        volumes = read_volumes(rec.path)
+    except (ImageReadError, DataError) as exc:
+        return getattr(exc, "reason", str(exc))
+    if len(volumes) != 1:
+        return f"the folder holds {len(volumes)} DICOM series; put each series in a folder of its own"
+    if rec.patient_id is None and volumes[0].sources and is_dicom_file(Path(volumes[0].sources[0])):
+        rec.patient_id = read_dicom_identity(volumes[0].sources[0]).patient_key
+    return volume_to_model_input(volumes[0], size, 1, window)
+
+
 def _read_all(records: list[FileRecord], size: int, fit: Fit, window: str | None, progress: bool) -> tuple[list[np.ndarray | None], list[tuple[str, str]]]:
     """Decode and resize every file in parallel; (arrays with None for failures, excluded)."""
 
     def read_one(rec: FileRecord) -> np.ndarray | str:
+        if is_volume_source(Path(rec.path)):
+            return _read_volume(rec, size, window)
         try:
             arr = read_image(rec.path, window)
             if rec.patient_id is None and is_dicom_file(Path(rec.path)):

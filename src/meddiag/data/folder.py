@@ -4,8 +4,10 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from meddiag.data.dicom import is_dicom_file
 from meddiag.data.files import FileRecord
 from meddiag.data.images import IMAGE_EXTENSIONS, is_image_file
+from meddiag.data.volumes import is_nifti_file
 from meddiag.errors import DataError
 
 _SPLIT_NAMES = {"train": "train", "training": "train", "val": "val", "valid": "val",
@@ -17,7 +19,8 @@ def scan_image_folder(root: str | Path) -> list[FileRecord]:
 
     If ROOT holds folders named train/val/test (also training, valid, validation,
     testing), each is a split with one folder per class; otherwise each folder of ROOT
-    is a class. An empty class folder is an error that names it.
+    is a class. A class holds image files, or volumes: NIfTI files and sub-folders with a
+    DICOM series. An empty class folder is an error that names it.
     """
     root = Path(root)
     if not root.is_dir():
@@ -38,6 +41,23 @@ def scan_image_folder(root: str | Path) -> list[FileRecord]:
     return _scan_classes(root, None)
 
 
+def class_items(folder: Path) -> list[Path]:
+    """The images and volumes in a class folder: image files, NIfTI files, and each sub-folder
+    that holds DICOM files as one series (a volume); other sub-folders are searched in turn."""
+    items: list[Path] = []
+    for p in sorted(folder.iterdir()):
+        if p.name.startswith("."):
+            continue
+        if p.is_dir():
+            if any(f.is_file() and is_dicom_file(f) for f in p.iterdir()):
+                items.append(p)
+            else:
+                items += class_items(p)
+        elif is_nifti_file(p) or is_image_file(p):
+            items.append(p)
+    return items
+
+
 def _scan_classes(folder: Path, split: str | None) -> list[FileRecord]:
     class_dirs = sorted(p for p in folder.iterdir() if p.is_dir() and not p.name.startswith("."))
     if not class_dirs:
@@ -47,7 +67,7 @@ def _scan_classes(folder: Path, split: str | None) -> list[FileRecord]:
         )
     records = []
     for class_dir in class_dirs:
-        files = sorted(p for p in class_dir.rglob("*") if p.is_file() and is_image_file(p))
+        files = class_items(class_dir)
         if not files:
             raise DataError(
                 f"class folder {class_dir} contains no images (looked for {', '.join(IMAGE_EXTENSIONS)}); "

@@ -17,11 +17,12 @@ import numpy as np
 from PIL import Image
 
 from meddiag.data.dicom import is_dicom_file, patient_key, read_dicom, read_dicom_dataset, read_dicom_identity
-from meddiag.data.files import FileRecord
+from meddiag.data.files import FileRecord, is_volume_source
 from meddiag.data.folder import scan_image_folder
 from meddiag.data.images import read_image
 from meddiag.data.manifest import read_manifest
 from meddiag.data.medmnist import load_medmnist, parse_medmnist
+from meddiag.data.volumes import is_nifti_file, read_volumes
 from meddiag.errors import DataError, ImageReadError
 
 UNSPLIT = "(unsplit)"
@@ -109,7 +110,19 @@ def _facts_of(rec: FileRecord) -> FileFacts:
     if rec.patient_id is not None:
         fact.patient = patient_key(rec.patient_id)
     try:
-        if is_dicom_file(Path(rec.path)):
+        if is_volume_source(Path(rec.path)):
+            volumes = read_volumes(rec.path)
+            if len(volumes) != 1:
+                raise ImageReadError(rec.path, f"the folder holds {len(volumes)} DICOM series")
+            v = volumes[0]
+            fact.modality = v.modality or ("NIfTI" if is_nifti_file(Path(rec.path)) else "DICOM")
+            fact.size = "x".join(map(str, v.array.shape))
+            fact.bit_depth = "volume"
+            fact.spacing = "x".join(f"{s:.2f}" for s in v.spacing) + " mm"
+            fact.pixel_hash = hashlib.sha1(v.array.tobytes()).hexdigest()
+            if fact.patient is None and v.sources and is_dicom_file(Path(v.sources[0])):
+                fact.patient = read_dicom_identity(v.sources[0]).patient_key
+        elif is_dicom_file(Path(rec.path)):
             ds = read_dicom_dataset(Path(rec.path), stop_before_pixels=True)
             image = read_dicom(rec.path)
             fact.modality = str(ds.get("Modality", "")) or "DICOM"
@@ -129,8 +142,8 @@ def _facts_of(rec: FileRecord) -> FileFacts:
                 bits = {"1": "1", "L": "8", "P": "8", "RGB": "8x3", "RGBA": "8x4", "I;16": "16", "I;16B": "16", "I": "32", "F": "32f"}
                 fact.bit_depth = bits.get(img.mode, img.mode)
             fact.pixel_hash = hashlib.sha1(arr.tobytes()).hexdigest()
-    except ImageReadError as exc:
-        fact.error = exc.reason
+    except (ImageReadError, DataError) as exc:
+        fact.error = getattr(exc, "reason", str(exc))
     return fact
 
 
