@@ -175,3 +175,20 @@ def test_images_and_volumes_do_not_mix(tmp_path):
     nib.save(nib.Nifti1Image(np.zeros((4, 4, 4), np.float32), np.eye(4)), tmp_path / "a" / "v.nii.gz")
     with pytest.raises(DataError, match="mixes 2D images.*and volumes"):
         load_data(str(tmp_path), progress=False)
+
+
+def test_volume_resampling_keeps_physical_proportions():
+    from meddiag.data.volumes import Volume, volume_to_model_input
+
+    # 40 x 40 voxels of 0.5 mm and 10 slices of 2 mm: a 20 x 20 x 20 mm cube.
+    cube = Volume(array=np.ones((40, 40, 10), np.float32) * 7, affine=np.diag([0.5, 0.5, 2.0, 1.0]))
+    cube.array[0, 0, 0] = 0
+    assert (volume_to_model_input(cube, 16) > 0).sum() >= 16**3 - 8
+    # 20 x 20 x 10 mm: half as deep, so half the cube is padding.
+    slab = Volume(array=np.ones((40, 40, 5), np.float32), affine=np.diag([0.5, 0.5, 2.0, 1.0]))
+    slab.array[0, 0, 0] = 0
+    out = volume_to_model_input(slab, 16)
+    assert out.shape == (1, 16, 16, 16)
+    filled = np.flatnonzero(out[0].max(axis=(0, 1)))
+    assert len(filled) == 8 and filled[0] == 4, "the slab is centred along its short axis"
+    assert (volume_to_model_input(slab, 16, fit="stretch")[0].max(axis=(0, 1)) > 0).all()

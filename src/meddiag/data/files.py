@@ -134,7 +134,7 @@ def _check_classes(class_names: list[str], name: str) -> None:
         raise DataError(f"{name}: found {found}; a classifier needs images of at least 2 classes")
 
 
-def _read_volume(rec: FileRecord, size: int, window: str | None) -> np.ndarray | str:
+def _read_volume(rec: FileRecord, size: int, window: str | None, fit: Fit) -> np.ndarray | str:
     """A volume record as (1, S, S, S) uint8, or the reason it cannot be used."""
     try:
         volumes = read_volumes(rec.path)
@@ -144,7 +144,7 @@ def _read_volume(rec: FileRecord, size: int, window: str | None) -> np.ndarray |
         return f"the folder holds {len(volumes)} DICOM series; put each series in a folder of its own"
     if rec.patient_id is None and volumes[0].sources and is_dicom_file(Path(volumes[0].sources[0])):
         rec.patient_id = read_dicom_identity(volumes[0].sources[0]).patient_key
-    return volume_to_model_input(volumes[0], size, 1, window)
+    return volume_to_model_input(volumes[0], size, 1, window, fit)
 
 
 def _read_all(records: list[FileRecord], size: int, fit: Fit, window: str | None, progress: bool) -> tuple[list[np.ndarray | None], list[tuple[str, str]]]:
@@ -152,7 +152,7 @@ def _read_all(records: list[FileRecord], size: int, fit: Fit, window: str | None
 
     def read_one(rec: FileRecord) -> np.ndarray | str:
         if is_volume_source(Path(rec.path)):
-            return _read_volume(rec, size, window)
+            return _read_volume(rec, size, window, fit)
         try:
             arr = read_image(rec.path, window)
             if rec.patient_id is None and is_dicom_file(Path(rec.path)):

@@ -53,15 +53,23 @@ class Volume:
 
 
 def volume_to_model_input(volume: Volume, image_size: int, channels: int = 1,
-                          window: str | tuple[float, float] | None = None) -> np.ndarray:
-    """A volume as model input: windowed to [0, 1], resized (trilinear) to ``image_size`` along every
-    axis, uint8 of shape (channels, S, S, S)."""
+                          window: str | tuple[float, float] | None = None, fit: str = "pad") -> np.ndarray:
+    """A volume as model input, uint8 of shape (channels, S, S, S), windowed to [0, 1] then resized
+    (trilinear). ``fit="pad"`` keeps the physical proportions: the longest extent in mm fills S voxels,
+    the others are scaled alike and padded with zeros, centred. ``"stretch"`` resizes each axis to S."""
     import torch
     import torch.nn.functional as F
 
     unit = torch.from_numpy(volume.to_unit(window))[None, None]
-    resized = F.interpolate(unit, size=(image_size,) * 3, mode="trilinear", align_corners=False)[0]
-    out = (resized.clamp(0, 1) * 255).round().to(torch.uint8).numpy()
+    if fit == "stretch":
+        shape = (image_size,) * 3
+    else:
+        extent = np.array(volume.array.shape) * np.array(volume.spacing)
+        shape = tuple(int(max(1, round(e * image_size / extent.max()))) for e in extent)
+    resized = F.interpolate(unit, size=shape, mode="trilinear", align_corners=False)[0]
+    out = np.zeros((1, image_size, image_size, image_size), np.uint8)
+    start = [(image_size - s) // 2 for s in shape]
+    out[(slice(None), *[slice(b, b + s) for b, s in zip(start, shape)])] = (resized.clamp(0, 1) * 255).round().to(torch.uint8).numpy()
     return np.repeat(out, channels, axis=0) if channels > 1 else out
 
 

@@ -116,7 +116,7 @@ class Predictor:
                     failures.append(Failure(str(source), getattr(exc, "reason", str(exc))))
                     continue
                 failures += [Failure(p, r) for p, r in (volumes[0].excluded if volumes else [])]
-                batch = np.stack([volume_to_model_input(v, c.image_size, c.in_channels, c.window) for v in volumes])
+                batch = np.stack([volume_to_model_input(v, c.image_size, c.in_channels, c.window, c.fit) for v in volumes])
                 probs = self.predict_arrays(torch.from_numpy(batch))
                 for volume, row in zip(volumes, self._rows([source] * len(volumes), probs)):
                     row.series_instance_uid = volume.series_instance_uid
