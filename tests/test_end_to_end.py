@@ -210,3 +210,29 @@ def test_3d_medmnist_train_then_predict_volumes(shared_medmnist, tmp_path):
     assert rows[1]["series_instance_uid"] and not rows[0]["series_instance_uid"]
     for row in rows:
         assert float(row["prob_normal"]) + float(row["prob_hyperplasia"]) == pytest.approx(1, abs=1e-5)
+
+
+def test_k_fold_cross_validation_keeps_patients_whole(tmp_path):
+    root = make_image_folder(tmp_path / "imgs", per_class=18)
+    with open(tmp_path / "m.csv", "w", newline="") as fh:
+        writer = csv.writer(fh)
+        writer.writerow(["path", "label", "patient_id"])
+        for i, path in enumerate(sorted(root.rglob("*.png"))):
+            writer.writerow([path.relative_to(tmp_path), path.parent.name, f"P{i // 3}"])
+    run = tmp_path / "cv"
+    proc = meddiag("train", str(tmp_path / "m.csv"), "--model", "seed_cnn", "--folds", "3", "--epochs", "3",
+                   "--batch-size", "8", "--image-size", "24", "--out", str(run), "--no-progress")
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.strip().splitlines()[-1].startswith("3-fold CV: out-of-fold AUC")
+    cv = json.loads((run / "cv_metrics.json").read_text())
+    assert cv["folds"] == 3 and cv["grouped_by_patient"] and len(cv["per_fold_test"]["auc"]["values"]) == 3
+    pooled_files = []
+    patient_fold = {}
+    for fold in (1, 2, 3):
+        assert (run / f"fold-{fold}" / "metrics.json").exists()
+        val = [r["path"] for r in csv.DictReader(open(run / f"fold-{fold}" / "splits" / "val.csv"))]
+        pooled_files += val
+        for path in val:
+            patient = sorted(root.rglob("*.png")).index(Path(path)) // 3
+            assert patient_fold.setdefault(patient, fold) == fold, "a patient is in two folds"
+    assert len(pooled_files) == len(set(pooled_files)) == cv["n_images_pooled"] == cv["pooled_out_of_fold"]["n_images"]

@@ -72,13 +72,14 @@ def train(
     out: Annotated[Optional[str], typer.Option(help="Run folder. [default: runs/<data>-<model>]")] = None,
     config: Annotated[Optional[Path], typer.Option(help="YAML configuration (e.g. a run's config.yaml); options given here override it.")] = None,
     resume: Annotated[bool, typer.Option(help="Continue the run in --out from its last checkpoint.")] = False,
+    folds: Annotated[Optional[int], typer.Option(help="K-fold cross-validation over train+val (patients kept whole).")] = None,
     accelerator: Annotated[Optional[str], typer.Option(help="cpu, gpu or auto. [default: auto]")] = None,
     devices: Annotated[Optional[str], typer.Option(help="Number of devices, or auto. [default: auto]")] = None,
     progress: Annotated[Optional[bool], typer.Option("--progress/--no-progress", help="Progress bar. [default: when in a terminal]")] = None,
 ) -> None:
     """Train a model on DATA, evaluate it on the test split, and write a run folder."""
     from meddiag.training.config import TrainConfig
-    from meddiag.workflow import train_and_evaluate
+    from meddiag.workflow import cross_validate, train_and_evaluate
 
     # Lightning announces its hardware probe and tips at INFO; meddiag prints its own summary.
     logging.getLogger("lightning.pytorch").setLevel(logging.WARNING)
@@ -89,8 +90,13 @@ def train(
         raise MeddiagError("give the DATA to train on (or a --config file that names it)")
     cfg = TrainConfig.from_sources(
         config, data=data, model=model, epochs=epochs, batch_size=batch_size, lr=lr, image_size=image_size,
-        seed=seed, fit=fit, window=window, out=out, accelerator=accelerator, devices=int(devices) if devices and devices.isdigit() else devices,
+        seed=seed, fit=fit, window=window, out=out, folds=folds, accelerator=accelerator, devices=int(devices) if devices and devices.isdigit() else devices,
     )
+    if cfg.folds > 1:
+        if resume:
+            raise MeddiagError("--resume continues one run; it does not apply to --folds")
+        print(cross_validate(cfg, progress=progress).summary())
+        return
     result = train_and_evaluate(cfg, resume=resume, progress=progress)
     if result.test_metrics is not None:
         print(result.summary())

@@ -1,12 +1,21 @@
-"""Workflows that span stages: train, then evaluate on the test split."""
+"""Workflows that span stages: train then evaluate; K-fold cross-validation."""
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+import json
+import statistics
+from dataclasses import dataclass, replace
+from pathlib import Path
 
-from meddiag.evaluation.evaluate import evaluate_run
+import numpy as np
+
+from meddiag.data.dataset import Split
+from meddiag.data.splits import stratified_group_folds
+from meddiag.evaluation.evaluate import evaluate_run, evaluate_split
+from meddiag.evaluation.metrics import classification_metrics, json_safe
+from meddiag.models.checkpoint import load_checkpoint
 from meddiag.training.config import TrainConfig
-from meddiag.training.run import TrainResult, train
+from meddiag.training.run import TrainResult, default_run_dir, load_training_data, train
 
 
 @dataclass
@@ -27,3 +36,69 @@ def train_and_evaluate(config: TrainConfig, *, resume: bool = False, progress: b
         return TrainEvalResult(result, None)
     metrics = evaluate_run(result.run_dir, data=result.data, split="test", progress=bool(progress))
     return TrainEvalResult(result, metrics)
+
+
+@dataclass
+class CrossValidationResult:
+    run_dir: Path
+    metrics: dict
+
+    def summary(self) -> str:
+        m = self.metrics
+        auc, test = m["per_fold_val"]["auc"], m["per_fold_test"]["auc"]
+        return (f"{m['folds']}-fold CV: out-of-fold AUC {m['pooled_out_of_fold']['auc']:.4f}  "
+                f"(folds {auc['mean']:.4f} +/- {auc['std']:.4f}); test AUC {test['mean']:.4f} +/- {test['std']:.4f}  -> {self.run_dir}")
+
+
+def cross_validate(config: TrainConfig, *, progress: bool | None = None) -> CrossValidationResult:
+    """K-fold cross-validation (K = ``config.folds``) over the training and validation images.
+
+    Folds are stratified by class and keep each patient whole. Fold k trains on the other folds,
+    selects its checkpoint on fold k and is evaluated on fold k and on the untouched test split.
+    Writes ``RUN/fold-k/`` (a full run folder each) and ``RUN/cv_metrics.json``: metrics of the
+    pooled out-of-fold predictions, and the mean and standard deviation over folds.
+    """
+    k = config.folds
+    run_dir = Path(config.out) if config.out else default_run_dir(config)
+    data = load_training_data(config, bool(progress))
+    pool = Split.concat([data.splits["train"], data.splits["val"]])
+    fold_of = stratified_group_folds(pool.labels.numpy(), k, config.seed, pool.groups)
+    oof = np.zeros((len(pool), data.num_classes))
+    per_val, per_test = [], []
+    for fold in range(k):
+        held = np.flatnonzero(fold_of == fold)
+        fold_data = replace(
+            data,
+            splits={"train": pool.subset(np.flatnonzero(fold_of != fold)), "val": pool.subset(held), "test": data.splits["test"]},
+            split_origin={"train": f"folds other than {fold + 1} of {k}", "val": f"fold {fold + 1} of {k}",
+                          "test": data.split_origin.get("test", "given")},
+        )
+        fold_config = config.model_copy(update={"out": str(run_dir / f"fold-{fold + 1}"), "folds": 1})
+        result = train(fold_config, progress=progress, data=fold_data)
+        if not result.is_global_zero:
+            continue
+        per_test.append(evaluate_run(result.run_dir, data=fold_data, split="test", progress=False))
+        model, card = load_checkpoint(result.best_checkpoint)
+        metrics, probs = evaluate_split(model, card, fold_data.splits["val"])
+        per_val.append(metrics)
+        oof[held] = probs
+    card_threshold = config.threshold
+    pooled = classification_metrics(pool.labels.numpy(), oof, data.task, data.class_names, card_threshold)
+    summary = {
+        "folds": k, "data": data.name, "n_images_pooled": len(pool), "grouped_by_patient": pool.groups is not None,
+        "pooled_out_of_fold": pooled,
+        "per_fold_val": _spread(per_val), "per_fold_test": _spread(per_test),
+        "fold_runs": [str(run_dir / f"fold-{i + 1}") for i in range(k)],
+    }
+    run_dir.mkdir(parents=True, exist_ok=True)
+    (run_dir / "cv_metrics.json").write_text(json.dumps(json_safe(summary), indent=2))
+    return CrossValidationResult(run_dir, summary)
+
+
+def _spread(per_fold: list[dict]) -> dict:
+    out = {}
+    for key in ("auc", "acc", "balanced_acc"):
+        values = [m[key] for m in per_fold if m.get(key) is not None]
+        if values:
+            out[key] = {"mean": statistics.fmean(values), "std": statistics.stdev(values) if len(values) > 1 else 0.0, "values": values}
+    return out

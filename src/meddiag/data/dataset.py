@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Literal
 
@@ -23,6 +24,18 @@ class Split:
     images: torch.Tensor
     labels: torch.Tensor
     paths: list[str] | None = None
+    groups: list[str] | None = None  # a one-way patient key per image, where patients are known
+
+    def subset(self, index: Sequence[int]) -> Split:
+        """The images at ``index``, with their labels, paths and groups."""
+        idx = torch.as_tensor(list(index), dtype=torch.long)
+        pick = (lambda xs: [xs[i] for i in idx.tolist()] if xs is not None else None)  # noqa: E731
+        return Split(self.images[idx], self.labels[idx], pick(self.paths), pick(self.groups))
+
+    @staticmethod
+    def concat(parts: list[Split]) -> Split:
+        join = (lambda name: sum((getattr(p, name) for p in parts), []) if all(getattr(p, name) is not None for p in parts) else None)  # noqa: E731
+        return Split(torch.cat([p.images for p in parts]), torch.cat([p.labels for p in parts]), join("paths"), join("groups"))
 
     def __len__(self) -> int:
         return int(self.images.shape[0])

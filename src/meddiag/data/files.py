@@ -19,7 +19,7 @@ import torch
 from rich.progress import Progress
 
 from meddiag.data.dataset import SPLITS, ImageData, Split
-from meddiag.data.dicom import is_dicom_file, read_dicom_identity
+from meddiag.data.dicom import is_dicom_file, patient_key, read_dicom_identity
 from meddiag.data.volumes import is_nifti_file, read_volumes, volume_to_model_input
 from meddiag.data.images import Fit, read_image, to_model_input
 from meddiag.data.splits import stratified_split
@@ -111,6 +111,7 @@ def load_file_records(
             images=torch.from_numpy(np.stack(imgs)),
             labels=torch.from_numpy(labels[idx].astype(np.int64)),
             paths=[str(kept[i][0].path) for i in idx],
+            groups=[patient_key(patients[i]) if patients[i] else f"#{kept[i][0].path}" for i in idx] if has_patients else None,
         )
     missing = [c for c, n in zip(class_names, splits["train"].class_counts(len(class_names))) if n == 0]
     if missing:

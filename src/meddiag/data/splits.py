@@ -7,6 +7,28 @@ from collections.abc import Sequence
 import numpy as np
 
 
+def stratified_group_folds(labels: np.ndarray, k: int, seed: int, groups: Sequence[str] | None = None) -> np.ndarray:
+    """A fold number in 0..k-1 for each image: each class spread evenly over the folds and, with
+    ``groups`` (patients), every group in exactly one fold. Seeded, so the same inputs give the same folds."""
+    labels = np.asarray(labels)
+    if k < 2:
+        raise ValueError(f"cross-validation needs at least 2 folds, got {k}")
+    rng = np.random.default_rng(seed)
+    groups = np.asarray(groups if groups is not None else np.arange(len(labels)).astype(str)).astype(str)
+    uniq, first, inverse = np.unique(groups, return_index=True, return_inverse=True)
+    group_label, group_size = labels[first], np.bincount(inverse, minlength=len(uniq))
+    group_fold = np.zeros(len(uniq), dtype=np.int64)
+    for cls in np.unique(group_label):
+        members = np.flatnonzero(group_label == cls)
+        members = members[rng.permutation(len(members))]
+        load = np.zeros(k)
+        for g in members[np.argsort(-group_size[members], kind="stable")]:  # biggest first, to the lightest fold
+            fold = int(np.argmin(load + rng.random(k) * 1e-6))
+            group_fold[g] = fold
+            load[fold] += group_size[g]
+    return group_fold[inverse]
+
+
 def stratified_split(
     labels: np.ndarray, fraction: float, seed: int, groups: Sequence[str] | None = None
 ) -> tuple[np.ndarray, np.ndarray]:

@@ -7,10 +7,11 @@ import json
 from pathlib import Path
 
 import numpy as np
+import torch
 
 import meddiag
 from meddiag.data.channels import match_channels
-from meddiag.data.dataset import ImageData
+from meddiag.data.dataset import ImageData, Split
 from meddiag.data.sources import load_data
 from meddiag.errors import DataError, MeddiagError
 from meddiag.evaluation.metrics import classification_metrics, json_safe, predict_labels
@@ -76,10 +77,8 @@ def evaluate_run(run_dir: str | Path, data: str | ImageData | None = None, split
     out_dir.mkdir(parents=True, exist_ok=True)
 
     part = dataset.splits[split]
-    images = match_channels(part.images, card.in_channels)
-    probs = predict_proba(model, images, card.task, card.mean, card.std).numpy()
+    metrics, probs = evaluate_split(model, card, part)
     labels = part.labels.numpy()
-    metrics = classification_metrics(labels, probs, card.task, card.class_names, card.threshold)
     metrics.update(split=split, data=dataset.name, checkpoint=str(best_checkpoint(run_dir)),
                    model=card.model_name, meddiag_version=meddiag.__version__)
     (out_dir / "metrics.json").write_text(json.dumps(json_safe(metrics), indent=2))
@@ -92,6 +91,13 @@ def evaluate_run(run_dir: str | Path, data: str | ImageData | None = None, split
     if history:
         plot_training_curves(history, run_folder(run_dir) / "plots" / "training_curves.png")
     return metrics
+
+
+def evaluate_split(model: torch.nn.Module, card: ModelCard, part: Split) -> tuple[dict, np.ndarray]:
+    """Metrics of ``model`` on one in-memory split, and its probabilities (N, K)."""
+    images = match_channels(part.images, card.in_channels)
+    probs = predict_proba(model, images, card.task, card.mean, card.std).numpy()
+    return classification_metrics(part.labels.numpy(), probs, card.task, card.class_names, card.threshold), probs
 
 
 def write_predictions(path: Path, card: ModelCard, probs: np.ndarray, labels: np.ndarray, paths: list[str] | None) -> None:

@@ -35,6 +35,7 @@ class TrainConfig(BaseModel):
     seed: int = 0
     val_fraction: float = Field(0.1, gt=0, lt=0.5)
     test_fraction: float = Field(0.2, gt=0, lt=0.5)
+    folds: int = Field(1, ge=1, description="K >= 2: K-fold cross-validation over train+val, patients kept whole")
     early_stopping_patience: int = Field(10, ge=0, description="epochs without a better val AUC before stopping; 0 = never")
     threshold: float = Field(0.5, gt=0, lt=1)
     accelerator: str = "auto"

@@ -62,11 +62,12 @@ def load_training_data(config: TrainConfig, progress: bool = True) -> ImageData:
     )
 
 
-def train(config: TrainConfig, *, resume: bool = False, progress: bool | None = None) -> TrainResult:
+def train(config: TrainConfig, *, resume: bool = False, progress: bool | None = None, data: ImageData | None = None) -> TrainResult:
     """Train a model as ``config`` says and write its run folder.
 
     With ``resume``, ``config.out`` must be an earlier run folder: training continues
-    from its ``checkpoints/last.ckpt`` with the same settings.
+    from its ``checkpoints/last.ckpt`` with the same settings. ``data``, if given, is used
+    instead of reading ``config.data`` (cross-validation passes each fold's splits).
     """
     get_entry(config.model)  # fail on an unknown model before reading any data
     progress = sys.stderr.isatty() if progress is None else progress
@@ -82,7 +83,7 @@ def train(config: TrainConfig, *, resume: bool = False, progress: bool | None = 
         raise ConfigError(f"run folder {run_dir} already exists; pass --resume to continue it or choose another --out")
 
     L.seed_everything(config.seed, workers=True, verbose=False)
-    data = load_training_data(config, progress and launched_rank == 0)
+    data = data if data is not None else load_training_data(config, progress and launched_rank == 0)
     config = config.model_copy(update={
         "image_size": data.image_size, "out": str(run_dir),
         "batch_size": config.batch_size or (128 if data.spatial_dims == 2 else 32),
