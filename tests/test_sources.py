@@ -33,6 +33,19 @@ def test_all_twelve_2d_medmnist_sets_are_known():
             assert parse_medmnist(f"{name}@{size}").md5
 
 
+def test_all_six_3d_medmnist_sets_are_known():
+    for name in ["organmnist3d", "nodulemnist3d", "adrenalmnist3d", "fracturemnist3d", "vesselmnist3d", "synapsemnist3d"]:
+        for size in (28, 64):
+            spec = parse_medmnist(f"{name}@{size}")
+            assert spec.info["spatial_dims"] == 3 and len(spec.md5) == 32
+
+
+def test_adrenalmnist3d_loads_as_volumes(shared_medmnist):
+    data = load_data("adrenalmnist3d")
+    assert data.spatial_dims == 3 and data.splits["train"].images.shape[1:] == (1, 28, 28, 28)
+    assert {k: len(v) for k, v in data.splits.items()} == {"train": 1188, "val": 98, "test": 298}
+
+
 def test_pneumoniamnist_official_splits_and_class_names(shared_medmnist):
     data = load_data("pneumoniamnist")
     assert data.class_names == ["normal", "pneumonia"]
