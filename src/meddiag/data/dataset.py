@@ -28,14 +28,18 @@ class Split:
 
     def subset(self, index: Sequence[int]) -> Split:
         """The images at ``index``, with their labels, paths and groups."""
-        idx = torch.as_tensor(list(index), dtype=torch.long)
-        pick = (lambda xs: [xs[i] for i in idx.tolist()] if xs is not None else None)  # noqa: E731
-        return Split(self.images[idx], self.labels[idx], pick(self.paths), pick(self.groups))
+        rows = [int(i) for i in index]
+        idx = torch.as_tensor(rows, dtype=torch.long)
+        paths = [self.paths[i] for i in rows] if self.paths is not None else None
+        groups = [self.groups[i] for i in rows] if self.groups is not None else None
+        return Split(self.images[idx], self.labels[idx], paths, groups)
 
     @staticmethod
     def concat(parts: list[Split]) -> Split:
-        join = (lambda name: sum((getattr(p, name) for p in parts), []) if all(getattr(p, name) is not None for p in parts) else None)  # noqa: E731
-        return Split(torch.cat([p.images for p in parts]), torch.cat([p.labels for p in parts]), join("paths"), join("groups"))
+        """One split holding ``parts`` in order; paths and groups kept only if every part has them."""
+        paths = [p for part in parts for p in part.paths] if all(part.paths is not None for part in parts) else None
+        groups = [g for part in parts for g in part.groups] if all(part.groups is not None for part in parts) else None
+        return Split(torch.cat([p.images for p in parts]), torch.cat([p.labels for p in parts]), paths, groups)
 
     def __len__(self) -> int:
         return int(self.images.shape[0])
