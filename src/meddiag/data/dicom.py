@@ -43,6 +43,23 @@ _NON_IMAGE_SOP_CLASSES = {
 }
 
 
+@dataclass(frozen=True)
+class DicomIdentity:
+    """What may be known of a file's provenance without any protected health information.
+
+    patient_key: a one-way key (SHA-256 of the PatientID) that groups a patient's files for
+    splitting; the PatientID itself is never kept. UIDs identify objects, not people.
+    """
+
+    patient_key: str | None
+    sop_instance_uid: str
+    series_instance_uid: str
+
+
+def patient_key(patient_id: str) -> str:
+    return hashlib.sha256(b"meddiag-patient:" + patient_id.encode()).hexdigest()[:16]
+
+
 @dataclass
 class DicomImage:
     """Pixels of one DICOM file and the non-identifying facts about them.
@@ -53,10 +70,10 @@ class DicomImage:
 
     pixels: np.ndarray
     modality: str
-    sop_instance_uid: str
-    series_instance_uid: str
+    identity: DicomIdentity
     spacing: tuple[float, float] | None
     frames: int
+    bits_stored: int = 0
 
     @property
     def is_colour(self) -> bool:
@@ -115,26 +132,12 @@ def read_dicom_dataset(path: Path, stop_before_pixels: bool = False):  # noqa: A
         raise ImageReadError(path, f"corrupt or truncated DICOM ({exc.__class__.__name__})") from None
 
 
-@dataclass(frozen=True)
-class DicomIdentity:
-    """What may be known of a file's provenance without any protected health information.
-
-    patient_key: a one-way key (SHA-256 of the PatientID) that groups a patient's files for
-    splitting; the PatientID itself is never kept. UIDs identify objects, not people.
-    """
-
-    patient_key: str | None
-    sop_instance_uid: str
-    series_instance_uid: str
-
-
-def patient_key(patient_id: str) -> str:
-    return hashlib.sha256(b"meddiag-patient:" + patient_id.encode()).hexdigest()[:16]
-
-
 def read_dicom_identity(path: str | Path) -> DicomIdentity:
     """A DICOM file's :class:`DicomIdentity`, from its header only."""
-    ds = read_dicom_dataset(Path(path), stop_before_pixels=True)
+    return _identity(read_dicom_dataset(Path(path), stop_before_pixels=True))
+
+
+def _identity(ds) -> DicomIdentity:  # noqa: ANN001
     pid = str(ds.get("PatientID", "") or "").strip()
     return DicomIdentity(patient_key(pid) if pid else None, str(ds.get("SOPInstanceUID", "")), str(ds.get("SeriesInstanceUID", "")))
 
@@ -169,10 +172,10 @@ def read_dicom(path: str | Path, window: str | tuple[float, float] | None = None
     return DicomImage(
         pixels=pixels,
         modality=str(ds.get("Modality", "")),
-        sop_instance_uid=str(ds.get("SOPInstanceUID", "")),
-        series_instance_uid=str(ds.get("SeriesInstanceUID", "")),
+        identity=_identity(ds),
         spacing=spacing,
         frames=frames,
+        bits_stored=int(ds.get("BitsStored", 0) or 0),
     )
 
 

@@ -19,9 +19,9 @@ import torch
 from rich.progress import Progress
 
 from meddiag.data.dataset import SPLITS, ImageData, Split
-from meddiag.data.dicom import is_dicom_file, patient_key, read_dicom_identity
+from meddiag.data.dicom import is_dicom_file, patient_key, read_dicom, read_dicom_identity
 from meddiag.data.volumes import is_nifti_file, read_volumes, volume_to_model_input
-from meddiag.data.images import Fit, read_image, to_model_input
+from meddiag.data.images import Fit, dicom_as_2d, read_image, to_model_input
 from meddiag.data.splits import stratified_split
 from meddiag.errors import DataError, ImageReadError
 
@@ -155,9 +155,12 @@ def _read_all(records: list[FileRecord], size: int, fit: Fit, window: str | None
         if is_volume_source(Path(rec.path)):
             return _read_volume(rec, size, window, fit)
         try:
-            arr = read_image(rec.path, window)
-            if rec.patient_id is None and is_dicom_file(Path(rec.path)):
-                rec.patient_id = read_dicom_identity(rec.path).patient_key
+            if is_dicom_file(Path(rec.path)):
+                image = read_dicom(rec.path, window)
+                arr = dicom_as_2d(image, rec.path)
+                rec.patient_id = rec.patient_id or image.identity.patient_key
+            else:
+                arr = read_image(rec.path, window)
         except ImageReadError as exc:
             return exc.reason
         return to_model_input(arr, size, 3 if arr.ndim == 3 else 1, fit)

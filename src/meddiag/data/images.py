@@ -12,7 +12,7 @@ from typing import Literal
 import numpy as np
 from PIL import Image, ImageFile, UnidentifiedImageError
 
-from meddiag.data.dicom import is_dicom_file, read_dicom, unit_to_uint8
+from meddiag.data.dicom import DicomImage, is_dicom_file, read_dicom, unit_to_uint8
 from meddiag.errors import ImageReadError
 
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".dcm", ".dicom")
@@ -49,7 +49,7 @@ def read_image(path: str | Path, window: str | tuple[float, float] | None = None
     if not path.is_file():
         raise ImageReadError(path, "no such file")
     if is_dicom_file(path):
-        return _read_dicom_2d(path, window)
+        return dicom_as_2d(read_dicom(path, window), path)
     try:
         with Image.open(path) as img:
             img.load()
@@ -67,8 +67,8 @@ def read_image(path: str | Path, window: str | tuple[float, float] | None = None
     return arr
 
 
-def _read_dicom_2d(path: Path, window: str | tuple[float, float] | None) -> np.ndarray:
-    image = read_dicom(path, window)
+def dicom_as_2d(image: DicomImage, path: str | Path) -> np.ndarray:
+    """A DICOM image from :func:`read_dicom` as :func:`read_image` returns it (uint8, 2D)."""
     if image.frames > 1:
         raise ImageReadError(path, f"a multi-frame DICOM ({image.frames} frames) is a volume, not a 2D image")
     if image.is_colour:

@@ -16,7 +16,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from meddiag.data.dicom import is_dicom_file, patient_key, read_dicom, read_dicom_dataset, read_dicom_identity
+from meddiag.data.dicom import is_dicom_file, patient_key, read_dicom, read_dicom_identity
 from meddiag.data.files import FileRecord, is_volume_source
 from meddiag.data.folder import scan_image_folder
 from meddiag.data.images import read_image
@@ -123,17 +123,15 @@ def _facts_of(rec: FileRecord) -> FileFacts:
             if fact.patient is None and v.sources and is_dicom_file(Path(v.sources[0])):
                 fact.patient = read_dicom_identity(v.sources[0]).patient_key
         elif is_dicom_file(Path(rec.path)):
-            ds = read_dicom_dataset(Path(rec.path), stop_before_pixels=True)
             image = read_dicom(rec.path)
-            fact.modality = str(ds.get("Modality", "")) or "DICOM"
-            frames = f"x{image.frames}" if image.frames > 1 else ""
-            fact.size = f"{ds.get('Columns')}x{ds.get('Rows')}{frames}"
-            samples = int(ds.get("SamplesPerPixel", 1) or 1)
-            fact.bit_depth = f"{ds.get('BitsStored', '?')}" + (f"x{samples}" if samples > 1 else "")
+            fact.modality = image.modality or "DICOM"
+            rows, cols = image.pixels.shape[-3:-1] if image.is_colour else image.pixels.shape[-2:]
+            fact.size = f"{cols}x{rows}" + (f"x{image.frames}" if image.frames > 1 else "")
+            fact.bit_depth = f"{image.bits_stored or '?'}" + ("x3" if image.is_colour else "")
             if image.spacing:
                 fact.spacing = f"{image.spacing[1]:.2f}x{image.spacing[0]:.2f} mm"
             fact.pixel_hash = hashlib.sha1(np.ascontiguousarray(image.pixels).tobytes()).hexdigest()
-            fact.patient = fact.patient or read_dicom_identity(rec.path).patient_key
+            fact.patient = fact.patient or image.identity.patient_key
         else:
             arr = read_image(rec.path)
             with Image.open(rec.path) as img:

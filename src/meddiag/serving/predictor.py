@@ -15,8 +15,8 @@ from typing import TextIO
 import numpy as np
 import torch
 
-from meddiag.data.dicom import is_dicom_file, read_dicom_identity
-from meddiag.data.images import is_image_file, read_image, to_model_input
+from meddiag.data.dicom import is_dicom_file, read_dicom
+from meddiag.data.images import dicom_as_2d, is_image_file, read_image, to_model_input
 from meddiag.data.volumes import is_nifti_file, read_volumes, volume_to_model_input
 from meddiag.errors import DataError, ImageReadError
 from meddiag.evaluation.evaluate import best_checkpoint
@@ -86,19 +86,28 @@ class Predictor:
         files, failures = collect_image_files(paths)
         predictions: list[Prediction] = []
         for start in range(0, len(files), self.batch_size):
-            batch, ok = [], []
+            batch, ok, identities = [], [], []
             for path in files[start : start + self.batch_size]:
                 try:
-                    arr = read_image(path, self.card.window)
+                    identity = None
+                    if is_dicom_file(path):
+                        image = read_dicom(path, self.card.window)
+                        arr, identity = dicom_as_2d(image, path), image.identity
+                    else:
+                        arr = read_image(path, self.card.window)
                 except ImageReadError as exc:
                     failures.append(Failure(exc.path, exc.reason))
                     continue
                 batch.append(to_model_input(arr, self.card.image_size, self.card.in_channels, self.card.fit))
                 ok.append(path)
+                identities.append(identity)
             if not batch:
                 continue
             probs = self.predict_arrays(torch.from_numpy(np.stack(batch)))
-            predictions += self._rows(ok, probs)
+            for row, identity in zip(self._rows(ok, probs), identities):
+                if identity is not None:
+                    row.sop_instance_uid, row.series_instance_uid = identity.sop_instance_uid, identity.series_instance_uid
+                predictions.append(row)
         return predictions, failures
 
     def predict_volumes(self, paths: list[str | Path]) -> tuple[list[Prediction], list[Failure]]:
@@ -129,11 +138,7 @@ class Predictor:
         rows = []
         for path, p, d in zip(paths, probs, decided):
             label = ";".join(n for n, v in zip(c.class_names, d) if v) if c.task == "multilabel" else c.class_names[int(d)]
-            row = Prediction(str(path), label, {n: float(v) for n, v in zip(c.class_names, p)})
-            if path.is_file() and is_dicom_file(path):
-                ident = read_dicom_identity(path)
-                row.sop_instance_uid, row.series_instance_uid = ident.sop_instance_uid, ident.series_instance_uid
-            rows.append(row)
+            rows.append(Prediction(str(path), label, {n: float(v) for n, v in zip(c.class_names, p)}))
         return rows
 
 
