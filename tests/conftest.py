@@ -61,7 +61,8 @@ def _few_threads() -> None:
 
 
 def write_dicom(path: Path, pixels: np.ndarray, **attributes: object) -> Path:
-    """A minimal valid DICOM file (explicit VR little endian) holding ``pixels`` (uint16/int16 or uint8)."""
+    """A minimal valid DICOM file (explicit VR little endian) holding ``pixels`` (uint16/int16 or uint8),
+    (rows, columns) or, multi-frame, (frames, rows, columns)."""
     from pydicom.dataset import Dataset, FileMetaDataset
     from pydicom.uid import CTImageStorage, ExplicitVRLittleEndian, generate_uid
 
@@ -74,7 +75,9 @@ def write_dicom(path: Path, pixels: np.ndarray, **attributes: object) -> Path:
     ds.SOPClassUID, ds.SOPInstanceUID = CTImageStorage, meta.MediaStorageSOPInstanceUID
     ds.SeriesInstanceUID, ds.StudyInstanceUID = generate_uid(), generate_uid()
     ds.Modality = "CT"
-    ds.Rows, ds.Columns = pixels.shape
+    ds.Rows, ds.Columns = pixels.shape[-2:]
+    if pixels.ndim == 3:
+        ds.NumberOfFrames = pixels.shape[0]
     ds.SamplesPerPixel, ds.PhotometricInterpretation = 1, "MONOCHROME2"
     bits = 8 if pixels.dtype == np.uint8 else 16
     ds.BitsAllocated, ds.BitsStored, ds.HighBit = bits, bits, bits - 1

@@ -7,9 +7,10 @@ import nibabel as nib
 import numpy as np
 import pydicom
 import pytest
+import torch
 
 from meddiag.data.volumes import read_dicom_series, read_nifti
-from meddiag.errors import ImageReadError
+from meddiag.errors import DataError, ImageReadError
 
 from conftest import SHARED_DATA
 
@@ -192,3 +193,100 @@ def test_volume_resampling_keeps_physical_proportions():
     filled = np.flatnonzero(out[0].max(axis=(0, 1)))
     assert len(filled) == 8 and filled[0] == 4, "the slab is centred along its short axis"
     assert (volume_to_model_input(slab, 16, fit="stretch")[0].max(axis=(0, 1)) > 0).all()
+
+
+def _functional_group(**sequences) -> "pydicom.Dataset":
+    """A functional-group item: ``PlanePositionSequence={"ImagePositionPatient": [...]}`` etc."""
+    from pydicom.dataset import Dataset
+    from pydicom.sequence import Sequence
+
+    group = Dataset()
+    for name, attrs in sequences.items():
+        inner = Dataset()
+        for key, value in attrs.items():
+            setattr(inner, key, value)
+        setattr(group, name, Sequence([inner]))
+    return group
+
+
+def _write_enhanced(path, vol: np.ndarray, z_positions, **attributes):
+    """An enhanced multi-frame CT: frame k of ``vol`` lies at z_positions[k]; rescale, spacing
+    and orientation only in the functional groups, as enhanced files keep them."""
+    from pydicom.sequence import Sequence
+
+    from conftest import write_dicom
+
+    shared = _functional_group(
+        PlaneOrientationSequence={"ImageOrientationPatient": [1, 0, 0, 0, 1, 0]},
+        PixelMeasuresSequence={"PixelSpacing": [0.5, 0.75], "SliceThickness": 3},
+        PixelValueTransformationSequence={"RescaleSlope": 1, "RescaleIntercept": -1024},
+    )
+    per_frame = [_functional_group(PlanePositionSequence={"ImagePositionPatient": [0, 0, float(z)]}) for z in z_positions]
+    return write_dicom(path, vol.astype(np.uint16), SharedFunctionalGroupsSequence=Sequence([shared]),
+                       PerFrameFunctionalGroupsSequence=Sequence(per_frame), **attributes)
+
+
+def test_enhanced_multiframe_dicom_is_a_volume_sorted_by_frame_position(tmp_path):
+    from meddiag.data.volumes import read_volumes
+
+    vol = np.arange(4)[:, None, None] * 100 + np.zeros((4, 6, 5))  # frame k holds 100 k
+    order = [2, 0, 3, 1]  # stored out of order: frame i of the file is slice order[i]
+    path = _write_enhanced(tmp_path / "ct.dcm", vol[order], [4.0 * k for k in order])
+    (v,) = read_volumes(path)
+    assert v.array.shape == (5, 6, 4) and nib.aff2axcodes(v.affine) == ("R", "A", "S")
+    np.testing.assert_allclose(v.spacing, (0.75, 0.5, 4.0))  # columns, rows, slice step from the positions
+    # Sorted inferior to superior, in Hounsfield units (rescale from the shared functional group).
+    np.testing.assert_allclose(v.array[0, 0, :], [-1024, -924, -824, -724])
+    assert v.sop_instance_uid and v.sources == [str(path)]
+
+
+def test_shared_multiframe_files_read_as_volumes():
+    from meddiag.data.volumes import read_volumes
+
+    if not (SHARED_DATA / "dicom").exists():
+        pytest.skip("shared DICOM data not available")
+    (ct,) = read_volumes(SHARED_DATA / "dicom" / "pydicom_data" / "eCT_Supplemental.dcm")
+    assert ct.array.shape == (512, 512, 2) and ct.modality == "CT"
+    np.testing.assert_allclose(ct.spacing, (0.388672, 0.388672, 10.0))
+    assert ct.array.min() == -1024 and ct.window == (49.0, 102.0)  # rescale and window from functional groups
+    (mr,) = read_volumes(SHARED_DATA / "dicom" / "pydicom_data" / "emri_small.dcm")  # no positions: stored order
+    assert mr.array.shape == (64, 64, 10) and mr.spacing[2] == pytest.approx(1.2)
+    with pytest.raises(ImageReadError, match="CT_small.dcm.*single-frame"):
+        read_volumes(SHARED_DATA / "dicom" / "pydicom_testfiles" / "CT_small.dcm")
+
+
+def test_multiframe_dicom_and_4d_nifti_train_and_predict_in_3d(tmp_path):
+    """Class folders of multi-frame DICOM files and of 4D NIfTI files: 3D training picks the
+    volume asked for (--volume-index), the checkpoint keeps the choice, predict applies it."""
+    from meddiag.data import load_data
+    from meddiag.models import load_checkpoint
+    from test_end_to_end import meddiag
+
+    rng = np.random.default_rng(1)
+    dicoms, niftis = tmp_path / "dicoms", tmp_path / "niftis"
+    for label, name in enumerate(["benign", "malignant"]):
+        for i in range(8):
+            vol = _blob_volume(label, rng, 12)
+            _write_enhanced(dicoms / name / f"ct{i}.dcm", vol, [2.0 * k for k in range(12)])
+            # Volume 1 carries the signal, volume 0 is noise.
+            four_d = np.stack([rng.normal(100, 20, vol.shape), vol], axis=-1).astype(np.float32)
+            (niftis / name).mkdir(parents=True, exist_ok=True)
+            nib.save(nib.Nifti1Image(four_d, np.eye(4)), niftis / name / f"v{i}.nii.gz")
+    data = load_data(str(dicoms), image_size=12, progress=False)
+    assert data.spatial_dims == 3 and sum(len(s) for s in data.splits.values()) == 16
+    assert data.excluded == []
+    with pytest.raises(DataError, match="none of the 16.*v0.nii.gz: a 4D file with 2 volumes: choose one"):
+        load_data(str(niftis), image_size=12, progress=False)
+    chosen = load_data(str(niftis), image_size=12, volume_index=1, progress=False)
+    noise = load_data(str(niftis), image_size=12, volume_index=0, progress=False)
+    assert not torch.equal(chosen.splits["train"].images, noise.splits["train"].images)
+
+    run = tmp_path / "run"
+    proc = meddiag("train", str(niftis), "--model", "seed_cnn", "--epochs", "1", "--batch-size", "4", "--image-size", "20",
+                   "--volume-index", "1", "--out", str(run), "--no-progress")
+    assert proc.returncode == 0, proc.stderr
+    assert load_checkpoint(run / "checkpoints" / "best.ckpt")[1].volume_index == 1
+    proc = meddiag("predict", str(run), str(niftis / "malignant" / "v0.nii.gz"), str(dicoms / "benign"))
+    assert proc.returncode == 0, proc.stderr
+    lines = proc.stdout.strip().splitlines()
+    assert len(lines) == 1 + 1 + 8 and "v0.nii.gz" in proc.stdout and "ct0.dcm" in proc.stdout

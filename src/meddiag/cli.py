@@ -69,6 +69,7 @@ def train(
     seed: Annotated[Optional[int], typer.Option(help="Random seed (splits, initialisation, augmentation). [default: 0]")] = None,
     fit: Annotated[Optional[str], typer.Option(help="Resize keeping the aspect ratio (pad) or not (stretch). [default: pad]")] = None,
     window: Annotated[Optional[str], typer.Option(help="DICOM window: lung, mediastinum, bone, brain, abdomen, soft_tissue or C,W. [default: each file's own]")] = None,
+    volume_index: Annotated[Optional[int], typer.Option(help="4D NIfTI files: which 3D volume to use, counting from 0. [default: 4D files are refused]")] = None,
     out: Annotated[Optional[str], typer.Option(help="Run folder. [default: runs/<data>-<model>]")] = None,
     config: Annotated[Optional[Path], typer.Option(help="YAML configuration (e.g. a run's config.yaml); options given here override it.")] = None,
     resume: Annotated[bool, typer.Option(help="Continue the run in --out from its last checkpoint.")] = False,
@@ -90,7 +91,7 @@ def train(
         raise MeddiagError("give the DATA to train on (or a --config file that names it)")
     cfg = TrainConfig.from_sources(
         config, data=data, model=model, epochs=epochs, batch_size=batch_size, lr=lr, image_size=image_size,
-        seed=seed, fit=fit, window=window, out=out, folds=folds, accelerator=accelerator, devices=int(devices) if devices and devices.isdigit() else devices,
+        seed=seed, fit=fit, window=window, volume_index=volume_index, out=out, folds=folds, accelerator=accelerator, devices=int(devices) if devices and devices.isdigit() else devices,
     )
     if cfg.folds > 1:
         if resume:

@@ -142,9 +142,9 @@ def _identity(ds) -> DicomIdentity:  # noqa: ANN001
     return DicomIdentity(patient_key(pid) if pid else None, str(ds.get("SOPInstanceUID", "")), str(ds.get("SeriesInstanceUID", "")))
 
 
-def read_dicom(path: str | Path, window: str | tuple[float, float] | None = None) -> DicomImage:
-    """Read a DICOM file's image as displayable intensities (see the module docstring)."""
-    path = Path(path)
+def read_dicom_pixels(path: Path):  # noqa: ANN201 - (pydicom.Dataset, np.ndarray)
+    """A DICOM file's dataset and decoded stored values; :class:`ImageReadError` naming the file
+    when it is not DICOM, holds no image (SEG, SR, ...), or its pixel data cannot be decoded."""
     if not path.is_file():
         raise ImageReadError(path, "no such file")
     ds = read_dicom_dataset(path)
@@ -161,10 +161,33 @@ def read_dicom(path: str | Path, window: str | tuple[float, float] | None = None
         raise ImageReadError(path, f"pixel data cannot be decoded (transfer syntax {name}): {str(exc).splitlines()[0][:200]}") from None
     if raw.size == 0:
         raise ImageReadError(path, "the image has no pixels")
-    frames = int(ds.get("NumberOfFrames", 1) or 1)
+    return ds, raw
+
+
+def is_colour_dataset(ds) -> bool:  # noqa: ANN001
     photometric = str(ds.get("PhotometricInterpretation", "MONOCHROME2")).upper()
-    samples = int(ds.get("SamplesPerPixel", 1) or 1)
-    if samples == 3 or photometric.startswith(("RGB", "YBR")):
+    return int(ds.get("SamplesPerPixel", 1) or 1) == 3 or photometric.startswith(("RGB", "YBR"))
+
+
+def dicom_frame_count(path: str | Path) -> int:
+    """NumberOfFrames from the header alone (1 for single-frame files and for unreadable ones,
+    which then fail with their reason when read)."""
+    try:
+        ds = read_dicom_dataset(Path(path), stop_before_pixels=True)
+    except ImageReadError:
+        return 1
+    try:
+        return max(1, int(ds.get("NumberOfFrames", 1) or 1))
+    except (TypeError, ValueError):
+        return 1
+
+
+def read_dicom(path: str | Path, window: str | tuple[float, float] | None = None) -> DicomImage:
+    """Read a DICOM file's image as displayable intensities (see the module docstring)."""
+    path = Path(path)
+    ds, raw = read_dicom_pixels(path)
+    frames = int(ds.get("NumberOfFrames", 1) or 1)
+    if is_colour_dataset(ds):
         pixels = _to_uint8_rgb(raw)
     else:
         pixels = grayscale_to_unit(ds, raw, parse_window(window))
@@ -181,21 +204,60 @@ def read_dicom(path: str | Path, window: str | tuple[float, float] | None = None
 
 def grayscale_to_unit(ds, raw: np.ndarray, window: tuple[float, float] | None) -> np.ndarray:  # noqa: ANN001
     """Modality LUT, then VOI, then MONOCHROME1 inversion: float32 in [0, 1]."""
-    from pydicom.pixels import apply_modality_lut, apply_voi_lut
+    from pydicom.pixels import apply_voi_lut
 
-    values = apply_modality_lut(raw, ds).astype(np.float64)
+    values = modality_values(ds, raw)
+    file_window = dicom_window(ds)
     if window is not None:
         out = apply_window(values, *window)
     elif "VOILUTSequence" in ds:
         lut = apply_voi_lut(values, ds, index=0).astype(np.float64)
         out = _min_max(lut)
-    elif "WindowCenter" in ds and "WindowWidth" in ds:
-        out = apply_window(values, first_value(ds.WindowCenter), first_value(ds.WindowWidth))
+    elif file_window is not None:
+        out = apply_window(values, *file_window)
     else:
         out = _min_max(values)
     if str(ds.get("PhotometricInterpretation", "")).upper() == "MONOCHROME1":
         out = 1.0 - out
     return out.astype(np.float32)
+
+
+def functional_group_value(ds, sequence: str, keyword: str, frame: int = 0):  # noqa: ANN001, ANN201
+    """An attribute of an enhanced multi-frame file: from frame ``frame``'s functional group
+    ``sequence`` (e.g. ``PixelMeasuresSequence``), else from the shared functional groups, else
+    the top-level attribute; None where none has it."""
+    for groups, index in (("PerFrameFunctionalGroupsSequence", frame), ("SharedFunctionalGroupsSequence", 0)):
+        items = ds.get(groups)
+        inner = items[index].get(sequence) if items is not None and len(items) > index else None
+        if inner is not None and len(inner) and keyword in inner[0]:
+            return inner[0][keyword].value
+    element = ds.get(keyword)
+    return element if element is not None and element != "" else None
+
+
+def modality_values(ds, raw: np.ndarray, frame: int = 0) -> np.ndarray:  # noqa: ANN001
+    """Stored values through the Modality LUT (RescaleSlope/Intercept, or a Modality LUT
+    sequence) to physical values, float64. Enhanced multi-frame files keep the rescale in their
+    functional groups (Pixel Value Transformation), per frame or shared."""
+    from pydicom.pixels import apply_modality_lut
+
+    if "ModalityLUTSequence" in ds or ("RescaleSlope" in ds and "RescaleIntercept" in ds):
+        return apply_modality_lut(raw, ds).astype(np.float64)
+    slope = functional_group_value(ds, "PixelValueTransformationSequence", "RescaleSlope", frame)
+    intercept = functional_group_value(ds, "PixelValueTransformationSequence", "RescaleIntercept", frame)
+    values = raw.astype(np.float64)
+    if slope is not None and intercept is not None:
+        values = values * float(slope) + float(intercept)
+    return values
+
+
+def dicom_window(ds, frame: int = 0) -> tuple[float, float] | None:  # noqa: ANN001
+    """The (center, width) the file suggests (top level, or its Frame VOI LUT functional group)."""
+    center = functional_group_value(ds, "FrameVOILUTSequence", "WindowCenter", frame)
+    width = functional_group_value(ds, "FrameVOILUTSequence", "WindowWidth", frame)
+    if center is None or width is None:
+        return None
+    return first_value(center), first_value(width)
 
 
 def apply_window(values: np.ndarray, center: float, width: float) -> np.ndarray:

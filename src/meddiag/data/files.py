@@ -19,7 +19,7 @@ import torch
 from rich.progress import Progress
 
 from meddiag.data.dataset import SPLITS, ImageData, Split
-from meddiag.data.dicom import is_dicom_file, patient_key, read_dicom, read_dicom_identity
+from meddiag.data.dicom import dicom_frame_count, is_dicom_file, patient_key, read_dicom, read_dicom_identity
 from meddiag.data.volumes import is_nifti_file, read_volumes, volume_to_model_input
 from meddiag.data.images import Fit, dicom_as_2d, read_image, to_model_input
 from meddiag.data.splits import stratified_split
@@ -30,8 +30,9 @@ DEFAULT_VOLUME_SIZE = 64
 
 
 def is_volume_source(path: Path) -> bool:
-    """A NIfTI file or a folder (a DICOM series) is a volume; anything else a 2D image."""
-    return path.is_dir() or is_nifti_file(path)
+    """A NIfTI file, a multi-frame DICOM file or a folder (a DICOM series) is a volume; anything
+    else a 2D image. (DICOM files are told apart by their header's NumberOfFrames.)"""
+    return path.is_dir() or is_nifti_file(path) or (is_dicom_file(path) and dicom_frame_count(path) > 1)
 
 
 @dataclass
@@ -49,6 +50,7 @@ def load_file_records(
     image_size: int | None = None,
     fit: Fit = "pad",
     window: str | None = None,
+    volume_index: int | None = None,
     seed: int = 0,
     val_fraction: float = 0.1,
     test_fraction: float = 0.2,
@@ -56,7 +58,8 @@ def load_file_records(
 ) -> ImageData:
     """Read labelled files into memory at ``image_size`` and split them.
 
-    2D images default to 128 px; volumes (NIfTI files, DICOM series folders) to 64^3 voxels.
+    2D images default to 128 px; volumes (NIfTI files, multi-frame DICOM files, DICOM series
+    folders) to 64^3 voxels. ``volume_index`` picks the volume of 4D NIfTI files.
 
     Records without a split are training files. When no record is in "val" (or "test"),
     that split is carved from the training files, keeping each patient's files together
@@ -65,14 +68,14 @@ def load_file_records(
     """
     class_names = sorted({r.label for r in records})
     _check_classes(class_names, name)
-    volume = [is_volume_source(Path(r.path)) for r in records]
+    volume = _volume_flags(records)
     if any(volume) and not all(volume):
         image = next(r.path for r, v in zip(records, volume) if not v)
         vol = next(r.path for r, v in zip(records, volume) if v)
         raise DataError(f"{name} mixes 2D images ({image}) and volumes ({vol}); a model takes one or the other")
     spatial_dims = 3 if all(volume) else 2
     size = image_size or (DEFAULT_VOLUME_SIZE if spatial_dims == 3 else DEFAULT_FILE_IMAGE_SIZE)
-    arrays, excluded = _read_all(records, size, fit, window, progress)
+    arrays, excluded = _read_all(records, volume, size, fit, window, volume_index, progress)
     kept = [(r, a) for r, a in zip(records, arrays) if a is not None]
     if not kept:
         raise DataError(f"none of the {len(records)} images in {name} could be read; the first failure: {excluded[0][0]}: {excluded[0][1]}")
@@ -135,10 +138,20 @@ def _check_classes(class_names: list[str], name: str) -> None:
         raise DataError(f"{name}: found {found}; a classifier needs images of at least 2 classes")
 
 
-def _read_volume(rec: FileRecord, size: int, window: str | None, fit: Fit) -> np.ndarray | str:
+def _volume_flags(records: list[FileRecord]) -> list[bool]:
+    """Which records are volumes (DICOM headers are read in parallel: one read per file)."""
+    with ThreadPoolExecutor(_workers()) as pool:
+        return list(pool.map(lambda r: is_volume_source(Path(r.path)), records, chunksize=64))
+
+
+def _workers() -> int:
+    return min(8, (os.cpu_count() or 1) * 2)
+
+
+def _read_volume(rec: FileRecord, size: int, window: str | None, fit: Fit, volume_index: int | None) -> np.ndarray | str:
     """A volume record as (1, S, S, S) uint8, or the reason it cannot be used."""
     try:
-        volumes = read_volumes(rec.path)
+        volumes = read_volumes(rec.path, volume_index)
     except (ImageReadError, DataError) as exc:
         return getattr(exc, "reason", str(exc))
     if len(volumes) != 1:
@@ -148,12 +161,14 @@ def _read_volume(rec: FileRecord, size: int, window: str | None, fit: Fit) -> np
     return volume_to_model_input(volumes[0], size, 1, window, fit)
 
 
-def _read_all(records: list[FileRecord], size: int, fit: Fit, window: str | None, progress: bool) -> tuple[list[np.ndarray | None], list[tuple[str, str]]]:
+def _read_all(records: list[FileRecord], volume: list[bool], size: int, fit: Fit, window: str | None,
+              volume_index: int | None, progress: bool) -> tuple[list[np.ndarray | None], list[tuple[str, str]]]:
     """Decode and resize every file in parallel; (arrays with None for failures, excluded)."""
 
-    def read_one(rec: FileRecord) -> np.ndarray | str:
-        if is_volume_source(Path(rec.path)):
-            return _read_volume(rec, size, window, fit)
+    def read_one(item: tuple[FileRecord, bool]) -> np.ndarray | str:
+        rec, is_volume = item
+        if is_volume:
+            return _read_volume(rec, size, window, fit, volume_index)
         try:
             if is_dicom_file(Path(rec.path)):
                 image = read_dicom(rec.path, window)
@@ -166,10 +181,9 @@ def _read_all(records: list[FileRecord], size: int, fit: Fit, window: str | None
         return to_model_input(arr, size, 3 if arr.ndim == 3 else 1, fit)
 
     results: list[np.ndarray | str] = []
-    workers = min(8, (os.cpu_count() or 1) * 2)
-    with ThreadPoolExecutor(workers) as pool, Progress(disable=not progress, transient=True) as bar:
+    with ThreadPoolExecutor(_workers()) as pool, Progress(disable=not progress, transient=True) as bar:
         task = bar.add_task(f"reading {len(records)} images", total=len(records))
-        for res in pool.map(read_one, records, chunksize=32):
+        for res in pool.map(read_one, zip(records, volume), chunksize=32):
             results.append(res)
             bar.advance(task)
     arrays = [r if isinstance(r, np.ndarray) else None for r in results]

@@ -19,6 +19,7 @@ def load_data(
     image_size: int | None = None,
     fit: Fit = "pad",
     window: str | None = None,
+    volume_index: int | None = None,
     seed: int = 0,
     val_fraction: float = 0.1,
     test_fraction: float = 0.2,
@@ -29,7 +30,8 @@ def load_data(
     ``spec`` is a MedMNIST name (``pneumoniamnist``, ``pneumoniamnist@64``), a folder
     (``ROOT/CLASS/*`` or ``ROOT/{train,val,test}/CLASS/*``) or a ``.csv`` manifest.
     ``image_size`` None keeps a MedMNIST file's own size, and is 128 for files.
-    ``window`` is the VOI window for DICOM files (see :func:`meddiag.data.dicom.parse_window`).
+    ``window`` is the VOI window for DICOM files (see :func:`meddiag.data.dicom.parse_window`);
+    ``volume_index`` the volume taken from 4D NIfTI files.
     """
     mnist = parse_medmnist(spec)
     if mnist is not None:
@@ -45,6 +47,6 @@ def load_data(
     else:
         raise DataError(f"{spec}: expected a folder of class folders or a .csv manifest")
     return load_file_records(
-        records, str(path), image_size=image_size, fit=fit, window=window, seed=seed,
+        records, str(path), image_size=image_size, fit=fit, window=window, volume_index=volume_index, seed=seed,
         val_fraction=val_fraction, test_fraction=test_fraction, progress=progress,
     )

@@ -14,7 +14,17 @@ from pathlib import Path
 
 import numpy as np
 
-from meddiag.data.dicom import apply_window, first_value, parse_window, read_dicom_dataset
+from meddiag.data.dicom import (
+    apply_window,
+    dicom_window,
+    functional_group_value,
+    is_colour_dataset,
+    is_dicom_file,
+    modality_values,
+    parse_window,
+    read_dicom_dataset,
+    read_dicom_pixels,
+)
 from meddiag.errors import DataError, ImageReadError
 
 NIFTI_SUFFIXES = (".nii", ".nii.gz")
@@ -34,6 +44,7 @@ class Volume:
     affine: np.ndarray
     modality: str = ""
     series_instance_uid: str = ""
+    sop_instance_uid: str = ""  # a multi-frame DICOM file's own object UID (a series has one per slice)
     window: tuple[float, float] | None = None
     sources: list[str] = field(default_factory=list)
     excluded: list[tuple[str, str]] = field(default_factory=list)
@@ -73,14 +84,17 @@ def volume_to_model_input(volume: Volume, image_size: int, channels: int = 1,
     return np.repeat(out, channels, axis=0) if channels > 1 else out
 
 
-def read_volumes(path: str | Path) -> list[Volume]:
-    """The volumes at ``path``: a NIfTI file is one; a folder of DICOM files is one per series."""
+def read_volumes(path: str | Path, volume_index: int | None = None) -> list[Volume]:
+    """The volumes at ``path``: a NIfTI file is one (``volume_index`` picks one of a 4D file's);
+    a multi-frame DICOM file is one; a folder of DICOM files is one per series."""
     path = Path(path)
     if path.is_file() and is_nifti_file(path):
-        return [read_nifti(path)]
+        return [read_nifti(path, volume_index)]
+    if path.is_file() and is_dicom_file(path):
+        return [read_dicom_volume(path)]
     if path.is_dir():
         return read_dicom_series(path)
-    raise ImageReadError(path, "not a NIfTI file (.nii, .nii.gz) or a folder holding a DICOM series")
+    raise ImageReadError(path, "not a NIfTI file (.nii, .nii.gz), a multi-frame DICOM file, or a folder holding a DICOM series")
 
 
 def to_canonical(array: np.ndarray, affine: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -126,7 +140,7 @@ def read_nifti(path: str | Path, volume_index: int | None = None) -> Volume:
 def read_dicom_series(folder: str | Path) -> list[Volume]:
     """Every series in a folder of DICOM files (one file per slice), each as a RAS+ volume.
 
-    Files are grouped by SeriesInstanceUID and sorted along the slice normal by
+    Files are grouped by SeriesInstanceUID (multi-frame files, volumes of their own, are left out) and sorted along the slice normal by
     ImagePositionPatient (InstanceNumber when positions are missing). Files that are not
     DICOM or hold no image are listed in each volume's ``excluded``; slices whose size
     differs from the rest of their series make that series an error naming the file.
@@ -146,6 +160,9 @@ def read_dicom_series(folder: str | Path) -> list[Volume]:
         if "PixelData" not in ds:
             excluded.append((str(path), "the file has no pixel data"))
             continue
+        if int(ds.get("NumberOfFrames", 1) or 1) > 1:
+            excluded.append((str(path), "a multi-frame DICOM file is a volume of its own, not a slice of a series"))
+            continue
         by_series[str(ds.get("SeriesInstanceUID", ""))].append((path, ds))
     if not by_series:
         raise DataError(f"{folder} holds no DICOM images ({len(excluded)} files could not be used)")
@@ -156,50 +173,106 @@ def read_dicom_series(folder: str | Path) -> list[Volume]:
 
 
 def _series_volume(slices: list) -> Volume:
-    from pydicom.pixels import apply_modality_lut
-
     first = slices[0][1]
     shape = (int(first.Rows), int(first.Columns))
     for path, ds in slices[1:]:
         if (int(ds.Rows), int(ds.Columns)) != shape:
             raise ImageReadError(path, f"slice is {ds.Rows}x{ds.Columns} but its series' slices are {shape[0]}x{shape[1]}")
     orientation = first.get("ImageOrientationPatient")
-    has_positions = orientation is not None and all("ImagePositionPatient" in ds for _, ds in slices)
-    if has_positions:
-        row_dir = np.array(orientation[:3], dtype=float)  # direction of increasing column index
-        col_dir = np.array(orientation[3:], dtype=float)  # direction of increasing row index
-        normal = np.cross(row_dir, col_dir)
-        slices = sorted(slices, key=lambda s: float(np.dot(normal, np.array(s[1].ImagePositionPatient, dtype=float))))
-        positions = [float(np.dot(normal, np.array(ds.ImagePositionPatient, dtype=float))) for _, ds in slices]
-        gaps = np.diff(positions)
-        if len(gaps) and np.any(np.isclose(gaps, 0)):
-            dup = slices[int(np.flatnonzero(np.isclose(gaps, 0))[0]) + 1][0]
-            raise ImageReadError(dup, "two slices of the series share one position")
-        step = float(np.median(gaps)) if len(gaps) else float(first.get("SliceThickness", 1.0) or 1.0)
-    else:
+    positions = [ds.get("ImagePositionPatient") for _, ds in slices]
+    if orientation is None or any(p is None for p in positions):
         slices = sorted(slices, key=lambda s: int(s[1].get("InstanceNumber", 0) or 0))
-        row_dir, col_dir, normal = np.array([1.0, 0, 0]), np.array([0, 1.0, 0]), np.array([0, 0, 1.0])
-        step = float(first.get("SpacingBetweenSlices", first.get("SliceThickness", 1.0)) or 1.0)
-    first = slices[0][1]  # after sorting: the origin and geometry are the first slice's
+        orientation, positions = None, None
+    fallback_step = float(first.get("SpacingBetweenSlices", first.get("SliceThickness", 1.0)) or 1.0)
+    try:
+        order, affine = _stack_geometry(len(slices), orientation, positions, first.get("PixelSpacing"), fallback_step)
+    except _SharedPosition as dup:
+        raise ImageReadError(slices[dup.index][0], "two slices of the series share one position") from None
+    slices = [slices[i] for i in order]
+    first = slices[0][1]
     arrays = []
     for path, ds in slices:
         try:
-            arrays.append(apply_modality_lut(ds.pixel_array, ds).astype(np.float32))
+            arrays.append(modality_values(ds, ds.pixel_array).astype(np.float32))
         except Exception as exc:  # noqa: BLE001
             raise ImageReadError(path, f"pixel data cannot be decoded ({str(exc).splitlines()[0][:150]})") from None
-    stack = np.stack(arrays)  # (slice, row, column)
-    spacing = first.get("PixelSpacing") or [1.0, 1.0]
+    array, affine = to_canonical(np.stack(arrays), affine)  # stacked as (slice, row, column)
+    return Volume(
+        array=array, affine=affine, modality=str(first.get("Modality", "")),
+        series_instance_uid=str(first.get("SeriesInstanceUID", "")), window=dicom_window(first),
+        sources=[str(p) for p, _ in slices],
+    )
+
+
+def read_dicom_volume(path: str | Path) -> Volume:
+    """A multi-frame DICOM file (enhanced CT/MR, or a legacy multi-frame such as an MR stack or
+    an ultrasound cine loop) as a RAS+ volume.
+
+    Enhanced files give each frame's position and the shared orientation and pixel spacing in
+    their functional groups: frames are sorted along the slice normal as a series' slices are.
+    Without positions the frames keep their stored order, spaced by SpacingBetweenSlices (or
+    SliceThickness, or 1 mm). Colour frames become their luminance.
+    """
+    path = Path(path)
+    ds, raw = read_dicom_pixels(path)
+    frames = int(ds.get("NumberOfFrames", 1) or 1)
+    if frames < 2:
+        raise ImageReadError(path, "a single-frame DICOM is a 2D image, not a volume")
+    if is_colour_dataset(ds):
+        raw = raw.astype(np.float64) @ np.array([0.299, 0.587, 0.114])  # ITU-R BT.601 luma
+    positions = [functional_group_value(ds, "PlanePositionSequence", "ImagePositionPatient", f) for f in range(frames)]
+    orientation = functional_group_value(ds, "PlaneOrientationSequence", "ImageOrientationPatient")
+    if orientation is None or any(p is None for p in positions):
+        orientation, positions = None, None
+    spacing = functional_group_value(ds, "PixelMeasuresSequence", "PixelSpacing")
+    step = functional_group_value(ds, "PixelMeasuresSequence", "SpacingBetweenSlices") or \
+        functional_group_value(ds, "PixelMeasuresSequence", "SliceThickness") or 1.0
+    try:
+        order, affine = _stack_geometry(frames, orientation, positions, spacing, float(step))
+    except _SharedPosition as dup:
+        raise ImageReadError(path, f"frame {dup.index + 1} shares its position with another frame") from None
+    stack = np.stack([modality_values(ds, raw[i], i) for i in order]).astype(np.float32)
+    array, affine = to_canonical(stack, affine)
+    return Volume(
+        array=array, affine=affine, modality=str(ds.get("Modality", "")),
+        series_instance_uid=str(ds.get("SeriesInstanceUID", "")), sop_instance_uid=str(ds.get("SOPInstanceUID", "")),
+        window=dicom_window(ds), sources=[str(path)],
+    )
+
+
+class _SharedPosition(Exception):
+    """Two slices at one position along the normal; ``index`` is the second, in input order."""
+
+    def __init__(self, index: int) -> None:
+        super().__init__(index)
+        self.index = index
+
+
+def _stack_geometry(n: int, orientation, positions, pixel_spacing, fallback_step: float) -> tuple[list[int], np.ndarray]:  # noqa: ANN001
+    """The order that sorts ``n`` slices along their normal, and the RAS+ affine of the sorted stack
+    indexed (slice, row, column).
+
+    ``orientation``: ImageOrientationPatient (row then column direction cosines) and
+    ``positions``: each slice's ImagePositionPatient, both in DICOM's LPS+ space; None keeps the
+    given order along an assumed axial normal, ``fallback_step`` mm apart.
+    """
+    if orientation is not None and positions is not None:
+        row_dir = np.array(orientation[:3], dtype=float)  # direction of increasing column index
+        col_dir = np.array(orientation[3:], dtype=float)  # direction of increasing row index
+        normal = np.cross(row_dir, col_dir)
+        along = [float(np.dot(normal, np.array(p, dtype=float))) for p in positions]
+        order = sorted(range(n), key=along.__getitem__)
+        gaps = np.diff([along[i] for i in order])
+        if len(gaps) and np.any(np.isclose(gaps, 0)):
+            raise _SharedPosition(order[int(np.flatnonzero(np.isclose(gaps, 0))[0]) + 1])
+        step = float(np.median(gaps)) if len(gaps) else fallback_step
+        origin = np.array(positions[order[0]], dtype=float)
+    else:
+        row_dir, col_dir, normal = np.array([1.0, 0, 0]), np.array([0, 1.0, 0]), np.array([0, 0, 1.0])
+        order, step, origin = list(range(n)), fallback_step, np.zeros(3)
+    spacing = pixel_spacing if pixel_spacing is not None and len(pixel_spacing) == 2 else [1.0, 1.0]
     dr, dc = float(spacing[0]), float(spacing[1])
-    origin = np.array(first.get("ImagePositionPatient", [0, 0, 0]), dtype=float)
     lps = np.eye(4)
     lps[:3, 0], lps[:3, 1], lps[:3, 2], lps[:3, 3] = normal * step, col_dir * dr, row_dir * dc, origin
     ras = np.diag([-1.0, -1.0, 1.0, 1.0]) @ lps  # DICOM patient space is LPS+
-    array, affine = to_canonical(stack, ras)
-    window = None
-    if "WindowCenter" in first and "WindowWidth" in first:
-        window = (first_value(first.WindowCenter), first_value(first.WindowWidth))
-    return Volume(
-        array=array, affine=affine, modality=str(first.get("Modality", "")),
-        series_instance_uid=str(first.get("SeriesInstanceUID", "")), window=window,
-        sources=[str(p) for p, _ in slices],
-    )
+    return order, ras

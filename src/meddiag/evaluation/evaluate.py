@@ -61,7 +61,8 @@ def evaluate_run(run_dir: str | Path, data: str | ImageData | None = None, split
             raise MeddiagError(f"{config_file} not found: to evaluate a checkpoint outside its run folder, give --data")
         dataset = load_training_data(TrainConfig.model_validate(read_yaml(config_file)), progress)
     else:
-        dataset = load_data(data, image_size=card.image_size, fit=card.fit, window=card.window, progress=progress)
+        dataset = load_data(data, image_size=card.image_size, fit=card.fit, window=card.window,
+                            volume_index=card.volume_index, progress=progress)
     if split not in dataset.splits:
         raise DataError(f"no split '{split}' in {dataset.name}; choose one of {', '.join(dataset.splits)}")
     if dataset.class_names != card.class_names:

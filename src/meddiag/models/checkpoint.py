@@ -38,6 +38,7 @@ class ModelCard(BaseModel):
     std: float = 0.5
     fit: Literal["pad", "stretch"] = "pad"
     window: str | None = Field(None, description="DICOM VOI window used in training (None: each file's own)")
+    volume_index: int | None = Field(None, description="4D NIfTI files: the volume used in training")
     threshold: float = Field(0.5, description="decision threshold on the positive class (binary) or each label (multi-label)")
     data_name: str = ""
     meddiag_version: str = meddiag.__version__

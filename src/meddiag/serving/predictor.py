@@ -15,9 +15,11 @@ from typing import TextIO
 import numpy as np
 import torch
 
-from meddiag.data.dicom import is_dicom_file, read_dicom
+from meddiag.data.dicom import dicom_frame_count, is_dicom_file, read_dicom
+from meddiag.data.files import is_volume_source
+from meddiag.data.folder import class_items
 from meddiag.data.images import dicom_as_2d, is_image_file, read_image, to_model_input
-from meddiag.data.volumes import is_nifti_file, read_volumes, volume_to_model_input
+from meddiag.data.volumes import read_volumes, volume_to_model_input
 from meddiag.errors import DataError, ImageReadError
 from meddiag.evaluation.evaluate import best_checkpoint
 from meddiag.evaluation.metrics import predict_labels
@@ -38,6 +40,34 @@ class Prediction:
 class Failure:
     path: str
     reason: str
+
+
+def collect_volume_sources(paths: list[str | Path]) -> tuple[list[Path], list[Failure]]:
+    """The volumes under ``paths``: NIfTI and multi-frame DICOM files; a folder holding
+    single-frame DICOM files is one series; other folders are searched for volumes. 2D images
+    found there are failures (a 3D model cannot diagnose them), never skipped silently."""
+    sources: list[Path] = []
+    failures: list[Failure] = []
+    for raw in paths:
+        path = Path(raw)
+        if not path.exists():
+            failures.append(Failure(str(path), "no such file or folder"))
+        elif path.is_file() or _holds_series(path):
+            sources.append(path)
+        else:
+            found = class_items(path)
+            for item in found:
+                if item.is_dir() or is_volume_source(item):
+                    sources.append(item)
+                else:
+                    failures.append(Failure(str(item), "a 2D image; this model diagnoses volumes"))
+            if not found:
+                failures.append(Failure(str(path), "folder contains no volumes (NIfTI files, multi-frame DICOM files or DICOM series folders)"))
+    return sources, failures
+
+
+def _holds_series(folder: Path) -> bool:
+    return any(f.is_file() and is_dicom_file(f) and dicom_frame_count(f) == 1 for f in folder.iterdir())
 
 
 def collect_image_files(paths: list[str | Path]) -> tuple[list[Path], list[Failure]]:
@@ -111,25 +141,23 @@ class Predictor:
         return predictions, failures
 
     def predict_volumes(self, paths: list[str | Path]) -> tuple[list[Prediction], list[Failure]]:
-        """3D models: each NIfTI file under ``paths`` and each DICOM series folder is one volume."""
+        """3D models: each NIfTI file, multi-frame DICOM file and DICOM series folder under
+        ``paths`` is one volume (see :func:`collect_volume_sources`)."""
         c = self.card
         predictions: list[Prediction] = []
-        failures: list[Failure] = []
-        for raw in paths:
-            path = Path(raw)
-            nifti = sorted(p for p in path.rglob("*") if is_nifti_file(p)) if path.is_dir() else []
-            for source in nifti or [path]:
-                try:
-                    volumes = read_volumes(source)
-                except (ImageReadError, DataError) as exc:
-                    failures.append(Failure(str(source), getattr(exc, "reason", str(exc))))
-                    continue
-                failures += [Failure(p, r) for p, r in (volumes[0].excluded if volumes else [])]
-                batch = np.stack([volume_to_model_input(v, c.image_size, c.in_channels, c.window, c.fit) for v in volumes])
-                probs = self.predict_arrays(torch.from_numpy(batch))
-                for volume, row in zip(volumes, self._rows([source] * len(volumes), probs)):
-                    row.series_instance_uid = volume.series_instance_uid
-                    predictions.append(row)
+        sources, failures = collect_volume_sources(paths)
+        for source in sources:
+            try:
+                volumes = read_volumes(source, c.volume_index)
+            except (ImageReadError, DataError) as exc:
+                failures.append(Failure(str(source), getattr(exc, "reason", str(exc))))
+                continue
+            failures += [Failure(p, r) for p, r in (volumes[0].excluded if volumes else [])]
+            batch = np.stack([volume_to_model_input(v, c.image_size, c.in_channels, c.window, c.fit) for v in volumes])
+            probs = self.predict_arrays(torch.from_numpy(batch))
+            for volume, row in zip(volumes, self._rows([source] * len(volumes), probs)):
+                row.series_instance_uid, row.sop_instance_uid = volume.series_instance_uid, volume.sop_instance_uid
+                predictions.append(row)
         return predictions, failures
 
     def _rows(self, paths: list[Path], probs: np.ndarray) -> list[Prediction]:

@@ -29,6 +29,7 @@ class TrainConfig(BaseModel):
     image_size: int | None = Field(None, ge=8, description="None: a MedMNIST file's own size, 128 for image files")
     fit: Literal["pad", "stretch"] = "pad"
     window: str | None = Field(None, description="DICOM VOI window: lung, mediastinum, bone, brain, abdomen, soft_tissue, or 'C,W'; None = each file's own")
+    volume_index: int | None = Field(None, ge=0, description="4D NIfTI files: which 3D volume to use (0-based)")
     mean: float = 0.5
     std: float = Field(0.5, gt=0)
     augment: AugmentConfig = Field(default_factory=AugmentConfig)

@@ -57,7 +57,8 @@ def default_run_dir(config: TrainConfig, root: Path = Path("runs")) -> Path:
 def load_training_data(config: TrainConfig, progress: bool = True) -> ImageData:
     """The data of a run, read exactly as the configuration says (same size, fit and split seed)."""
     return load_data(
-        config.data, image_size=config.image_size, fit=config.fit, window=config.window, seed=config.seed,
+        config.data, image_size=config.image_size, fit=config.fit, window=config.window,
+        volume_index=config.volume_index, seed=config.seed,
         val_fraction=config.val_fraction, test_fraction=config.test_fraction, progress=progress,
     )
 
@@ -96,7 +97,8 @@ def train(config: TrainConfig, *, resume: bool = False, progress: bool | None = 
     card = ModelCard(
         model_name=config.model, class_names=data.class_names, task=data.task, image_size=data.image_size,
         in_channels=data.in_channels, spatial_dims=data.spatial_dims, mean=config.mean, std=config.std,
-        fit=config.fit, window=config.window, threshold=config.threshold, data_name=data.name,
+        fit=config.fit, window=config.window, volume_index=config.volume_index, threshold=config.threshold,
+        data_name=data.name,
     )
     module = DiagnosisModule(
         card=card.model_dump(),
