@@ -70,6 +70,9 @@ def train(
     fit: Annotated[Optional[str], typer.Option(help="Resize keeping the aspect ratio (pad) or not (stretch). [default: pad]")] = None,
     window: Annotated[Optional[str], typer.Option(help="DICOM window: lung, mediastinum, bone, brain, abdomen, soft_tissue or C,W. [default: each file's own]")] = None,
     volume_index: Annotated[Optional[int], typer.Option(help="4D NIfTI files: which 3D volume to use, counting from 0. [default: 4D files are refused]")] = None,
+    operating_point: Annotated[Optional[str], typer.Option(help="Choose the decision threshold on validation: youden, sens90, sens95, spec90 (binary tasks). [default: 0.5]")] = None,
+    calibrate: Annotated[Optional[bool], typer.Option("--calibrate/--no-calibrate", help="Fit temperature scaling on validation; stored in the checkpoint. [default: no]")] = None,
+    subgroups: Annotated[Optional[str], typer.Option(help="Manifest columns to report every metric by, e.g. sex,age_group,site.")] = None,
     out: Annotated[Optional[str], typer.Option(help="Run folder. [default: runs/<data>-<model>]")] = None,
     config: Annotated[Optional[Path], typer.Option(help="YAML configuration (e.g. a run's config.yaml); options given here override it.")] = None,
     resume: Annotated[bool, typer.Option(help="Continue the run in --out from its last checkpoint.")] = False,
@@ -91,7 +94,8 @@ def train(
         raise MeddiagError("give the DATA to train on (or a --config file that names it)")
     cfg = TrainConfig.from_sources(
         config, data=data, model=model, epochs=epochs, batch_size=batch_size, lr=lr, image_size=image_size,
-        seed=seed, fit=fit, window=window, volume_index=volume_index, out=out, folds=folds, accelerator=accelerator, devices=int(devices) if devices and devices.isdigit() else devices,
+        seed=seed, fit=fit, window=window, volume_index=volume_index, operating_point=operating_point, calibrate=calibrate,
+        subgroups=_columns(subgroups), out=out, folds=folds, accelerator=accelerator, devices=int(devices) if devices and devices.isdigit() else devices,
     )
     if cfg.folds > 1:
         if resume:
@@ -109,13 +113,36 @@ def evaluate(
     run: Annotated[Path, typer.Argument(help="Run folder (or a checkpoint file).")],
     data: Annotated[Optional[str], typer.Option(help="Evaluate on other data. [default: the run's own data]")] = None,
     split: Annotated[str, typer.Option(help="train, val or test.")] = "test",
-    out: Annotated[Optional[Path], typer.Option(help="Where to write metrics.json and plots.")] = None,
+    out: Annotated[Optional[Path], typer.Option(help="Where to write metrics.json, the report and plots.")] = None,
+    subgroups: Annotated[Optional[str], typer.Option(help="Manifest columns to report every metric by, e.g. sex,site. [default: the run's]")] = None,
+    resamples: Annotated[int, typer.Option(help="Bootstrap resamples for confidence intervals.", min=200)] = 1000,
 ) -> None:
-    """Evaluate a trained run: metrics.json (AUC, ACC, per-class sensitivity/specificity/PPV/NPV/F1), plots."""
+    """Evaluate a trained run: metrics.json, predictions.csv, plots and report.html/report.json
+    (CIs, operating points, calibration, decision curve, subgroups, failure gallery)."""
     from meddiag.evaluation.evaluate import evaluate_run, summary_line
 
-    metrics = evaluate_run(run, data=data, split=split, out_dir=out, progress=sys.stderr.isatty())
+    metrics = evaluate_run(run, data=data, split=split, out_dir=out, progress=sys.stderr.isatty(),
+                           subgroups=_columns(subgroups), n_resamples=resamples)
     print(summary_line(metrics))
+
+
+@app.command()
+@friendly_errors
+def report(
+    run: Annotated[Path, typer.Argument(help="Run folder (or an evaluation folder inside one, e.g. RUN/eval-val).")],
+    subgroups: Annotated[Optional[str], typer.Option(help="Manifest columns to report every metric by, e.g. sex,site. [default: the run's]")] = None,
+    resamples: Annotated[int, typer.Option(help="Bootstrap resamples for confidence intervals.", min=200)] = 1000,
+) -> None:
+    """Write report.html and report.json for an evaluated run, from its saved predictions (the run is
+    evaluated first when they are missing or lack a subgroup column)."""
+    from meddiag.evaluation.evaluate import rebuild_report
+
+    html_path = rebuild_report(run, subgroups=_columns(subgroups), n_resamples=resamples, progress=sys.stderr.isatty())
+    print(f"report -> {html_path}")
+
+
+def _columns(text: str | None) -> list[str] | None:
+    return [c.strip().lower() for c in text.split(",") if c.strip()] if text else None
 
 
 @app.command()

@@ -11,6 +11,7 @@ import numpy as np
 
 from meddiag.data.dataset import Split
 from meddiag.data.splits import stratified_group_folds
+from meddiag.evaluation.decision import tune_decision
 from meddiag.evaluation.evaluate import evaluate_run, evaluate_split
 from meddiag.evaluation.metrics import classification_metrics, json_safe
 from meddiag.models.checkpoint import load_checkpoint
@@ -25,8 +26,9 @@ class TrainEvalResult:
 
     def summary(self) -> str:
         m, t = self.test_metrics or {}, self.train
-        return (f"test AUC {m['auc']:.4f}  ACC {m['acc']:.4f}  in {t.train_seconds / 60:.1f} min  "
-                f"-> {t.run_dir}")
+        lo, hi = m.get("auc_ci") or (float("nan"), float("nan"))
+        return (f"test AUC {m['auc']:.4f} (95% CI {lo:.3f}-{hi:.3f})  ACC {m['acc']:.4f}  in {t.train_seconds / 60:.1f} min  "
+                f"-> {t.run_dir}  (report: {t.run_dir / 'report.html'})")
 
 
 def train_and_evaluate(config: TrainConfig, *, resume: bool = False, progress: bool | None = None) -> TrainEvalResult:
@@ -34,8 +36,15 @@ def train_and_evaluate(config: TrainConfig, *, resume: bool = False, progress: b
     result = train(config, resume=resume, progress=progress)
     if not result.is_global_zero:  # one process evaluates and writes; the others are done
         return TrainEvalResult(result, None)
+    settle_decision(result.best_checkpoint, result.data.splits["val"], config)
     metrics = evaluate_run(result.run_dir, data=result.data, split="test", progress=bool(progress))
     return TrainEvalResult(result, metrics)
+
+
+def settle_decision(checkpoint: Path, val: Split, config: TrainConfig) -> None:
+    """Temperature and threshold chosen on validation, when the configuration asks for them."""
+    if config.calibrate or config.operating_point:
+        tune_decision(checkpoint, val, calibrate=config.calibrate, operating_point=config.operating_point)
 
 
 @dataclass
@@ -77,6 +86,7 @@ def cross_validate(config: TrainConfig, *, progress: bool | None = None) -> Cros
         result = train(fold_config, progress=progress, data=fold_data)
         if not result.is_global_zero:
             continue
+        settle_decision(result.best_checkpoint, fold_data.splits["val"], fold_config)
         per_test.append(evaluate_run(result.run_dir, data=fold_data, split="test", progress=False))
         model, card = load_checkpoint(result.best_checkpoint)
         metrics, probs = evaluate_split(model, card, fold_data.splits["val"])

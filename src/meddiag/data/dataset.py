@@ -25,21 +25,26 @@ class Split:
     labels: torch.Tensor
     paths: list[str] | None = None
     groups: list[str] | None = None  # a one-way patient key per image, where patients are known
+    # Per-image attributes from a manifest's other columns (e.g. sex, age_group, site), for subgroup analysis.
+    meta: dict[str, list[str]] = field(default_factory=dict)
 
     def subset(self, index: Sequence[int]) -> Split:
-        """The images at ``index``, with their labels, paths and groups."""
+        """The images at ``index``, with their labels, paths, groups and attributes."""
         rows = [int(i) for i in index]
         idx = torch.as_tensor(rows, dtype=torch.long)
         paths = [self.paths[i] for i in rows] if self.paths is not None else None
         groups = [self.groups[i] for i in rows] if self.groups is not None else None
-        return Split(self.images[idx], self.labels[idx], paths, groups)
+        meta = {k: [v[i] for i in rows] for k, v in self.meta.items()}
+        return Split(self.images[idx], self.labels[idx], paths, groups, meta)
 
     @staticmethod
     def concat(parts: list[Split]) -> Split:
-        """One split holding ``parts`` in order; paths and groups kept only if every part has them."""
+        """One split holding ``parts`` in order; paths, groups and attributes kept only if every part has them."""
         paths = [p for part in parts for p in part.paths] if all(part.paths is not None for part in parts) else None
         groups = [g for part in parts for g in part.groups] if all(part.groups is not None for part in parts) else None
-        return Split(torch.cat([p.images for p in parts]), torch.cat([p.labels for p in parts]), paths, groups)
+        keys = set.intersection(*(set(part.meta) for part in parts)) if parts else set()
+        meta = {k: [v for part in parts for v in part.meta[k]] for k in sorted(keys)}
+        return Split(torch.cat([p.images for p in parts]), torch.cat([p.labels for p in parts]), paths, groups, meta)
 
     def __len__(self) -> int:
         return int(self.images.shape[0])

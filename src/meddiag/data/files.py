@@ -11,7 +11,7 @@ from __future__ import annotations
 import os
 import warnings
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -41,6 +41,7 @@ class FileRecord:
     label: str
     split: str | None = None
     patient_id: str | None = None
+    meta: dict[str, str] = field(default_factory=dict)  # other manifest columns (sex, site, ...)
 
 
 def load_file_records(
@@ -102,6 +103,7 @@ def load_file_records(
         by_split["train"], by_split[split] = pool[keep].tolist(), pool[carve].tolist()
         origin[split] = "carved from train"
 
+    meta_keys = sorted({k for r, _ in kept for k in r.meta})
     splits: dict[str, Split] = {}
     for split in SPLITS:
         idx = by_split[split]
@@ -115,6 +117,7 @@ def load_file_records(
             labels=torch.from_numpy(labels[idx].astype(np.int64)),
             paths=[str(kept[i][0].path) for i in idx],
             groups=[patient_key(patients[i]) if patients[i] else f"#{kept[i][0].path}" for i in idx] if has_patients else None,
+            meta={k: [kept[i][0].meta.get(k, "") for i in idx] for k in meta_keys},
         )
     missing = [c for c, n in zip(class_names, splits["train"].class_counts(len(class_names))) if n == 0]
     if missing:

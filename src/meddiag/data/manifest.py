@@ -1,6 +1,8 @@
 """CSV manifests: columns ``path,label`` with optional ``split`` and ``patient_id``.
 
-Paths are relative to the CSV file (absolute paths are kept as they are).
+Paths are relative to the CSV file (absolute paths are kept as they are). Any other column
+(sex, age_group, site, scanner, ...) is kept with each image as an attribute, so that
+evaluation can report every metric per subgroup.
 """
 
 from __future__ import annotations
@@ -11,6 +13,7 @@ from pathlib import Path
 from meddiag.data.files import FileRecord
 from meddiag.errors import DataError
 
+_KNOWN = {"path", "label", "split", "patient_id"}
 _SPLITS = {"train": "train", "val": "val", "valid": "val", "validation": "val", "test": "test"}
 
 
@@ -37,7 +40,8 @@ def read_manifest(csv_path: str | Path) -> list[FileRecord]:
                 split = _SPLITS[split_text]
             patient = (row[columns["patient_id"]] or "").strip() or None if "patient_id" in columns else None
             path = Path(path_text)
-            records.append(FileRecord(path if path.is_absolute() else csv_path.parent / path, label, split, patient))
+            meta = {c: (row[original] or "").strip() for c, original in columns.items() if c not in _KNOWN}
+            records.append(FileRecord(path if path.is_absolute() else csv_path.parent / path, label, split, patient, meta))
     if not records:
         raise DataError(f"{csv_path} lists no images")
     return records

@@ -2,8 +2,8 @@
 
 from __future__ import annotations
 
-import csv
 import json
+from collections.abc import Sequence
 from pathlib import Path
 
 import numpy as np
@@ -14,8 +14,10 @@ from meddiag.data.channels import match_channels
 from meddiag.data.dataset import ImageData, Split
 from meddiag.data.sources import load_data
 from meddiag.errors import DataError, MeddiagError
-from meddiag.evaluation.metrics import classification_metrics, json_safe, predict_labels
-from meddiag.evaluation.plots import plot_confusion_matrix, plot_roc, plot_training_curves
+from meddiag.evaluation.metrics import classification_metrics, json_safe
+from meddiag.evaluation.plots import plot_confusion_matrix, plot_gallery, plot_roc, plot_training_curves
+from meddiag.evaluation.report import DEFAULT_RESAMPLES, failure_cases, write_report
+from meddiag.evaluation.table import PredictionTable
 from meddiag.models.checkpoint import ModelCard, load_checkpoint
 from meddiag.models.inference import predict_proba
 from meddiag.training.config import TrainConfig, read_yaml
@@ -42,24 +44,30 @@ def run_folder(path: Path) -> Path:
 
 
 def evaluate_run(run_dir: str | Path, data: str | ImageData | None = None, split: str = "test",
-                 out_dir: str | Path | None = None, progress: bool = True) -> dict:
-    """Evaluate a run's best checkpoint and write ``metrics.json``, ``predictions.csv`` and plots.
+                 out_dir: str | Path | None = None, progress: bool = True, subgroups: Sequence[str] | None = None,
+                 n_resamples: int = DEFAULT_RESAMPLES) -> dict:
+    """Evaluate a run's best checkpoint: ``metrics.json``, ``predictions.csv``, plots, and the
+    report (``report.json``, ``report.html``; see :mod:`meddiag.evaluation.report`).
 
     ``data`` None re-reads the run's own data exactly as training split it (an
     :class:`ImageData` passed in is taken to be that same data). Output goes to
     ``out_dir``; by default the run folder for its own test split, else
-    ``RUN/eval-<split>`` or ``RUN/eval-<data>-<split>``.
+    ``RUN/eval-<split>`` or ``RUN/eval-<data>-<split>``. The run's validation predictions
+    (``RUN/predictions_val.csv``, where operating points are chosen) are written when the data
+    are the run's own. ``subgroups`` (manifest columns) default to the run's configured ones.
     """
     run_dir = Path(run_dir)
+    home = run_folder(run_dir)
     model, card = load_checkpoint(best_checkpoint(run_dir))
+    config = _run_config(home)
+    subgroups = list(subgroups) if subgroups is not None else (config.subgroups if config else [])
     own_data = data is None or isinstance(data, ImageData)
     if isinstance(data, ImageData):
         dataset = data
     elif own_data:
-        config_file = run_folder(run_dir) / "config.yaml"
-        if not config_file.exists():
-            raise MeddiagError(f"{config_file} not found: to evaluate a checkpoint outside its run folder, give --data")
-        dataset = load_training_data(TrainConfig.model_validate(read_yaml(config_file)), progress)
+        if config is None:
+            raise MeddiagError(f"{home / 'config.yaml'} not found: to evaluate a checkpoint outside its run folder, give --data")
+        dataset = load_training_data(config, progress)
     else:
         dataset = load_data(data, image_size=card.image_size, fit=card.fit, window=card.window,
                             volume_index=card.volume_index, progress=progress)
@@ -68,7 +76,6 @@ def evaluate_run(run_dir: str | Path, data: str | ImageData | None = None, split
     if dataset.class_names != card.class_names:
         raise DataError(f"{dataset.name} has classes {dataset.class_names}, but the model was trained on {card.class_names}")
     if out_dir is None:
-        home = run_folder(run_dir)
         if own_data and split == "test":
             out_dir = home
         else:
@@ -79,42 +86,91 @@ def evaluate_run(run_dir: str | Path, data: str | ImageData | None = None, split
 
     part = dataset.splits[split]
     metrics, probs = evaluate_split(model, card, part)
-    labels = part.labels.numpy()
-    metrics.update(split=split, data=dataset.name, checkpoint=str(best_checkpoint(run_dir)),
-                   model=card.model_name, meddiag_version=meddiag.__version__)
-    (out_dir / "metrics.json").write_text(json.dumps(json_safe(metrics), indent=2))
-    write_predictions(out_dir / "predictions.csv", card, probs, labels, part.paths)
+    table = prediction_table(part, probs, subgroups)
+    table.write(out_dir / "predictions.csv", card.class_names, card.task, card.threshold)
+    if own_data and "val" in dataset.splits and run_dir.is_dir():
+        val = dataset.splits["val"]
+        _, val_probs = evaluate_split(model, card, val)
+        prediction_table(val, val_probs, subgroups).write(home / "predictions_val.csv", card.class_names, card.task, card.threshold)
     plots = out_dir / "plots"
+    labels = part.labels.numpy()
     plot_roc(labels, probs, card.task, card.class_names, plots / "roc.png")
     if "confusion_matrix" in metrics:
         plot_confusion_matrix(np.array(metrics["confusion_matrix"]), card.class_names, plots / "confusion_matrix.png")
-    history = read_history(run_folder(run_dir) / "history.csv")
+    history = read_history(home / "history.csv")
     if history:
-        plot_training_curves(history, run_folder(run_dir) / "plots" / "training_curves.png")
+        plot_training_curves(history, home / "plots" / "training_curves.png")
+    failures = failure_cases(table, card.task, card.class_names, card.threshold)
+    _plot_failures(part, failures, plots / "failures.png")
+    report = write_report(out_dir, home, card, split=split, subgroups=subgroups, n_resamples=n_resamples, seed=0)
+    metrics.update(split=split, data=dataset.name, checkpoint=str(best_checkpoint(run_dir)),
+                   model=card.model_name, meddiag_version=meddiag.__version__,
+                   auc_ci=report["discrimination"]["auc_ci"], ci_method=f"bootstrap, {n_resamples} resamples of {report['discrimination']['resampled']}")
+    (out_dir / "metrics.json").write_text(json.dumps(json_safe(metrics), indent=2))
     return metrics
+
+
+def rebuild_report(path: str | Path, subgroups: Sequence[str] | None = None, n_resamples: int = DEFAULT_RESAMPLES,
+                   progress: bool = True) -> Path:
+    """Write ``report.html``/``report.json`` of a run folder (or of an evaluation folder inside one)
+    from its saved predictions; evaluates the run first when they are missing or lack a column
+    of ``subgroups``. Returns the HTML file's path."""
+    out_dir = Path(path)
+    home = out_dir if (out_dir / "checkpoints").is_dir() else out_dir.parent
+    if not (home / "checkpoints").is_dir():
+        raise MeddiagError(f"{out_dir} is not a meddiag run folder (or an evaluation folder inside one)")
+    config = _run_config(home)
+    subgroups = list(subgroups) if subgroups is not None else (config.subgroups if config else [])
+    predictions = out_dir / "predictions.csv"
+    header = predictions.read_text().split("\n", 1)[0].split(",") if predictions.exists() else []
+    ready = predictions.exists() and all(c in header for c in subgroups) and (home / "predictions_val.csv").exists()
+    if ready:
+        _, card = load_checkpoint(best_checkpoint(home))
+        metrics_file = out_dir / "metrics.json"
+        split = json.loads(metrics_file.read_text()).get("split", "test") if metrics_file.exists() else "test"
+        write_report(out_dir, home, card, split=split, subgroups=subgroups, n_resamples=n_resamples)
+    elif out_dir == home:
+        evaluate_run(home, subgroups=subgroups, n_resamples=n_resamples, progress=progress)
+    else:
+        raise MeddiagError(f"{out_dir} lacks the predictions this report needs; run 'meddiag evaluate' again with --out {out_dir}")
+    return out_dir / "report.html"
+
+
+def _run_config(home: Path) -> TrainConfig | None:
+    config_file = home / "config.yaml"
+    return TrainConfig.model_validate(read_yaml(config_file)) if config_file.exists() else None
+
+
+def prediction_table(part: Split, probs: np.ndarray, subgroups: Sequence[str]) -> PredictionTable:
+    """A split's predictions with its patient keys and the asked-for subgroup columns only (other
+    manifest columns are never written: they might hold identifying data)."""
+    images = part.paths if part.paths is not None else [str(i) for i in range(len(part))]
+    meta = {k: part.meta[k] for k in subgroups if k in part.meta}
+    return PredictionTable(list(images), part.labels.numpy(), probs, part.groups, meta)
+
+
+def _plot_failures(part: Split, failures: dict, path: Path) -> None:
+    cases = [(kind, row) for kind, rows in failures.items() for row in rows]
+    if not cases:
+        path.unlink(missing_ok=True)
+        return
+    images, captions = [], []
+    for kind, row in cases:
+        image = part.images[row["index"]].numpy()
+        if image.ndim == 4:  # a volume (C, D, H, W): its middle slice
+            image = image[:, image.shape[1] // 2]
+        image = image[0] if image.shape[0] == 1 else np.moveaxis(image, 0, -1)
+        images.append(image)
+        label = {"false_positives": "FP", "false_negatives": "FN"}.get(kind, "error")
+        captions.append(f"{label}: {row['label']} called {row['prediction']}\nP({row['prediction']}) {row['probability']:.3f}  #{row['index']}")
+    plot_gallery(images, captions, path, "Most confident mistakes (test split)")
 
 
 def evaluate_split(model: torch.nn.Module, card: ModelCard, part: Split) -> tuple[dict, np.ndarray]:
     """Metrics of ``model`` on one in-memory split, and its probabilities (N, K)."""
     images = match_channels(part.images, card.in_channels)
-    probs = predict_proba(model, images, card.task, card.mean, card.std).numpy()
+    probs = predict_proba(model, images, card.task, card.mean, card.std, temperature=card.temperature).numpy()
     return classification_metrics(part.labels.numpy(), probs, card.task, card.class_names, card.threshold), probs
-
-
-def write_predictions(path: Path, card: ModelCard, probs: np.ndarray, labels: np.ndarray, paths: list[str] | None) -> None:
-    """One row per image: its source (or index), true and predicted class, each class's probability."""
-    pred = predict_labels(probs, card.task, card.threshold)
-    with open(path, "w", newline="") as fh:
-        writer = csv.writer(fh)
-        writer.writerow(["image", "label", "prediction", *[f"prob_{c}" for c in card.class_names]])
-        for i in range(len(probs)):
-            source = paths[i] if paths else str(i)
-            if card.task == "multilabel":
-                truth = ";".join(c for c, v in zip(card.class_names, labels[i]) if v)
-                decided = ";".join(c for c, v in zip(card.class_names, pred[i]) if v)
-            else:
-                truth, decided = card.class_names[int(labels[i])], card.class_names[int(pred[i])]
-            writer.writerow([source, truth, decided, *[f"{p:.6f}" for p in probs[i]]])
 
 
 def summary_line(metrics: dict) -> str:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from pathlib import Path
 
 import matplotlib
@@ -71,6 +72,62 @@ def plot_training_curves(history: list[dict[str, float]], path: Path) -> Path:
     ax2.legend()
     for ax in (ax1, ax2):
         ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+    return _save(fig, path)
+
+
+def plot_precision_recall(truth: np.ndarray, probs: np.ndarray, classes: list[int], class_names: list[str], path: Path) -> Path:
+    """Precision-recall curve per reported class, with average precision and prevalence."""
+    from meddiag.evaluation.stats import average_precision, precision_recall_curve
+
+    fig, ax = plt.subplots(figsize=(5, 5), dpi=120)
+    for i in classes:
+        known = np.isfinite(truth[:, i])
+        t, p = truth[known, i].astype(bool), probs[known, i]
+        if not t.any():
+            continue
+        recall, precision = precision_recall_curve(t, p)
+        ax.step(np.r_[0, recall], np.r_[precision[0], precision], where="post", lw=1.5,
+                label=f"{class_names[i]} (AP {average_precision(t, p):.3f}, prevalence {t.mean():.2f})")
+    ax.set(xlabel="recall (sensitivity)", ylabel="precision (PPV)", xlim=(0, 1), ylim=(0, 1.01), title="Precision-recall")
+    ax.legend(loc="lower left", fontsize=8)
+    return _save(fig, path)
+
+
+def plot_reliability(curves: dict[str, list[dict]], path: Path, xlabel: str = "predicted probability") -> Path:
+    """Reliability diagram: observed frequency against mean predicted probability per bin."""
+    fig, ax = plt.subplots(figsize=(5, 5), dpi=120)
+    ax.plot([0, 1], [0, 1], ls="--", c="grey", lw=1, label="perfect calibration")
+    for name, bins in curves.items():
+        ax.plot([b["confidence"] for b in bins], [b["observed"] for b in bins], marker="o", ms=3, lw=1.5, label=name)
+    ax.set(xlabel=xlabel, ylabel="observed frequency", xlim=(0, 1), ylim=(0, 1), title="Reliability (15 equal-mass bins)")
+    ax.legend(loc="upper left", fontsize=8)
+    return _save(fig, path)
+
+
+def plot_decision_curve(curve: dict, path: Path) -> Path:
+    """Net benefit of the model against treating everyone and no one, over threshold probabilities."""
+    fig, ax = plt.subplots(figsize=(6, 4), dpi=120)
+    t = curve["threshold"]
+    ax.plot(t, curve["model"], lw=1.8, label="model")
+    ax.plot(t, curve["treat_all"], lw=1, c="grey", label="treat all")
+    ax.plot(t, curve["treat_none"], lw=1, c="black", ls="--", label="treat none")
+    top = max(max(curve["model"]), max(curve["treat_all"]), 0.01)
+    ax.set(xlabel="threshold probability", ylabel="net benefit", xlim=(0, 1), ylim=(-0.05 * top - 0.01, top * 1.1),
+           title="Decision curve")
+    ax.legend(fontsize=8)
+    return _save(fig, path)
+
+
+def plot_gallery(images: list[np.ndarray], captions: list[str], path: Path, title: str, columns: int = 4) -> Path:
+    """A grid of uint8 images (H, W) or (H, W, 3), each with its caption."""
+    rows = max(1, math.ceil(len(images) / columns))
+    fig, axes = plt.subplots(rows, columns, figsize=(2.4 * columns, 2.6 * rows), dpi=100, squeeze=False)
+    for ax in axes.ravel():
+        ax.axis("off")
+    for ax, image, caption in zip(axes.ravel(), images, captions):
+        ax.imshow(image, cmap="gray" if image.ndim == 2 else None, vmin=0, vmax=255)
+        ax.set_title(caption, fontsize=7)
+    fig.suptitle(title, fontsize=10)
     return _save(fig, path)
 
 

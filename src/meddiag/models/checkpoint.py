@@ -40,6 +40,8 @@ class ModelCard(BaseModel):
     window: str | None = Field(None, description="DICOM VOI window used in training (None: each file's own)")
     volume_index: int | None = Field(None, description="4D NIfTI files: the volume used in training")
     threshold: float = Field(0.5, description="decision threshold on the positive class (binary) or each label (multi-label)")
+    operating_point: str | None = Field(None, description="the rule that chose the threshold on validation (youden, sens90, ...); None: fixed")
+    temperature: float = Field(1.0, gt=0, description="temperature scaling of the logits, fitted on validation (1: none)")
     data_name: str = ""
     meddiag_version: str = meddiag.__version__
 
@@ -83,3 +85,16 @@ def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") 
     except RuntimeError as exc:
         raise ModelError(f"{path}: weights do not fit model {card.model_name}: {str(exc).splitlines()[0]}") from None
     return model.eval(), card
+
+
+def update_card(path: str | Path, **changes: object) -> ModelCard:
+    """Change fields of a checkpoint's model card in place (e.g. the threshold chosen on
+    validation, a fitted temperature); the weights are untouched. Returns the new card."""
+    path = Path(path)
+    ckpt = torch.load(path, map_location="cpu", weights_only=True)
+    card = ModelCard.model_validate({**ckpt[META_KEY], **changes})
+    ckpt[META_KEY] = card.model_dump()
+    tmp = path.with_suffix(".tmp")
+    torch.save(ckpt, tmp)
+    tmp.replace(path)
+    return card

@@ -8,20 +8,24 @@ from torch import nn
 from meddiag.data.transforms import normalize, to_unit_float
 
 
-def logits_to_probs(logits: torch.Tensor, task: str) -> torch.Tensor:
-    """(N, K) logits -> (N, K) probabilities: softmax for single-label, sigmoid for multi-label."""
+def logits_to_probs(logits: torch.Tensor, task: str, temperature: float = 1.0) -> torch.Tensor:
+    """(N, K) logits -> (N, K) probabilities: softmax for single-label, sigmoid for multi-label,
+    after dividing the logits by ``temperature`` (temperature scaling; 1 leaves them as they are)."""
+    if temperature != 1.0:
+        logits = logits / temperature
     return torch.sigmoid(logits) if task == "multilabel" else torch.softmax(logits, dim=1)
 
 
 @torch.inference_mode()
-def predict_proba(model: nn.Module, images: torch.Tensor, task: str, mean: float, std: float, batch_size: int = 256) -> torch.Tensor:
+def predict_proba(model: nn.Module, images: torch.Tensor, task: str, mean: float, std: float, batch_size: int = 256,
+                  temperature: float = 1.0) -> torch.Tensor:
     """Class probabilities (N, K) float32 for uint8 images (N, C, *spatial), on the model's device."""
     device = next(model.parameters()).device
     model.eval()
     out = []
     for chunk in images.split(batch_size):
         x = normalize(to_unit_float(chunk.to(device)), mean, std)
-        out.append(logits_to_probs(model(x).float(), task).cpu())
+        out.append(logits_to_probs(model(x).float(), task, temperature).cpu())
     if not out:
         return torch.empty(0, 0)
     return torch.cat(out)

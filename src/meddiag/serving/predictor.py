@@ -103,7 +103,7 @@ class Predictor:
     def predict_arrays(self, images: torch.Tensor) -> np.ndarray:
         """Probabilities (N, K) for uint8 model input (N, C, H, W) or (N, C, D, H, W)."""
         c = self.card
-        return predict_proba(self.model, images, c.task, c.mean, c.std, self.batch_size).numpy()
+        return predict_proba(self.model, images, c.task, c.mean, c.std, self.batch_size, c.temperature).numpy()
 
     def predict(self, paths: list[str | Path]) -> tuple[list[Prediction], list[Failure]]:
         """Predict every image file in ``paths`` (files or folders); for 3D models every volume

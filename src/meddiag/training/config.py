@@ -38,12 +38,22 @@ class TrainConfig(BaseModel):
     test_fraction: float = Field(0.2, gt=0, lt=0.5)
     folds: int = Field(1, ge=1, description="K >= 2: K-fold cross-validation over train+val, patients kept whole")
     early_stopping_patience: int = Field(10, ge=0, description="epochs without a better val AUC before stopping; 0 = never")
-    threshold: float = Field(0.5, gt=0, lt=1)
+    threshold: float = Field(0.5, gt=0, lt=1, description="decision threshold, unless operating_point chooses one")
+    operating_point: str | None = Field(None, description="choose the threshold on validation: youden, sens90, sens95, spec90 (any sensNN/specNN); binary tasks")
+    calibrate: bool = Field(False, description="fit temperature scaling on validation and store it in the checkpoint")
+    subgroups: list[str] = Field(default_factory=list, description="manifest columns to report every metric by (e.g. sex, site)")
     accelerator: str = "auto"
     devices: int | str = "auto"
     precision: str = Field("auto", description="auto: bf16-mixed where the hardware computes bf16 natively, else 32-true")
     num_workers: int = Field(0, ge=0)
     out: str | None = Field(None, description="run folder; default runs/<data>-<model>[-N]")
+
+    @field_validator("operating_point")
+    @classmethod
+    def _known_rule(cls, value: str | None) -> str | None:
+        if value is not None and value != "youden" and not (value[:4] in ("sens", "spec") and value[4:].isdigit() and 0 < int(value[4:]) < 100):
+            raise ValueError(f"operating point must be youden, sensNN or specNN (e.g. sens90, spec95), not '{value}'")
+        return value
 
     @field_validator("window")
     @classmethod

@@ -1,0 +1,182 @@
+"""``report.html``: one self-contained file (styles and figures inline, nothing fetched from a
+network), readable offline and attachable to a study record."""
+
+from __future__ import annotations
+
+import base64
+import html
+import math
+from pathlib import Path
+
+_CSS = """
+body{font-family:system-ui,-apple-system,Segoe UI,Roboto,sans-serif;margin:2em auto;max-width:1100px;color:#222;line-height:1.45;padding:0 1em}
+h1{font-size:1.6em;margin-bottom:.2em}h2{border-bottom:2px solid #ddd;padding-bottom:.2em;margin-top:2em}
+table{border-collapse:collapse;margin:.6em 0 1.2em;font-size:.9em}th,td{border:1px solid #ccc;padding:.3em .6em;text-align:right}
+th{background:#f3f3f3}td:first-child,th:first-child{text-align:left}.note{color:#555;font-size:.9em}
+.flag{color:#b00020;font-weight:600}figure{display:inline-block;margin:.5em 1em .5em 0}img{max-width:520px;border:1px solid #eee}
+.wide img{max-width:1050px}nav a{margin-right:1em}
+"""
+
+SECTIONS = [("model", "Model"), ("data", "Data flow"), ("discrimination", "Discrimination"),
+            ("operating-points", "Operating points"), ("calibration", "Calibration"),
+            ("decision-curve", "Clinical utility"), ("subgroups", "Subgroups"), ("failures", "Failure analysis")]
+
+
+def num(value: object, digits: int = 3) -> str:
+    if value is None or (isinstance(value, float) and not math.isfinite(value)):
+        return "–"
+    if isinstance(value, float):
+        return f"{value:.{digits}f}"
+    return html.escape(str(value))
+
+
+def with_ci(value: object, ci: object, digits: int = 3) -> str:
+    if not isinstance(ci, (list, tuple)) or len(ci) != 2:
+        return num(value, digits)
+    return f"{num(value, digits)} <span class='note'>({num(ci[0], digits)}–{num(ci[1], digits)})</span>"
+
+
+def figure(path: Path, caption: str = "", wide: bool = False) -> str:
+    if not path.exists():
+        return ""
+    data = base64.b64encode(path.read_bytes()).decode()
+    cls = " class='wide'" if wide else ""
+    return f"<figure{cls}><img alt='{html.escape(caption)}' src='data:image/png;base64,{data}'><figcaption class='note'>{html.escape(caption)}</figcaption></figure>"
+
+
+def table(header: list[str], rows: list[list[str]]) -> str:
+    head = "".join(f"<th>{h}</th>" for h in header)
+    body = "".join("<tr>" + "".join(f"<td>{c}</td>" for c in row) + "</tr>" for row in rows)
+    return f"<table><tr>{head}</tr>{body}</table>"
+
+
+def render(report: dict, plots: dict[str, Path]) -> str:
+    """The HTML page of a report dict (as ``report.json`` holds it) and its figure files."""
+    parts = [f"<h1>meddiag evaluation report</h1><p class='note'>{html.escape(report['title'])}</p>",
+             "<nav>" + "".join(f"<a href='#{k}'>{t}</a>" for k, t in SECTIONS) + "</nav>"]
+    parts += [_model(report), _data(report), _discrimination(report, plots), _operating_points(report),
+              _calibration(report, plots), _decision(report, plots), _subgroups(report), _failures(report, plots)]
+    return ("<!DOCTYPE html><html lang='en'><head><meta charset='utf-8'><title>meddiag report</title>"
+            f"<style>{_CSS}</style></head><body>{''.join(parts)}</body></html>")
+
+
+def _section(key: str, body: str) -> str:
+    title = dict(SECTIONS)[key]
+    return f"<section id='{key}'><h2>{title}</h2>{body}</section>"
+
+
+def _model(r: dict) -> str:
+    m = r["model"]
+    rows = [[html.escape(k), num(v)] for k, v in m.items()]
+    return _section("model", table(["", ""], rows))
+
+
+def _data(r: dict) -> str:
+    d = r.get("data") or {}
+    classes = d.get("class_names", [])
+    rows = []
+    for split, info in (d.get("splits") or {}).items():
+        counts = info.get("per_class", {})
+        rows.append([split, num(info.get("n_images")), *[num(counts.get(c)) for c in classes], html.escape(str(info.get("origin", "")))])
+    body = table(["split", "images", *map(html.escape, classes), "origin"], rows) if rows else "<p>No data record.</p>"
+    excluded = d.get("excluded") or []
+    if excluded:
+        body += f"<p>{len(excluded)} file(s) excluded:</p>" + table(["file", "reason"], [[html.escape(e["path"]), html.escape(e["reason"])] for e in excluded[:200]])
+        if len(excluded) > 200:
+            body += f"<p class='note'>… and {len(excluded) - 200} more (all in data.json).</p>"
+    else:
+        body += "<p>No file was excluded.</p>"
+    body += f"<p class='note'>Evaluated on {r['n_test']} {html.escape(r.get('split', 'test'))} images; operating points chosen on {r['n_val']} validation images.</p>"
+    return _section("data", body)
+
+
+def _discrimination(r: dict, plots: dict[str, Path]) -> str:
+    d = r["discrimination"]
+    rows = [[html.escape(c), with_ci(v["auc"], v["auc_ci"]), num(v["average_precision"]), num(v["positives"]), num(v["n"])]
+            for c, v in d["per_class"].items()]
+    body = table(["class (one-vs-rest)", "AUC (95% CI)", "average precision", "positives", "images"], rows)
+    if "macro_auc" in d:
+        body += table(["average", "AUC (95% CI)"], [["macro", with_ci(d["macro_auc"], d["macro_auc_ci"])],
+                                                   ["micro", with_ci(d["micro_auc"], d["micro_auc_ci"])]])
+    body += (f"<p class='note'>95% percentile bootstrap intervals, {d['n_resamples']} resamples (seed {d['seed']}), "
+             f"resampling {d['resampled']}.</p>")
+    body += figure(plots.get("roc", Path("-")), "ROC curves") + figure(plots.get("pr", Path("-")), "Precision-recall curves")
+    body += figure(plots.get("confusion", Path("-")), "Confusion matrix at the checkpoint's decision")
+    return _section("discrimination", body)
+
+
+def _operating_points(r: dict) -> str:
+    body = ("<p class='note'>Thresholds are chosen on the validation split and reported on the test split. "
+            "Sensitivity, specificity, PPV and NPV with Wilson 95% intervals; F1 with a bootstrap interval.</p>")
+    for cls, points in r["operating_points"].items():
+        rows = []
+        for name, p in points.items():
+            if "error" in p:
+                rows.append([html.escape(name), html.escape(p["error"])] + [""] * 7)
+                continue
+            rows.append([f"{html.escape(name)}<br><span class='note'>{html.escape(p['rule'])}</span>", num(p.get("threshold"), 4),
+                         with_ci(p["sensitivity"], p["sensitivity_ci"]), with_ci(p["specificity"], p["specificity_ci"]),
+                         with_ci(p["ppv"], p["ppv_ci"]), with_ci(p["npv"], p["npv_ci"]), with_ci(p["f1"], p["f1_ci"]),
+                         f"TP {p['tp']} FP {p['fp']}<br>FN {p['fn']} TN {p['tn']}"])
+        body += f"<h3>{html.escape(cls)}</h3>" + table(
+            ["operating point", "threshold", "sensitivity", "specificity", "PPV", "NPV", "F1", "2x2 table"], rows)
+    return _section("operating-points", body)
+
+
+def _calibration(r: dict, plots: dict[str, Path]) -> str:
+    c = r["calibration"]
+    rows = []
+    for name, key in (("model", "model"), ("before temperature scaling", "before_temperature")):
+        if key in c:
+            v = c[key]
+            rows.append([name, num(v.get("ece")), num(v.get("brier")), num(v.get("slope")), num(v.get("intercept"))])
+    body = table(["", "ECE", "Brier", "slope", "intercept"], rows)
+    body += f"<p class='note'>Of {html.escape(c['model'].get('of', ''))}. ECE over 15 equal-mass bins; slope and intercept of a logistic recalibration (perfect: 1 and 0; slope &lt; 1: overconfident).</p>"
+    if "temperature" in c:
+        body += f"<p>Temperature scaling fitted on validation: T = {num(c['temperature'])}.</p>"
+    per_class = c["model"].get("per_class")
+    if per_class:
+        body += table(["class", "ECE", "Brier", "slope", "intercept"],
+                      [[html.escape(k), num(v["ece"]), num(v["brier"]), num(v["slope"]), num(v["intercept"])] for k, v in per_class.items()])
+    body += figure(plots.get("reliability", Path("-")), "Reliability diagram")
+    return _section("calibration", body)
+
+
+def _decision(r: dict, plots: dict[str, Path]) -> str:
+    if not r.get("decision_curve"):
+        return _section("decision-curve", "<p>Decision curves are drawn for binary tasks.</p>")
+    return _section("decision-curve", "<p class='note'>Net benefit = TP/N − FP/N × pt/(1 − pt) (Vickers &amp; Elkin 2006).</p>"
+                    + figure(plots.get("decision", Path("-")), "Decision curve", wide=True))
+
+
+def _subgroups(r: dict) -> str:
+    groups = r.get("subgroups") or {}
+    if not groups:
+        return _section("subgroups", "<p>No subgroups asked for (<code>--subgroups sex,age_group,site</code> names manifest columns).</p>")
+    body = ("<p class='note'>Each subgroup against the rest of the test set; a gap is <span class='flag'>flagged</span> when its "
+            "95% interval excludes zero (bootstrap for AUC, Newcombe's score interval for proportions).</p>")
+    for column, rows in groups.items():
+        if "error" in rows:
+            body += f"<h3>{html.escape(column)}</h3><p>{html.escape(rows['error'])}</p>"
+            continue
+        keys = [k for k in ("sensitivity", "specificity", "acc") if any(k in v for v in rows.values())]
+        out = []
+        for value, v in rows.items():
+            cells = [html.escape(value), num(v["n"]), with_ci(v["auc"], v["auc_ci"]), with_ci(v["auc_gap_vs_rest"], v["auc_gap_ci"])]
+            for k in keys:
+                cells += [with_ci(v.get(k), v.get(f"{k}_ci")), with_ci(v.get(f"{k}_gap_vs_rest"), v.get(f"{k}_gap_ci"))]
+            cells.append(f"<span class='flag'>{', '.join(v['flagged'])}</span>" if v["flagged"] else "")
+            out.append(cells)
+        header = ["value", "images", "AUC", "AUC gap"] + [h for k in keys for h in (k, f"{k} gap")] + ["flagged"]
+        body += f"<h3>{html.escape(column)}</h3>" + table(header, out)
+    return _section("subgroups", body)
+
+
+def _failures(r: dict, plots: dict[str, Path]) -> str:
+    f = r.get("failures") or {}
+    body = figure(plots.get("failures", Path("-")), "The most confident mistakes", wide=True)
+    for name, rows in f.items():
+        body += f"<h3>{html.escape(name.replace('_', ' '))}</h3>" + table(
+            ["image", "truth", "prediction", "probability"],
+            [[html.escape(x["image"]), html.escape(x["label"]), html.escape(x["prediction"]), num(x["probability"])] for x in rows])
+    return _section("failures", body or "<p>No mistakes to show.</p>")
