@@ -70,6 +70,9 @@ def train(
     fit: Annotated[Optional[str], typer.Option(help="Resize keeping the aspect ratio (pad) or not (stretch). [default: pad]")] = None,
     window: Annotated[Optional[str], typer.Option(help="DICOM window: lung, mediastinum, bone, brain, abdomen, soft_tissue or C,W. [default: each file's own]")] = None,
     volume_index: Annotated[Optional[int], typer.Option(help="4D NIfTI files: which 3D volume to use, counting from 0. [default: 4D files are refused]")] = None,
+    class_weights: Annotated[Optional[str], typer.Option(help="auto: weight classes by inverse frequency. [default: none]")] = None,
+    loss: Annotated[Optional[str], typer.Option(help="ce (cross-entropy) or focal. [default: ce]")] = None,
+    sampler: Annotated[Optional[str], typer.Option(help="shuffle, or balanced (classes drawn equally often). [default: shuffle]")] = None,
     operating_point: Annotated[Optional[str], typer.Option(help="Choose the decision threshold on validation: youden, sens90, sens95, spec90 (binary tasks). [default: 0.5]")] = None,
     calibrate: Annotated[Optional[bool], typer.Option("--calibrate/--no-calibrate", help="Fit temperature scaling on validation; stored in the checkpoint. [default: no]")] = None,
     subgroups: Annotated[Optional[str], typer.Option(help="Manifest columns to report every metric by, e.g. sex,age_group,site.")] = None,
@@ -94,7 +97,7 @@ def train(
         raise MeddiagError("give the DATA to train on (or a --config file that names it)")
     cfg = TrainConfig.from_sources(
         config, data=data, model=model, epochs=epochs, batch_size=batch_size, lr=lr, image_size=image_size,
-        seed=seed, fit=fit, window=window, volume_index=volume_index, operating_point=operating_point, calibrate=calibrate,
+        seed=seed, fit=fit, window=window, volume_index=volume_index, class_weights=class_weights, loss=loss, sampler=sampler, operating_point=operating_point, calibrate=calibrate,
         subgroups=_columns(subgroups), out=out, folds=folds, accelerator=accelerator, devices=int(devices) if devices and devices.isdigit() else devices,
     )
     if cfg.folds > 1:

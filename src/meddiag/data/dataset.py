@@ -50,8 +50,8 @@ class Split:
         return int(self.images.shape[0])
 
     def class_counts(self, num_classes: int) -> list[int]:
-        if self.labels.ndim == 2:
-            return [int(v) for v in self.labels.sum(0).tolist()]
+        if self.labels.ndim == 2:  # multi-label: images with each finding (unknown entries are NaN)
+            return [int(v) for v in torch.nan_to_num(self.labels).sum(0).tolist()]
         return torch.bincount(self.labels, minlength=num_classes).tolist()
 
 

@@ -42,6 +42,7 @@ class FileRecord:
     split: str | None = None
     patient_id: str | None = None
     meta: dict[str, str] = field(default_factory=dict)  # other manifest columns (sex, site, ...)
+    targets: dict[str, float] | None = None  # multi-label: 1/0 per finding, NaN where not recorded
 
 
 def load_file_records(
@@ -67,8 +68,10 @@ def load_file_records(
     (patient ids from the manifest, or for DICOM files a one-way key of their PatientID). Unreadable files are listed in
     ``ImageData.excluded`` and a warning names each one.
     """
-    class_names = sorted({r.label for r in records})
-    _check_classes(class_names, name)
+    multilabel = bool(records) and records[0].targets is not None
+    class_names = list(records[0].targets) if multilabel else sorted({r.label for r in records})  # type: ignore[arg-type]
+    if not multilabel:
+        _check_classes(class_names, name)
     volume = _volume_flags(records)
     if any(volume) and not all(volume):
         image = next(r.path for r, v in zip(records, volume) if not v)
@@ -87,7 +90,12 @@ def load_file_records(
     by_split: dict[str, list[int]] = {s: [] for s in SPLITS}
     for i, (rec, _) in enumerate(kept):
         by_split[rec.split or "train"].append(i)
-    labels = np.array([class_names.index(r.label) for r, _ in kept])
+    if multilabel:
+        labels = np.array([[r.targets[c] for c in class_names] for r, _ in kept], dtype=np.float32)  # type: ignore[index]
+        strata = _rarest_positive(labels)
+    else:
+        labels = np.array([class_names.index(r.label) for r, _ in kept])
+        strata = labels
     patients = [r.patient_id for r, _ in kept]
     has_patients = any(p is not None for p in patients)
     origin = {s: "given" for s in SPLITS if by_split[s]}
@@ -99,7 +107,7 @@ def load_file_records(
         groups = [patients[i] or f"#{i}" for i in pool] if has_patients else None
         # Fractions are of the original training files: carving test first must not shrink val's share.
         share = fraction * n_train / len(pool)
-        keep, carve = stratified_split(labels[pool], min(share, 0.5), seed, groups)
+        keep, carve = stratified_split(strata[pool], min(share, 0.5), seed, groups)
         by_split["train"], by_split[split] = pool[keep].tolist(), pool[carve].tolist()
         origin[split] = "carved from train"
 
@@ -114,17 +122,17 @@ def load_file_records(
             imgs = [np.repeat(a, 3, axis=0) if a.shape[0] == 1 else a for a in imgs]
         splits[split] = Split(
             images=torch.from_numpy(np.stack(imgs)),
-            labels=torch.from_numpy(labels[idx].astype(np.int64)),
+            labels=torch.from_numpy(labels[idx] if multilabel else labels[idx].astype(np.int64)),
             paths=[str(kept[i][0].path) for i in idx],
             groups=[patient_key(patients[i]) if patients[i] else f"#{kept[i][0].path}" for i in idx] if has_patients else None,
             meta={k: [kept[i][0].meta.get(k, "") for i in idx] for k in meta_keys},
         )
     missing = [c for c, n in zip(class_names, splits["train"].class_counts(len(class_names))) if n == 0]
     if missing:
-        raise DataError(f"{name}: no training images of class {', '.join(missing)}")
+        raise DataError(f"{name}: no training images {'with the finding' if multilabel else 'of class'} {', '.join(missing)}")
     return ImageData(
         name=name,
-        task="binary" if len(class_names) == 2 else "multiclass",
+        task="multilabel" if multilabel else "binary" if len(class_names) == 2 else "multiclass",
         class_names=class_names,
         splits=splits,
         image_size=size,
@@ -133,6 +141,15 @@ def load_file_records(
         split_origin=origin,
         excluded=excluded,
     )
+
+
+def _rarest_positive(labels: np.ndarray) -> np.ndarray:
+    """A stratum per multi-label image: its rarest present finding (K when it has none), so carved
+    splits keep every finding represented."""
+    positives = np.nan_to_num(labels) > 0.5
+    frequency = positives.sum(0)
+    rank = np.where(positives, frequency[None, :], np.iinfo(np.int64).max)
+    return np.where(positives.any(1), rank.argmin(1), labels.shape[1])
 
 
 def _check_classes(class_names: list[str], name: str) -> None:

@@ -106,7 +106,8 @@ def _file_facts(records: list[FileRecord], progress: bool) -> list[FileFacts]:
 
 
 def _facts_of(rec: FileRecord) -> FileFacts:
-    fact = FileFacts(rec.split or UNSPLIT, rec.label, str(rec.path))
+    label = rec.label if rec.targets is None else ";".join(c for c, v in rec.targets.items() if v == 1) or "(no finding)"
+    fact = FileFacts(rec.split or UNSPLIT, label, str(rec.path))
     if rec.patient_id is not None:
         fact.patient = patient_key(rec.patient_id)
     try:

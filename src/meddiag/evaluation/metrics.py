@@ -72,31 +72,64 @@ def binary_counts_metrics(tp: int, fp: int, tn: int, fn: int) -> dict[str, float
     }
 
 
+def quadratic_weighted_kappa(y_true: np.ndarray, y_pred: np.ndarray, num_classes: int) -> float:
+    """Cohen's kappa with quadratic weights (i - j)^2 / (K - 1)^2: agreement on ordinal grades,
+    penalising a miss by two grades four times a miss by one."""
+    observed = confusion_matrix(y_true, y_pred, num_classes).astype(np.float64)
+    n = observed.sum()
+    if n == 0:
+        return math.nan
+    expected = np.outer(observed.sum(1), observed.sum(0)) / n
+    i, j = np.indices((num_classes, num_classes))
+    weights = (i - j) ** 2 / max(1, (num_classes - 1) ** 2)
+    denom = (weights * expected).sum()
+    return float(1 - (weights * observed).sum() / denom) if denom else math.nan
+
+
+def is_ordinal(class_names: list[str]) -> bool:
+    """Grades: three or more classes named by consecutive integers (``0``..``4``, as RetinaMNIST and
+    graded folders are). Their metrics add quadratic-weighted kappa and mean absolute error."""
+    try:
+        values = [int(c) for c in class_names]
+    except ValueError:
+        return False
+    return len(values) >= 3 and values == list(range(values[0], values[0] + len(values)))
+
+
 def classification_metrics(
-    labels: np.ndarray, probs: np.ndarray, task: str, class_names: list[str], threshold: float = 0.5
+    labels: np.ndarray, probs: np.ndarray, task: str, class_names: list[str], threshold: float = 0.5,
+    ordinal: bool | None = None,
 ) -> dict:
     """Every headline metric of a classifier on one split.
 
     labels: (N,) int class indices, or (N, K) 0/1 for multi-label.
     probs: (N, K) class probabilities.
+    ``ordinal`` (None: :func:`is_ordinal` of the class names) adds ``quadratic_weighted_kappa``
+    and ``mae`` for graded classes.
     Returns a JSON-ready dict: ``auc``, ``acc``, ``balanced_acc`` (single-label),
     ``per_class`` (one-vs-rest sensitivity, specificity, PPV, NPV, F1, support, AUC),
     ``confusion_matrix`` (single-label), ``n_images``, ``threshold``.
     """
     labels, probs = np.asarray(labels), np.asarray(probs, dtype=np.float64)
     k = len(class_names)
+    ordinal = is_ordinal(class_names) if ordinal is None else ordinal
     pred = predict_labels(probs, task, threshold)
     if task == "multilabel":
-        truth = labels.astype(np.int64)
+        known = np.isfinite(labels.astype(np.float64))  # an unrecorded finding is NaN: left out, never negative
+        truth = np.nan_to_num(labels.astype(np.float64)).astype(np.int64)
     else:
         truth = np.eye(k, dtype=np.int64)[labels]
+        known = np.ones_like(truth, dtype=bool)
         pred_onehot = np.eye(k, dtype=np.int64)[pred]
     decided = pred if task == "multilabel" else pred_onehot
     per_class = {}
     for i, name in enumerate(class_names):
-        t, p = truth[:, i].astype(bool), decided[:, i].astype(bool)
+        m = known[:, i]
+        t, p = truth[m, i].astype(bool), decided[m, i].astype(bool)
         row = binary_counts_metrics(int((t & p).sum()), int((~t & p).sum()), int((~t & ~p).sum()), int((t & ~p).sum()))
-        row["auc"] = roc_auc(t, probs[:, i])
+        row["auc"] = roc_auc(t, probs[m, i])
+        if task == "multilabel":
+            row["unknown"] = int((~m).sum())
         per_class[name] = row
 
     if task == "binary":
@@ -105,11 +138,16 @@ def classification_metrics(
         auc = float(np.nanmean([per_class[c]["auc"] for c in class_names])) if k else math.nan
     out: dict = {"task": task, "n_images": int(len(labels)), "threshold": threshold, "auc": auc}
     if task == "multilabel":
-        out["acc"] = float((pred == truth).mean(axis=0).mean())
+        out["acc"] = float(np.nanmean([(pred[known[:, i], i] == truth[known[:, i], i]).mean() if known[:, i].any() else np.nan
+                                       for i in range(k)]))
     else:
         out["acc"] = float((pred == labels).mean())
         out["balanced_acc"] = float(np.nanmean([per_class[c]["sensitivity"] for c in class_names]))
         out["confusion_matrix"] = confusion_matrix(labels, pred, k).tolist()
+        if ordinal:
+            out["quadratic_weighted_kappa"] = quadratic_weighted_kappa(labels, pred, k)
+            out["mae"] = float(np.abs(labels - pred).mean())  # in grades, of the most probable grade
+            out["mae_expected_grade"] = float(np.abs(labels - probs @ np.arange(k)).mean())
     out["class_names"] = list(class_names)
     out["per_class"] = per_class
     return out

@@ -193,7 +193,10 @@ def _subgroup_row(table: PredictionTable, truth: np.ndarray, decided: np.ndarray
     def auc_of(idx: np.ndarray) -> float:
         if c is not None:
             return roc_auc(truth[idx, c], table.probs[idx, c])
-        values = [roc_auc(truth[idx, k], table.probs[idx, k]) for k in range(truth.shape[1])]
+        values = []
+        for k in range(truth.shape[1]):
+            m = _known(truth[idx, k])
+            values.append(roc_auc(truth[idx, k][m], table.probs[idx, k][m]))
         return float(np.nanmean(values)) if np.isfinite(values).any() else math.nan
 
     sub, rest = np.flatnonzero(inside), np.flatnonzero(~inside)

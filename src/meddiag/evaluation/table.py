@@ -83,7 +83,7 @@ class PredictionTable:
 
 def _label_text(name: str, value: float) -> str:
     """Multi-label truth: a present finding by name, an unknown one as ``name?``."""
-    return f"{name}?" if isinstance(value, float) and math.isnan(value) else name
+    return f"{name}?" if math.isnan(float(value)) else name
 
 
 def _parse_multilabel(text: str, class_names: list[str]) -> list[float]:

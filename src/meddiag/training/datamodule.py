@@ -8,9 +8,10 @@ from __future__ import annotations
 
 import lightning as L
 import torch
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import DataLoader, Dataset, WeightedRandomSampler
 
 from meddiag.data.dataset import ImageData, Split
+from meddiag.training.losses import balanced_sample_weights
 
 
 class SplitDataset(Dataset):
@@ -27,14 +28,21 @@ class SplitDataset(Dataset):
 
 
 class ImageDataModule(L.LightningDataModule):
-    def __init__(self, data: ImageData, batch_size: int, num_workers: int = 0) -> None:
+    """``balanced``: training batches drawn with replacement, each image with probability inversely
+    proportional to its class's frequency (an epoch still has as many images as the split)."""
+
+    def __init__(self, data: ImageData, batch_size: int, num_workers: int = 0, balanced: bool = False) -> None:
         super().__init__()
-        self.data, self.batch_size, self.num_workers = data, batch_size, num_workers
+        self.data, self.batch_size, self.num_workers, self.balanced = data, batch_size, num_workers, balanced
 
     def _loader(self, split: str, train: bool) -> DataLoader:
-        ds = SplitDataset(self.data.splits[split])
+        part = self.data.splits[split]
+        ds = SplitDataset(part)
+        sampler = None
+        if train and self.balanced:
+            sampler = WeightedRandomSampler(balanced_sample_weights(part.labels, self.data.task), len(ds), replacement=True)
         return DataLoader(
-            ds, batch_size=self.batch_size if train else self.batch_size * 2, shuffle=train,
+            ds, batch_size=self.batch_size if train else self.batch_size * 2, shuffle=train and sampler is None, sampler=sampler,
             # A last batch of one image breaks batch norm; dropping a partial batch loses nothing over epochs.
             drop_last=train and len(ds) > self.batch_size,
             num_workers=self.num_workers, persistent_workers=self.num_workers > 0,

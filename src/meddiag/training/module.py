@@ -6,12 +6,12 @@ from typing import Any
 
 import lightning as L
 import torch
-import torch.nn.functional as F
 from torchmetrics import AUROC, Accuracy, MeanMetric
 
 from meddiag.data.transforms import AugmentConfig, augment_batch, normalize, to_unit_float
 from meddiag.models.checkpoint import META_KEY, ModelCard
 from meddiag.models.inference import logits_to_probs
+from meddiag.training.losses import DiagnosisLoss
 
 
 class DiagnosisModule(L.LightningModule):
@@ -20,11 +20,13 @@ class DiagnosisModule(L.LightningModule):
     Every checkpoint it writes carries the model card, so it is self-sufficient.
     """
 
-    def __init__(self, card: dict[str, Any], optim: dict[str, Any], augment: dict[str, Any]) -> None:
+    def __init__(self, card: dict[str, Any], optim: dict[str, Any], augment: dict[str, Any],
+                 loss: dict[str, Any] | None = None) -> None:
         super().__init__()
         self.save_hyperparameters()
         self.card = ModelCard.model_validate(card)
         self.model = self.card.build_model()
+        self.loss_fn = DiagnosisLoss(self.card.task, **(loss or {}))
         self.augment = AugmentConfig.model_validate(augment)
         self.optim = optim
         task, k = self.card.task, self.card.num_classes
@@ -33,8 +35,9 @@ class DiagnosisModule(L.LightningModule):
         elif task == "multiclass":
             self.val_auc, self.val_acc = AUROC(task="multiclass", num_classes=k), Accuracy(task="multiclass", num_classes=k)
         else:
-            self.val_auc = AUROC(task="multilabel", num_labels=k)
-            self.val_acc = Accuracy(task="multilabel", num_labels=k, threshold=self.card.threshold)
+            # Unknown findings (NaN, sent as -1) are left out of the metrics, as of the loss.
+            self.val_auc = AUROC(task="multilabel", num_labels=k, ignore_index=-1)
+            self.val_acc = Accuracy(task="multilabel", num_labels=k, threshold=self.card.threshold, ignore_index=-1)
         self.val_loss = MeanMetric()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -55,9 +58,7 @@ class DiagnosisModule(L.LightningModule):
         return x, labels
 
     def loss(self, logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-        if self.card.task == "multilabel":
-            return F.binary_cross_entropy_with_logits(logits, labels.float())
-        return F.cross_entropy(logits, labels)
+        return self.loss_fn(logits, labels)
 
     def training_step(self, batch: Any, batch_idx: int) -> torch.Tensor:
         x, y = batch
@@ -71,7 +72,10 @@ class DiagnosisModule(L.LightningModule):
         self.val_loss.update(self.loss(logits, y), weight=len(x))
         probs = logits_to_probs(logits.float(), self.card.task)
         scores = probs[:, 1] if self.card.task == "binary" else probs
-        target = y.long() if self.card.task != "multiclass" else y
+        if self.card.task == "multilabel":
+            target = torch.where(torch.isfinite(y), y, torch.full_like(y, -1)).long()
+        else:
+            target = y.long()
         self.val_auc.update(scores, target)
         self.val_acc.update(scores, target)
 

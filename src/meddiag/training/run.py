@@ -29,6 +29,7 @@ from meddiag.models.registry import get_entry
 from meddiag.training.config import TrainConfig
 from meddiag.training.datamodule import ImageDataModule
 from meddiag.training.history import HistoryWriter
+from meddiag.training.losses import auto_class_weights
 from meddiag.training.module import DiagnosisModule
 from meddiag.errors import ConfigError
 
@@ -104,6 +105,9 @@ def train(config: TrainConfig, *, resume: bool = False, progress: bool | None = 
         card=card.model_dump(),
         optim=config.model_dump(include={"optimizer", "lr", "weight_decay", "scheduler", "epochs"}),
         augment=config.augment.model_dump(),
+        loss={"kind": config.loss, "gamma": config.focal_gamma,
+              "weights": auto_class_weights(data.splits["train"].labels, data.num_classes, data.task)
+              if config.class_weights == "auto" else None},
     )
     # best.ckpt: weights and model card only (what predicting needs); last.ckpt: full state for --resume.
     checkpoints = ModelCheckpoint(
@@ -129,7 +133,7 @@ def train(config: TrainConfig, *, resume: bool = False, progress: bool | None = 
         warnings.filterwarnings("ignore", message=".*overridden `on_after_batch_transfer`.*")
         # Raised inside Lightning itself against newer torch; nothing a user can act on.
         warnings.filterwarnings("ignore", message=".*isinstance\\(treespec, LeafSpec\\).*")
-        trainer.fit(module, datamodule=ImageDataModule(data, config.batch_size, config.num_workers),
+        trainer.fit(module, datamodule=ImageDataModule(data, config.batch_size, config.num_workers, config.sampler == "balanced"),
                     ckpt_path=last if resume else None)
     seconds = time.perf_counter() - start
     best = Path(checkpoints.best_model_path) if checkpoints.best_model_path else last
@@ -175,4 +179,8 @@ def write_data_record(data: ImageData, run_dir: Path) -> None:
                 writer = csv.writer(fh)
                 writer.writerow(["path", "label"])
                 for path, label in zip(split.paths or [], split.labels.tolist()):
-                    writer.writerow([path, data.class_names[label]])
+                    if data.task == "multilabel":  # present findings; unrecorded ones marked with '?'
+                        label = ";".join(c + ("?" if v != v else "") for c, v in zip(data.class_names, label) if v != 0)
+                        writer.writerow([path, label])
+                    else:
+                        writer.writerow([path, data.class_names[label]])
