@@ -154,6 +154,7 @@ def predict(
     run: Annotated[Path, typer.Argument(help="Run folder (or a checkpoint file).")],
     paths: Annotated[list[Path], typer.Argument(help="Image files and/or folders.")],
     output: Annotated[Optional[Path], typer.Option(help="Write predictions to this CSV instead of the screen.")] = None,
+    explain: Annotated[Optional[Path], typer.Option(help="Also write a Grad-CAM heatmap figure per image into this folder.")] = None,
 ) -> None:
     """Diagnose images: the predicted class and each class's probability, per file.
 
@@ -169,10 +170,40 @@ def predict(
         print(f"{len(predictions)} predictions -> {output}")
     else:
         write_predictions_csv(sys.stdout, predictions, names)
+    if explain:
+        from meddiag.explain import explain_files
+
+        explained, _ = explain_files(predictor.model, predictor.card, [p.path for p in predictions], explain)
+        print(f"{len(explained)} heatmaps -> {explain}", file=sys.stderr if not output else sys.stdout)
     for f in failures:
         print(f"error: {f.path}: {f.reason}", file=sys.stderr)
     if failures:
         print(f"{len(failures)} file(s) could not be predicted", file=sys.stderr)
+        raise typer.Exit(1)
+
+
+@app.command()
+@friendly_errors
+def explain(
+    run: Annotated[Path, typer.Argument(help="Run folder (or a checkpoint file).")],
+    paths: Annotated[list[Path], typer.Argument(help="Image files, volumes and/or folders.")],
+    method: Annotated[str, typer.Option(help="gradcam, hirescam, gradcampp or occlusion.")] = "gradcam",
+    class_name: Annotated[Optional[str], typer.Option("--class", help="Explain this class. [default: the predicted one]")] = None,
+    out: Annotated[Path, typer.Option(help="Folder for the heatmap figures.")] = Path("explanations"),
+) -> None:
+    """Show where the model looked: for each image a PNG of the original beside its heatmap, captioned
+    with the prediction (volumes: the three planes through the map's peak)."""
+    from meddiag.evaluation.evaluate import best_checkpoint
+    from meddiag.explain import explain_files
+    from meddiag.models.checkpoint import load_checkpoint
+
+    model, card = load_checkpoint(best_checkpoint(run))
+    results, failures = explain_files(model, card, list(paths), out, method, class_name)
+    for r in results:
+        print(f"{r.source}: predicted {r.predicted}; {r.explained} {r.probability:.3f} -> {r.figure}")
+    for f in failures:
+        print(f"error: {f.path}: {f.reason}", file=sys.stderr)
+    if failures:
         raise typer.Exit(1)
 
 

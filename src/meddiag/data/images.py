@@ -12,7 +12,7 @@ from typing import Literal
 import numpy as np
 from PIL import Image, ImageFile, UnidentifiedImageError
 
-from meddiag.data.dicom import DicomImage, is_dicom_file, read_dicom, unit_to_uint8
+from meddiag.data.dicom import DicomIdentity, DicomImage, is_dicom_file, read_dicom, unit_to_uint8
 from meddiag.errors import ImageReadError
 
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".dcm", ".dicom")
@@ -65,6 +65,15 @@ def read_image(path: str | Path, window: str | tuple[float, float] | None = None
     if arr.size == 0:
         raise ImageReadError(path, "image has no pixels")
     return arr
+
+
+def read_image_file(path: str | Path, window: str | tuple[float, float] | None = None) -> tuple[np.ndarray, DicomIdentity | None]:
+    """:func:`read_image`, plus the DICOM file's non-identifying identity (UIDs, patient key), or None."""
+    path = Path(path)
+    if is_dicom_file(path):
+        image = read_dicom(path, window)
+        return dicom_as_2d(image, path), image.identity
+    return read_image(path, window), None
 
 
 def dicom_as_2d(image: DicomImage, path: str | Path) -> np.ndarray:

@@ -23,18 +23,20 @@ class ModelEntry:
     spatial_dims: tuple[int, ...]
     target_layer: str
     description: str
+    pooled_head: bool = True  # ends in global average pooling (Grad-CAM's assumption); False: flatten -> dense
 
 
 _REGISTRY: dict[str, ModelEntry] = {}
 
 
-def register_model(name: str, *, spatial_dims: tuple[int, ...] = (2,), target_layer: str, description: str) -> Callable[[Builder], Builder]:
+def register_model(name: str, *, spatial_dims: tuple[int, ...] = (2,), target_layer: str, description: str,
+                   pooled_head: bool = True) -> Callable[[Builder], Builder]:
     """Decorator registering ``builder(in_channels, num_classes, spatial_dims, image_size, **kwargs)``."""
 
     def wrap(builder: Builder) -> Builder:
         if name in _REGISTRY:
             raise ValueError(f"model {name!r} is registered twice")
-        _REGISTRY[name] = ModelEntry(name, builder, spatial_dims, target_layer, description)
+        _REGISTRY[name] = ModelEntry(name, builder, spatial_dims, target_layer, description, pooled_head)
         return builder
 
     return wrap

@@ -15,10 +15,8 @@ from typing import TextIO
 import numpy as np
 import torch
 
-from meddiag.data.dicom import dicom_frame_count, is_dicom_file, read_dicom
-from meddiag.data.files import is_volume_source
-from meddiag.data.folder import class_items
-from meddiag.data.images import dicom_as_2d, is_image_file, read_image, to_model_input
+from meddiag.data.collect import Failure, collect_image_files, collect_volume_sources
+from meddiag.data.images import read_image_file, to_model_input
 from meddiag.data.volumes import read_volumes, volume_to_model_input
 from meddiag.errors import DataError, ImageReadError
 from meddiag.evaluation.evaluate import best_checkpoint
@@ -34,58 +32,6 @@ class Prediction:
     probabilities: dict[str, float]
     sop_instance_uid: str = ""  # DICOM files: which object was diagnosed (an object id, not PHI)
     series_instance_uid: str = ""
-
-
-@dataclass
-class Failure:
-    path: str
-    reason: str
-
-
-def collect_volume_sources(paths: list[str | Path]) -> tuple[list[Path], list[Failure]]:
-    """The volumes under ``paths``: NIfTI and multi-frame DICOM files; a folder holding
-    single-frame DICOM files is one series; other folders are searched for volumes. 2D images
-    found there are failures (a 3D model cannot diagnose them), never skipped silently."""
-    sources: list[Path] = []
-    failures: list[Failure] = []
-    for raw in paths:
-        path = Path(raw)
-        if not path.exists():
-            failures.append(Failure(str(path), "no such file or folder"))
-        elif path.is_file() or _holds_series(path):
-            sources.append(path)
-        else:
-            found = class_items(path)
-            for item in found:
-                if item.is_dir() or is_volume_source(item):
-                    sources.append(item)
-                else:
-                    failures.append(Failure(str(item), "a 2D image; this model diagnoses volumes"))
-            if not found:
-                failures.append(Failure(str(path), "folder contains no volumes (NIfTI files, multi-frame DICOM files or DICOM series folders)"))
-    return sources, failures
-
-
-def _holds_series(folder: Path) -> bool:
-    return any(f.is_file() and is_dicom_file(f) and dicom_frame_count(f) == 1 for f in folder.iterdir())
-
-
-def collect_image_files(paths: list[str | Path]) -> tuple[list[Path], list[Failure]]:
-    """Expand folders (recursively, image extensions only); missing paths become failures."""
-    files: list[Path] = []
-    failures: list[Failure] = []
-    for raw in paths:
-        path = Path(raw)
-        if path.is_dir():
-            found = sorted(p for p in path.rglob("*") if p.is_file() and is_image_file(p))
-            if not found:
-                failures.append(Failure(str(path), "folder contains no image files"))
-            files += found
-        elif path.is_file():
-            files.append(path)
-        else:
-            failures.append(Failure(str(path), "no such file or folder"))
-    return files, failures
 
 
 class Predictor:
@@ -119,12 +65,7 @@ class Predictor:
             batch, ok, identities = [], [], []
             for path in files[start : start + self.batch_size]:
                 try:
-                    identity = None
-                    if is_dicom_file(path):
-                        image = read_dicom(path, self.card.window)
-                        arr, identity = dicom_as_2d(image, path), image.identity
-                    else:
-                        arr = read_image(path, self.card.window)
+                    arr, identity = read_image_file(path, self.card.window)
                 except ImageReadError as exc:
                     failures.append(Failure(exc.path, exc.reason))
                     continue

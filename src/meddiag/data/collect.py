@@ -1,0 +1,66 @@
+"""Finding what to diagnose under the paths a user gives: image files, volumes, folders of either.
+
+Anything that cannot be used becomes a :class:`Failure` with its path and reason, never a silent skip.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+from meddiag.data.dicom import dicom_frame_count, is_dicom_file
+from meddiag.data.files import is_volume_source
+from meddiag.data.folder import class_items
+from meddiag.data.images import is_image_file
+
+
+@dataclass
+class Failure:
+    path: str
+    reason: str
+
+
+def collect_volume_sources(paths: list[str | Path]) -> tuple[list[Path], list[Failure]]:
+    """The volumes under ``paths``: NIfTI and multi-frame DICOM files; a folder holding
+    single-frame DICOM files is one series; other folders are searched for volumes. 2D images
+    found there are failures (a 3D model cannot diagnose them), never skipped silently."""
+    sources: list[Path] = []
+    failures: list[Failure] = []
+    for raw in paths:
+        path = Path(raw)
+        if not path.exists():
+            failures.append(Failure(str(path), "no such file or folder"))
+        elif path.is_file() or _holds_series(path):
+            sources.append(path)
+        else:
+            found = class_items(path)
+            for item in found:
+                if item.is_dir() or is_volume_source(item):
+                    sources.append(item)
+                else:
+                    failures.append(Failure(str(item), "a 2D image; this model diagnoses volumes"))
+            if not found:
+                failures.append(Failure(str(path), "folder contains no volumes (NIfTI files, multi-frame DICOM files or DICOM series folders)"))
+    return sources, failures
+
+
+def _holds_series(folder: Path) -> bool:
+    return any(f.is_file() and is_dicom_file(f) and dicom_frame_count(f) == 1 for f in folder.iterdir())
+
+
+def collect_image_files(paths: list[str | Path]) -> tuple[list[Path], list[Failure]]:
+    """Expand folders (recursively, image extensions only); missing paths become failures."""
+    files: list[Path] = []
+    failures: list[Failure] = []
+    for raw in paths:
+        path = Path(raw)
+        if path.is_dir():
+            found = sorted(p for p in path.rglob("*") if p.is_file() and is_image_file(p))
+            if not found:
+                failures.append(Failure(str(path), "folder contains no image files"))
+            files += found
+        elif path.is_file():
+            files.append(path)
+        else:
+            failures.append(Failure(str(path), "no such file or folder"))
+    return files, failures

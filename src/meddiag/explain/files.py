@@ -1,0 +1,92 @@
+"""Explaining image files and volumes: one heatmap figure per input, named after it."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch import nn
+
+from meddiag.data.collect import Failure, collect_image_files, collect_volume_sources
+from meddiag.data.images import read_image_file, to_model_input
+from meddiag.data.volumes import read_volumes, volume_to_model_input
+from meddiag.errors import DataError, ImageReadError
+from meddiag.explain.render import overlay_figure, volume_figure
+from meddiag.explain.saliency import explained_classes, method_label, probabilities, saliency_maps
+from meddiag.models.checkpoint import ModelCard
+
+
+@dataclass
+class Explanation:
+    source: str
+    figure: Path
+    explained: str
+    predicted: str
+    probability: float  # of the explained class
+
+
+def caption(card: ModelCard, probs: np.ndarray, explained: int, method: str) -> tuple[str, str]:
+    """('predicted P 0.93 | Grad-CAM of P', the predicted class name)."""
+    decided = explained_classes(probs[None], card)[0]
+    predicted = card.class_names[decided]
+    text = f"predicted {predicted} ({probs[decided]:.3f})"
+    if explained != decided:
+        text += f"  |  explaining {card.class_names[explained]} ({probs[explained]:.3f})"
+    return text + f"  |  {method_label(method, card.model_name)}", predicted
+
+
+def figure_name(source: Path, method: str, used: set[str]) -> str:
+    """``<file stem>_<method>.png``, made unique when two inputs share a stem."""
+    stem = source.name
+    for suffix in (".nii.gz", ".nii", ".dcm", ".dicom", ".png", ".jpg", ".jpeg", ".tif", ".tiff", ".bmp"):
+        if stem.lower().endswith(suffix):
+            stem = stem[: -len(suffix)]
+            break
+    name, k = f"{stem}_{method}.png", 1
+    while name in used:
+        k += 1
+        name = f"{stem}-{k}_{method}.png"
+    used.add(name)
+    return name
+
+
+def explain_files(model: nn.Module, card: ModelCard, paths: list[str | Path], out_dir: Path, method: str = "gradcam",
+                  class_name: str | None = None) -> tuple[list[Explanation], list[Failure]]:
+    """Write a heatmap figure for every image (or, for 3D models, every volume) under ``paths``."""
+    if class_name is not None and class_name not in card.class_names:
+        raise DataError(f"--class {class_name}: the model's classes are {', '.join(card.class_names)}")
+    requested = card.class_names.index(class_name) if class_name is not None else None
+    out_dir = Path(out_dir)
+    used: set[str] = set()
+    results: list[Explanation] = []
+    if card.spatial_dims == 3:
+        sources, failures = collect_volume_sources(paths)
+    else:
+        sources, failures = collect_image_files(paths)
+    for source in sources:
+        try:
+            if card.spatial_dims == 3:
+                volumes = read_volumes(source, card.volume_index)
+                items = [volume_to_model_input(v, card.image_size, card.in_channels, card.window, card.fit) for v in volumes]
+                originals = [None] * len(items)
+            else:
+                original, _ = read_image_file(source, card.window)
+                items, originals = [to_model_input(original, card.image_size, card.in_channels, card.fit)], [original]
+        except (ImageReadError, DataError) as exc:
+            failures.append(Failure(str(source), getattr(exc, "reason", str(exc))))
+            continue
+        for item, original in zip(items, originals):
+            x = torch.tensor(item[None])
+            probs = probabilities(model, x, card)[0]
+            explained = requested if requested is not None else explained_classes(probs[None], card)[0]
+            heat = saliency_maps(model, card, x, method, [explained])[0]
+            text, predicted = caption(card, probs, explained, method)
+            path = out_dir / figure_name(source, method, used)
+            if original is None:
+                volume_figure(item[0], heat, f"{source.name}: {text}", path)
+            else:
+                overlay_figure(original, heat, f"{source.name}: {text}", path, card.fit)
+            results.append(Explanation(str(source), path, card.class_names[explained], predicted, float(probs[explained])))
+    return results, failures
