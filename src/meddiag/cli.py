@@ -76,6 +76,9 @@ def train(
     operating_point: Annotated[Optional[str], typer.Option(help="Choose the decision threshold on validation: youden, sens90, sens95, spec90 (binary tasks). [default: 0.5]")] = None,
     calibrate: Annotated[Optional[bool], typer.Option("--calibrate/--no-calibrate", help="Fit temperature scaling on validation; stored in the checkpoint. [default: no]")] = None,
     subgroups: Annotated[Optional[str], typer.Option(help="Manifest columns to report every metric by, e.g. sex,age_group,site.")] = None,
+    tta: Annotated[Optional[int], typer.Option(help="Test-time augmentation: also predict this many augmented copies of each image. [default: 0]")] = None,
+    mc_dropout: Annotated[Optional[int], typer.Option(help="MC-dropout passes at prediction (networks with dropout). [default: 0]")] = None,
+    coverage: Annotated[Optional[float], typer.Option(help="Abstain on the most uncertain cases, answering this share (e.g. 0.9; chosen on validation).")] = None,
     out: Annotated[Optional[str], typer.Option(help="Run folder. [default: runs/<data>-<model>]")] = None,
     config: Annotated[Optional[Path], typer.Option(help="YAML configuration (e.g. a run's config.yaml); options given here override it.")] = None,
     resume: Annotated[bool, typer.Option(help="Continue the run in --out from its last checkpoint.")] = False,
@@ -98,7 +101,7 @@ def train(
     cfg = TrainConfig.from_sources(
         config, data=data, model=model, epochs=epochs, batch_size=batch_size, lr=lr, image_size=image_size,
         seed=seed, fit=fit, window=window, volume_index=volume_index, class_weights=class_weights, loss=loss, sampler=sampler, operating_point=operating_point, calibrate=calibrate,
-        subgroups=_columns(subgroups), out=out, folds=folds, accelerator=accelerator, devices=int(devices) if devices and devices.isdigit() else devices,
+        subgroups=_columns(subgroups), tta=tta, mc_dropout=mc_dropout, coverage=coverage, out=out, folds=folds, accelerator=accelerator, devices=int(devices) if devices and devices.isdigit() else devices,
     )
     if cfg.folds > 1:
         if resume:
@@ -186,8 +189,10 @@ def predict(
 @friendly_errors
 def explain(
     run: Annotated[Path, typer.Argument(help="Run folder (or a checkpoint file).")],
-    paths: Annotated[list[Path], typer.Argument(help="Image files, volumes and/or folders.")],
+    paths: Annotated[Optional[list[Path]], typer.Argument(help="Image files, volumes and/or folders.")] = None,
     method: Annotated[str, typer.Option(help="gradcam, hirescam, gradcampp or occlusion.")] = "gradcam",
+    sanity: Annotated[bool, typer.Option("--sanity", help="Check the maps on the run's test images (model randomisation, deletion); writes RUN/sanity.json.")] = False,
+    images: Annotated[int, typer.Option(help="Test images the sanity check uses.", min=2)] = 32,
     class_name: Annotated[Optional[str], typer.Option("--class", help="Explain this class. [default: the predicted one]")] = None,
     out: Annotated[Path, typer.Option(help="Folder for the heatmap figures.")] = Path("explanations"),
 ) -> None:
@@ -198,6 +203,19 @@ def explain(
     from meddiag.models.checkpoint import load_checkpoint
 
     model, card = load_checkpoint(best_checkpoint(run))
+    if sanity:
+        from meddiag.explain.sanity import run_sanity_check
+
+        result = run_sanity_check(run, model, card, method, images)
+        r, d = result["randomisation"], result["deletion"]
+        print(f"model randomisation: Spearman {r['spearman_fully_random']:.3f} with the fully randomised model "
+              f"({'passes' if r['passes'] else 'FAILS'}: < 0.3)")
+        print(f"deletion: area {d['deletion_auc']:.3f} against {d['random_deletion_auc']:.3f} for random maps "
+              f"({'passes' if d['passes'] else 'FAILS'}: lower is better)  -> {run / 'sanity.json'}")
+    if not paths:
+        if not sanity:
+            raise MeddiagError("give images to explain (or --sanity to check the maps on the run's test images)")
+        return
     results, failures = explain_files(model, card, list(paths), out, method, class_name)
     for r in results:
         print(f"{r.source}: predicted {r.predicted}; {r.explained} {r.probability:.3f} -> {r.figure}")

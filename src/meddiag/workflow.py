@@ -43,8 +43,9 @@ def train_and_evaluate(config: TrainConfig, *, resume: bool = False, progress: b
 
 def settle_decision(checkpoint: Path, val: Split, config: TrainConfig) -> None:
     """Temperature and threshold chosen on validation, when the configuration asks for them."""
-    if config.calibrate or config.operating_point:
-        tune_decision(checkpoint, val, calibrate=config.calibrate, operating_point=config.operating_point)
+    if config.calibrate or config.operating_point or config.coverage:
+        tune_decision(checkpoint, val, calibrate=config.calibrate, operating_point=config.operating_point,
+                      coverage=config.coverage)
 
 
 @dataclass

@@ -13,11 +13,14 @@ from meddiag.errors import ConfigError
 from meddiag.evaluation import stats
 from meddiag.evaluation.evaluate import evaluate_split
 from meddiag.models.checkpoint import ModelCard, load_checkpoint, update_card
+from meddiag.models.uncertainty import normalised_entropy
 
 
-def tune_decision(checkpoint: Path, val: Split, *, calibrate: bool, operating_point: str | None) -> ModelCard:
-    """Fit a temperature (``calibrate``) and choose the threshold by ``operating_point``
-    (``youden``, ``sens90``, ...) on the validation split ``val``; write them into ``checkpoint``."""
+def tune_decision(checkpoint: Path, val: Split, *, calibrate: bool, operating_point: str | None,
+                  coverage: float | None = None) -> ModelCard:
+    """Fit a temperature (``calibrate``), choose the threshold by ``operating_point`` (``youden``,
+    ``sens90``, ...) and the abstention threshold for ``coverage`` (the share of cases to answer,
+    the most uncertain referred) on the validation split ``val``; write them into ``checkpoint``."""
     model, card = load_checkpoint(checkpoint)
     if operating_point is not None and card.task != "binary":
         raise ConfigError(f"--operating-point chooses one threshold for a binary task; this task is {card.task} "
@@ -35,4 +38,7 @@ def tune_decision(checkpoint: Path, val: Split, *, calibrate: bool, operating_po
     if operating_point is not None:
         changes["threshold"] = stats.choose_threshold(labels == 1, probs[:, 1], operating_point)
         changes["operating_point"] = operating_point
+    if coverage is not None:
+        changes["coverage"] = coverage
+        changes["abstain_threshold"] = stats.abstention_threshold(normalised_entropy(probs, card.task), coverage)
     return update_card(checkpoint, **changes) if changes else card

@@ -20,6 +20,7 @@ from meddiag.evaluation.report import DEFAULT_RESAMPLES, failure_cases, write_re
 from meddiag.evaluation.table import PredictionTable
 from meddiag.models.checkpoint import ModelCard, load_checkpoint
 from meddiag.models.inference import predict_proba
+from meddiag.models.uncertainty import predict_with_uncertainty
 from meddiag.training.config import TrainConfig, read_yaml
 from meddiag.training.history import read_history
 from meddiag.training.run import load_training_data
@@ -169,7 +170,10 @@ def _plot_failures(part: Split, failures: dict, path: Path) -> None:
 def evaluate_split(model: torch.nn.Module, card: ModelCard, part: Split) -> tuple[dict, np.ndarray]:
     """Metrics of ``model`` on one in-memory split, and its probabilities (N, K)."""
     images = match_channels(part.images, card.in_channels)
-    probs = predict_proba(model, images, card.task, card.mean, card.std, temperature=card.temperature).numpy()
+    if card.tta or card.mc_dropout:
+        probs = predict_with_uncertainty(model, card, images)["mean"]
+    else:
+        probs = predict_proba(model, images, card.task, card.mean, card.std, temperature=card.temperature).numpy()
     return classification_metrics(part.labels.numpy(), probs, card.task, card.class_names, card.threshold), probs
 
 

@@ -19,7 +19,8 @@ th{background:#f3f3f3}td:first-child,th:first-child{text-align:left}.note{color:
 
 SECTIONS = [("model", "Model"), ("data", "Data flow"), ("discrimination", "Discrimination"),
             ("operating-points", "Operating points"), ("calibration", "Calibration"),
-            ("decision-curve", "Clinical utility"), ("subgroups", "Subgroups"), ("failures", "Failure analysis")]
+            ("decision-curve", "Clinical utility"), ("subgroups", "Subgroups"), ("failures", "Failure analysis"),
+            ("selective-prediction", "Knowing when not to answer"), ("explanations", "Are the heatmaps meaningful?")]
 
 
 def num(value: object, digits: int = 3) -> str:
@@ -55,7 +56,8 @@ def render(report: dict, plots: dict[str, Path]) -> str:
     parts = [f"<h1>meddiag evaluation report</h1><p class='note'>{html.escape(report['title'])}</p>",
              "<nav>" + "".join(f"<a href='#{k}'>{t}</a>" for k, t in SECTIONS) + "</nav>"]
     parts += [_model(report), _data(report), _discrimination(report, plots), _operating_points(report),
-              _calibration(report, plots), _decision(report, plots), _subgroups(report), _failures(report, plots)]
+              _calibration(report, plots), _decision(report, plots), _subgroups(report), _failures(report, plots),
+              _selective(report, plots), _explanations(report)]
     return ("<!DOCTYPE html><html lang='en'><head><meta charset='utf-8'><title>meddiag report</title>"
             f"<style>{_CSS}</style></head><body>{''.join(parts)}</body></html>")
 
@@ -180,3 +182,35 @@ def _failures(r: dict, plots: dict[str, Path]) -> str:
             ["image", "truth", "prediction", "probability"],
             [[html.escape(x["image"]), html.escape(x["label"]), html.escape(x["prediction"]), num(x["probability"])] for x in rows])
     return _section("failures", body or "<p>No mistakes to show.</p>")
+
+
+def _explanations(r: dict) -> str:
+    s = r.get("explanation_sanity")
+    if not s:
+        return _section("explanations", "<p>Not checked yet: <code>meddiag explain RUN --sanity</code> tests the heatmaps "
+                                        "(model randomisation, deletion) and adds the result here.</p>")
+    ra, de = s["randomisation"], s["deletion"]
+    verdict = lambda ok: "passes" if ok else "<span class='flag'>fails</span>"  # noqa: E731
+    rows = [["model randomisation (Adebayo et al. 2018)", f"Spearman {num(ra['spearman_fully_random'])} with the fully randomised model",
+             html.escape(s["criteria"]["randomisation"]), verdict(ra["passes"])],
+            ["deletion (Petsiuk et al. 2018)", f"area {num(de['deletion_auc'])} vs random maps {num(de['random_deletion_auc'])}",
+             html.escape(s["criteria"]["deletion"]), verdict(de["passes"])]]
+    body = f"<p>{html.escape(s['method'])} maps of {s['n_images']} test images.</p>" + table(["check", "result", "criterion", ""], rows)
+    body += table(["randomised down to", "Spearman"], [[html.escape(x["randomised_down_to"]), num(x["spearman"])] for x in ra["stages"]])
+    return _section("explanations", body)
+
+
+def _selective(r: dict, plots: dict[str, Path]) -> str:
+    s = r.get("selective_prediction")
+    if not s:
+        return _section("selective-prediction", "<p>Not computed.</p>")
+    at = s["error_at_coverage"]
+    body = table(["coverage", "100%", "90%", "80%"], [["error among answered", num(at.get("100")), num(at.get("90")), num(at.get("80"))]])
+    body += f"<p class='note'>Cases ranked by {html.escape(s['uncertainty'])}; the most uncertain are referred to a human first.</p>"
+    rule = s.get("rule")
+    if rule:
+        body += (f"<p>The model's rule (abstain when uncertainty &gt; {num(rule['abstain_above'])}, chosen on validation) answers "
+                 f"{num(rule['coverage'])} of these cases with error {num(rule['error_answered'])} (all cases: {num(rule['error_all'])}).</p>")
+    else:
+        body += "<p class='note'>No abstention rule stored: <code>train --coverage 0.9</code> chooses one on validation.</p>"
+    return _section("selective-prediction", body + figure(plots.get("risk_coverage", Path("-")), "Risk-coverage curve"))

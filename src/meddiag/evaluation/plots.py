@@ -118,6 +118,19 @@ def plot_decision_curve(curve: dict, path: Path) -> Path:
     return _save(fig, path)
 
 
+def plot_risk_coverage(selective: dict, path: Path) -> Path:
+    """Error among the cases answered against the share answered (most certain first)."""
+    fig, ax = plt.subplots(figsize=(5.5, 4), dpi=120)
+    curve = selective["curve"]
+    ax.plot(curve["coverage"], curve["risk"], lw=1.8, label="answer the most certain first")
+    rule = selective.get("rule")
+    if rule:
+        ax.scatter([rule["coverage"]], [rule["error_answered"]], c="red", zorder=3, label="the model's abstention rule")
+    ax.set(xlabel="coverage (share of cases answered)", ylabel="error among answered", xlim=(0, 1.01), title="Risk-coverage")
+    ax.legend(fontsize=8)
+    return _save(fig, path)
+
+
 def plot_gallery(images: list[np.ndarray], captions: list[str], path: Path, title: str, columns: int = 4) -> Path:
     """A grid of uint8 images (H, W) or (H, W, 3), each with its caption."""
     rows = max(1, math.ceil(len(images) / columns))

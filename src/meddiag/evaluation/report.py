@@ -27,6 +27,7 @@ import numpy as np
 from meddiag.evaluation import stats
 from meddiag.evaluation.metrics import json_safe, predict_labels, roc_auc
 from meddiag.evaluation.table import PredictionTable
+from meddiag.models.uncertainty import normalised_entropy
 
 DEFAULT_RESAMPLES = 1000
 RULES = tuple(stats.OPERATING_POINTS)
@@ -262,9 +263,33 @@ def failure_cases(table: PredictionTable, task: str, class_names: list[str], thr
     return {"confident_errors": [row(i) for i in ranked[: 2 * k]]}
 
 
+def selective_prediction(table: PredictionTable, task: str, threshold: float, abstain_threshold: float | None) -> dict:
+    """Risk-coverage: the error among the cases answered when the most uncertain (normalised
+    predictive entropy) are referred, at every coverage and at 100/90/80%; and what the model's own
+    abstention rule (threshold chosen on validation) does on these cases."""
+    u = normalised_entropy(table.probs, task)
+    decided = predict_labels(table.probs, task, threshold)
+    if task == "multilabel":
+        truth = table.truth_matrix()
+        known = np.isfinite(truth)
+        errors = np.array([(decided[i][known[i]] != truth[i][known[i]]).mean() if known[i].any() else 0.0 for i in range(len(u))])
+    else:
+        errors = (decided != table.labels).astype(float)
+    curve = stats.risk_coverage(errors, u)
+    step = max(1, len(u) // 200)
+    out = {"error_at_coverage": curve["error_at"], "curve": {"coverage": curve["coverage"][::step], "risk": curve["risk"][::step]},
+           "uncertainty": "normalised predictive entropy"}
+    if abstain_threshold is not None:
+        answered = u <= abstain_threshold
+        out["rule"] = {"abstain_above": abstain_threshold, "coverage": float(answered.mean()),
+                       "error_answered": float(errors[answered].mean()) if answered.any() else math.nan,
+                       "error_all": float(errors.mean())}
+    return out
+
+
 def compute_report(test: PredictionTable, val: PredictionTable | None, *, task: str, class_names: list[str],
                    threshold: float = 0.5, temperature: float = 1.0, subgroups: Sequence[str] = (),
-                   n_resamples: int = DEFAULT_RESAMPLES, seed: int = 0) -> dict:
+                   n_resamples: int = DEFAULT_RESAMPLES, seed: int = 0, abstain_threshold: float | None = None) -> dict:
     """Every section of the report that is computed from predictions (see the module docstring)."""
     report: dict = {
         "discrimination": discrimination(test, task, class_names, n_resamples, seed),
@@ -273,6 +298,7 @@ def compute_report(test: PredictionTable, val: PredictionTable | None, *, task: 
         "decision_curve": decision_curve(test, task),
         "subgroups": subgroup_analysis(test, task, class_names, threshold, subgroups, n_resamples, seed) if subgroups else {},
         "failures": failure_cases(test, task, class_names, threshold),
+        "selective_prediction": selective_prediction(test, task, threshold, abstain_threshold),
         "n_test": len(test), "n_val": len(val) if val is not None else 0,
     }
     if temperature != 1.0:
@@ -294,7 +320,8 @@ def write_report(out_dir: Path, run_dir: Path, card, *, split: str = "test", sub
     val_file = run_dir / "predictions_val.csv"
     val = PredictionTable.read(val_file, card.class_names, card.task) if val_file.exists() else None
     report = compute_report(test, val, task=card.task, class_names=card.class_names, threshold=card.threshold,
-                            temperature=card.temperature, subgroups=subgroups, n_resamples=n_resamples, seed=seed)
+                            temperature=card.temperature, subgroups=subgroups, n_resamples=n_resamples, seed=seed,
+                            abstain_threshold=card.abstain_threshold)
     data_file = run_dir / "data.json"
     report = {
         "title": f"{card.model_name} on {card.data_name or 'its data'}: {split} split of {_source_name(out_dir, run_dir)}",
@@ -306,6 +333,8 @@ def write_report(out_dir: Path, run_dir: Path, card, *, split: str = "test", sub
         "data": json.loads(data_file.read_text()) if data_file.exists() else None,
         **report,
     }
+    sanity_file = run_dir / "sanity.json"  # written by `meddiag explain --sanity`
+    report["explanation_sanity"] = json.loads(sanity_file.read_text()) if sanity_file.exists() else None
     figures = out_dir / "plots"
     truth = test.truth_matrix()
     classes = focus_classes(card.task, card.class_names)
@@ -318,6 +347,7 @@ def write_report(out_dir: Path, run_dir: Path, card, *, split: str = "test", sub
         found["reliability"] = plots.plot_reliability(curves, figures / "reliability.png", cal["model"].get("of", ""))
     if report["decision_curve"]:
         found["decision"] = plots.plot_decision_curve(report["decision_curve"], figures / "decision_curve.png")
+    found["risk_coverage"] = plots.plot_risk_coverage(report["selective_prediction"], figures / "risk_coverage.png")
     report = json_safe(report)
     (out_dir / "report.json").write_text(json.dumps(report, indent=2))
     (out_dir / "report.html").write_text(html.render(report, found), encoding="utf-8")

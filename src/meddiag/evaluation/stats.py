@@ -297,3 +297,30 @@ def net_benefit(y_true: np.ndarray, score: np.ndarray, thresholds: np.ndarray) -
         treat_all.append(float(prevalence - (1 - prevalence) * odds))
     return {"threshold": [float(t) for t in thresholds], "model": model, "treat_all": treat_all,
             "treat_none": [0.0] * len(thresholds)}
+
+
+# ---------------------------------------------------------------- selective prediction
+
+def abstention_threshold(uncertainty: np.ndarray, coverage: float) -> float:
+    """The uncertainty above which to abstain so that a fraction ``coverage`` of these cases is kept
+    (chosen on validation, applied to new images)."""
+    if not 0 < coverage <= 1:
+        raise ValueError(f"coverage must be in (0, 1], got {coverage}")
+    u = np.sort(np.asarray(uncertainty, dtype=np.float64))
+    keep = max(1, math.floor(coverage * len(u) + 1e-9))
+    return float(u[keep - 1]) if keep < len(u) else float(u[-1])
+
+
+def risk_coverage(errors: np.ndarray, uncertainty: np.ndarray) -> dict:
+    """Selective prediction on labelled cases: the error among the cases kept, keeping the most
+    certain first, at every coverage; and at 100%, 90% and 80%."""
+    order = np.argsort(uncertainty, kind="mergesort")
+    wrong = np.asarray(errors, dtype=np.float64)[order]
+    n = len(wrong)
+    kept = np.arange(1, n + 1)
+    risk = np.cumsum(wrong) / kept
+    at = {}
+    for c in (1.0, 0.9, 0.8):
+        k = max(1, math.floor(c * n + 1e-9))
+        at[f"{int(c * 100)}"] = float(risk[k - 1])
+    return {"coverage": (kept / n).tolist(), "risk": risk.tolist(), "error_at": at}

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import copy
 from collections.abc import Sequence
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -119,3 +120,40 @@ def deletion_test(model: nn.Module, card: ModelCard, images: torch.Tensor, metho
 def _area(curve: np.ndarray) -> float:
     """Mean over images of the trapezoid area under each curve, on [0, 1]."""
     return float(((curve[:, 1:] + curve[:, :-1]) / 2).mean(axis=1).mean())
+
+
+def sanity_report(model: nn.Module, card: ModelCard, images: torch.Tensor, method: str = "gradcam",
+                  seed: int = 0) -> dict:
+    """Both checks on ``images`` (each explained for the model's own decision), as ``sanity.json``
+    holds them and the evaluation report shows them."""
+    classes = explained_classes(probabilities(model, images, card), card)
+    randomisation = randomisation_test(model, card, images, method, classes, seed)
+    deletion = deletion_test(model, card, images, method, classes, seed=seed)
+    return {"method": method, "n_images": int(len(images)), "randomisation": randomisation, "deletion": deletion,
+            "passes": bool(randomisation["passes"] and deletion["passes"]),
+            "criteria": {"randomisation": f"mean Spearman correlation with the fully randomised model < {PASS_CORRELATION}",
+                         "deletion": "deletion area below that of random maps"}}
+
+
+def run_sanity_check(run: Path, model: nn.Module, card: ModelCard, method: str = "gradcam", n_images: int = 32,
+                     seed: int = 0) -> dict:
+    """:func:`sanity_report` on the first ``n_images`` of the run's own test split (half of them of
+    the positive class where possible); writes ``RUN/sanity.json`` for the report to show."""
+    import json
+
+    from meddiag.evaluation.evaluate import load_training_data, run_folder
+    from meddiag.evaluation.metrics import json_safe
+    from meddiag.training.config import TrainConfig, read_yaml
+
+    home = run_folder(Path(run))
+    config = TrainConfig.model_validate(read_yaml(home / "config.yaml"))
+    test = load_training_data(config, progress=False).splits["test"]
+    labels = test.labels.numpy()
+    if labels.ndim == 1:  # balanced over classes, in their order in the split
+        per_class = [np.flatnonzero(labels == c)[: max(1, n_images // len(card.class_names))] for c in range(len(card.class_names))]
+        index = np.sort(np.concatenate(per_class))[:n_images]
+    else:
+        index = np.arange(min(n_images, len(test)))
+    result = sanity_report(model, card, test.images[torch.as_tensor(index)], method, seed)
+    (home / "sanity.json").write_text(json.dumps(json_safe(result), indent=2))
+    return result

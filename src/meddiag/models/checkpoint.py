@@ -42,6 +42,10 @@ class ModelCard(BaseModel):
     threshold: float = Field(0.5, description="decision threshold on the positive class (binary) or each label (multi-label)")
     operating_point: str | None = Field(None, description="the rule that chose the threshold on validation (youden, sens90, ...); None: fixed")
     temperature: float = Field(1.0, gt=0, description="temperature scaling of the logits, fitted on validation (1: none)")
+    tta: int = Field(0, ge=0, description="test-time augmentation: augmented copies averaged with each image")
+    mc_dropout: int = Field(0, ge=0, description="MC-dropout passes averaged (networks with dropout)")
+    coverage: float | None = Field(None, description="target share of cases answered; the rest are referred (abstain)")
+    abstain_threshold: float | None = Field(None, description="abstain when the normalised predictive entropy exceeds this (chosen on validation)")
     data_name: str = ""
     meddiag_version: str = meddiag.__version__
 

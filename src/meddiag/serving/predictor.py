@@ -23,6 +23,7 @@ from meddiag.evaluation.evaluate import best_checkpoint
 from meddiag.evaluation.metrics import predict_labels
 from meddiag.models.checkpoint import load_checkpoint
 from meddiag.models.inference import predict_proba
+from meddiag.models.uncertainty import normalised_entropy, predict_with_uncertainty
 
 
 @dataclass
@@ -32,6 +33,9 @@ class Prediction:
     probabilities: dict[str, float]
     sop_instance_uid: str = ""  # DICOM files: which object was diagnosed (an object id, not PHI)
     series_instance_uid: str = ""
+    uncertainty: float = 0.0  # normalised predictive entropy, 0 (certain) to 1
+    spread: float | None = None  # std over TTA / MC-dropout passes of the predicted class's probability
+    abstain: bool | None = None  # True: refer to a human (uncertainty above the model's threshold)
 
 
 class Predictor:
@@ -48,8 +52,16 @@ class Predictor:
 
     def predict_arrays(self, images: torch.Tensor) -> np.ndarray:
         """Probabilities (N, K) for uint8 model input (N, C, H, W) or (N, C, D, H, W)."""
+        return self.predict_distribution(images)["mean"]
+
+    def predict_distribution(self, images: torch.Tensor) -> dict[str, np.ndarray]:
+        """``mean`` probabilities (N, K), normalised ``entropy`` (N,) and ``spread`` (N,), with the
+        test-time augmentation / MC-dropout passes the model card asks for."""
         c = self.card
-        return predict_proba(self.model, images, c.task, c.mean, c.std, self.batch_size, c.temperature).numpy()
+        if c.tta or c.mc_dropout:
+            return predict_with_uncertainty(self.model, c, images, self.batch_size)
+        probs = predict_proba(self.model, images, c.task, c.mean, c.std, self.batch_size, c.temperature).numpy()
+        return {"mean": probs, "entropy": normalised_entropy(probs, c.task), "spread": np.zeros(len(probs))}
 
     def predict(self, paths: list[str | Path]) -> tuple[list[Prediction], list[Failure]]:
         """Predict every image file in ``paths`` (files or folders); for 3D models every volume
@@ -74,8 +86,8 @@ class Predictor:
                 identities.append(identity)
             if not batch:
                 continue
-            probs = self.predict_arrays(torch.from_numpy(np.stack(batch)))
-            for row, identity in zip(self._rows(ok, probs), identities):
+            dist = self.predict_distribution(torch.from_numpy(np.stack(batch)))
+            for row, identity in zip(self._rows(ok, dist), identities):
                 if identity is not None:
                     row.sop_instance_uid, row.series_instance_uid = identity.sop_instance_uid, identity.series_instance_uid
                 predictions.append(row)
@@ -95,25 +107,32 @@ class Predictor:
                 continue
             failures += [Failure(p, r) for p, r in (volumes[0].excluded if volumes else [])]
             batch = np.stack([volume_to_model_input(v, c.image_size, c.in_channels, c.window, c.fit) for v in volumes])
-            probs = self.predict_arrays(torch.from_numpy(batch))
-            for volume, row in zip(volumes, self._rows([source] * len(volumes), probs)):
+            dist = self.predict_distribution(torch.from_numpy(batch))
+            for volume, row in zip(volumes, self._rows([source] * len(volumes), dist)):
                 row.series_instance_uid, row.sop_instance_uid = volume.series_instance_uid, volume.sop_instance_uid
                 predictions.append(row)
         return predictions, failures
 
-    def _rows(self, paths: list[Path], probs: np.ndarray) -> list[Prediction]:
+    def _rows(self, paths: list[Path], dist: dict[str, np.ndarray]) -> list[Prediction]:
         c = self.card
+        probs = dist["mean"]
         decided = predict_labels(probs, c.task, c.threshold)
+        several = bool(c.tta or c.mc_dropout)
         rows = []
-        for path, p, d in zip(paths, probs, decided):
+        for i, (path, p, d) in enumerate(zip(paths, probs, decided)):
             label = ";".join(n for n, v in zip(c.class_names, d) if v) if c.task == "multilabel" else c.class_names[int(d)]
-            rows.append(Prediction(str(path), label, {n: float(v) for n, v in zip(c.class_names, p)}))
+            u = float(dist["entropy"][i])
+            rows.append(Prediction(str(path), label, {n: float(v) for n, v in zip(c.class_names, p)}, uncertainty=u,
+                                   spread=float(dist["spread"][i]) if several else None,
+                                   abstain=u > c.abstain_threshold if c.abstain_threshold is not None else None))
         return rows
 
 
 def write_predictions_csv(out: str | Path | TextIO, predictions: list[Prediction], class_names: list[str]) -> None:
-    """``path,prediction,prob_<class>...,sop_instance_uid,series_instance_uid``, one row per image
-    (the UIDs are empty for non-DICOM files), to a file path or an open text stream."""
+    """``path,prediction,prob_<class>...,uncertainty,spread,abstain,sop_instance_uid,series_instance_uid``,
+    one row per image, to a file path or an open text stream. ``uncertainty``: normalised predictive
+    entropy (0-1); ``spread``: over TTA/MC-dropout passes (empty without); ``abstain``: 1 to refer the
+    case to a human (empty when the model has no abstention rule); UIDs empty for non-DICOM files."""
     if not isinstance(out, (str, Path)):
         _write_rows(out, predictions, class_names)
         return
@@ -123,7 +142,9 @@ def write_predictions_csv(out: str | Path | TextIO, predictions: list[Prediction
 
 def _write_rows(fh: TextIO, predictions: list[Prediction], class_names: list[str]) -> None:
     writer = csv.writer(fh, lineterminator="\n")
-    writer.writerow(["path", "prediction", *[f"prob_{c}" for c in class_names], "sop_instance_uid", "series_instance_uid"])
+    writer.writerow(["path", "prediction", *[f"prob_{c}" for c in class_names], "uncertainty", "spread", "abstain",
+                     "sop_instance_uid", "series_instance_uid"])
     for p in predictions:
-        writer.writerow([p.path, p.predicted, *[f"{p.probabilities[c]:.6f}" for c in class_names],
+        writer.writerow([p.path, p.predicted, *[f"{p.probabilities[c]:.6f}" for c in class_names], f"{p.uncertainty:.4f}",
+                         "" if p.spread is None else f"{p.spread:.4f}", "" if p.abstain is None else int(p.abstain),
                          p.sop_instance_uid, p.series_instance_uid])

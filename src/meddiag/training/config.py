@@ -45,6 +45,9 @@ class TrainConfig(BaseModel):
     threshold: float = Field(0.5, gt=0, lt=1, description="decision threshold, unless operating_point chooses one")
     operating_point: str | None = Field(None, description="choose the threshold on validation: youden, sens90, sens95, spec90 (any sensNN/specNN); binary tasks")
     calibrate: bool = Field(False, description="fit temperature scaling on validation and store it in the checkpoint")
+    tta: int = Field(0, ge=0, description="test-time augmentation: predict each image with this many augmented copies too")
+    mc_dropout: int = Field(0, ge=0, description="MC-dropout passes at prediction (networks with dropout)")
+    coverage: float | None = Field(None, gt=0, le=1, description="abstain on the most uncertain cases: answer this share (threshold chosen on validation)")
     subgroups: list[str] = Field(default_factory=list, description="manifest columns to report every metric by (e.g. sex, site)")
     accelerator: str = "auto"
     devices: int | str = "auto"

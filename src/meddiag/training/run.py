@@ -99,6 +99,7 @@ def train(config: TrainConfig, *, resume: bool = False, progress: bool | None = 
         model_name=config.model, class_names=data.class_names, task=data.task, image_size=data.image_size,
         in_channels=data.in_channels, spatial_dims=data.spatial_dims, mean=config.mean, std=config.std,
         fit=config.fit, window=config.window, volume_index=config.volume_index, threshold=config.threshold,
+        tta=config.tta, mc_dropout=config.mc_dropout,
         data_name=data.name,
     )
     module = DiagnosisModule(
