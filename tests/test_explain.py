@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import numpy as np
@@ -140,3 +141,19 @@ def test_volume_explanations_show_three_planes(tmp_path):
     nib.save(nib.Nifti1Image(np.random.default_rng(0).random((20, 24, 16)).astype(np.float32), np.eye(4)), tmp_path / "v.nii.gz")
     results, failures = explain_files(model, card, [tmp_path / "v.nii.gz"], tmp_path / "out")
     assert not failures and results[0].figure.name == "v_gradcam.png" and results[0].figure.exists()
+
+
+def test_sanity_command_writes_json_and_the_report_shows_it(lesion_run):
+    from test_end_to_end import meddiag
+
+    root, _, _, _ = lesion_run
+    run = root / "run"
+    proc = meddiag("explain", str(run), "--sanity", "--images", "8")
+    assert proc.returncode == 0, proc.stderr
+    result = json.loads((run / "sanity.json").read_text())
+    assert result["n_images"] == 8 and result["randomisation"]["passes"] and result["deletion"]["passes"]
+    assert "passes" in proc.stdout and "FAILS" not in proc.stdout
+    proc = meddiag("report", str(run), "--resamples", "200")
+    assert proc.returncode == 0, proc.stderr
+    page = (run / "report.html").read_text()
+    assert "id='explanations'" in page and "Spearman" in page

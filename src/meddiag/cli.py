@@ -187,6 +187,26 @@ def predict(
 
 @app.command()
 @friendly_errors
+def ensemble(
+    runs: Annotated[list[Path], typer.Argument(help="Two or more trained run folders (same data and splits).")],
+    out: Annotated[Path, typer.Option(help="The ensemble's run folder.")],
+    operating_point: Annotated[Optional[str], typer.Option(help="Choose the threshold on validation: youden, sens90, ...")] = None,
+    calibrate: Annotated[bool, typer.Option("--calibrate/--no-calibrate", help="Fit temperature scaling on validation.")] = False,
+    coverage: Annotated[Optional[float], typer.Option(help="Abstain on the most uncertain cases, answering this share.")] = None,
+    tta: Annotated[int, typer.Option(help="Test-time augmentation copies per image.")] = 0,
+) -> None:
+    """Make a deep ensemble (the members' probabilities averaged) as a run folder that evaluate,
+    report, predict and explain take like any other; evaluates it on the test split."""
+    from meddiag.workflow import make_ensemble
+
+    metrics = make_ensemble(list(runs), out, operating_point=operating_point, calibrate=calibrate, coverage=coverage,
+                            tta=tta, progress=sys.stderr.isatty())
+    lo, hi = metrics.get("auc_ci") or (float("nan"), float("nan"))
+    print(f"ensemble of {len(runs)}: test AUC {metrics['auc']:.4f} (95% CI {lo:.3f}-{hi:.3f})  ACC {metrics['acc']:.4f}  -> {out}")
+
+
+@app.command()
+@friendly_errors
 def explain(
     run: Annotated[Path, typer.Argument(help="Run folder (or a checkpoint file).")],
     paths: Annotated[Optional[list[Path]], typer.Argument(help="Image files, volumes and/or folders.")] = None,

@@ -12,10 +12,12 @@ import numpy as np
 from meddiag.data.dataset import Split
 from meddiag.data.splits import stratified_group_folds
 from meddiag.evaluation.decision import tune_decision
-from meddiag.evaluation.evaluate import evaluate_run, evaluate_split
+from meddiag.errors import ConfigError
+from meddiag.evaluation.evaluate import best_checkpoint, evaluate_run, evaluate_split, run_folder
 from meddiag.evaluation.metrics import classification_metrics, json_safe
-from meddiag.models.checkpoint import load_checkpoint
-from meddiag.training.config import TrainConfig
+from meddiag.models.checkpoint import load_checkpoint, save_checkpoint
+from meddiag.models.ensemble import check_members
+from meddiag.training.config import TrainConfig, read_yaml
 from meddiag.training.run import TrainResult, default_run_dir, load_training_data, train
 
 
@@ -113,3 +115,52 @@ def _spread(per_fold: list[dict]) -> dict:
         if values:
             out[key] = {"mean": statistics.fmean(values), "std": statistics.stdev(values) if len(values) > 1 else 0.0, "values": values}
     return out
+
+
+def make_ensemble(runs: list[Path], out: Path, *, operating_point: str | None = None, calibrate: bool = False,
+                  coverage: float | None = None, tta: int = 0, progress: bool = False) -> dict:
+    """An ensemble run folder at ``out`` from trained runs: one checkpoint averaging the members'
+    probabilities, the members' data definition (they must share data and splits, or one member's
+    test images could be another's training images), then its evaluation and report like any run.
+    Returns the test metrics."""
+    import shutil
+
+    out = Path(out)
+    if out.exists() and any(out.iterdir()):
+        raise ConfigError(f"run folder {out} already exists; choose another --out")
+    if len(runs) < 2:
+        raise ConfigError("an ensemble needs at least two runs")
+    loaded = [load_checkpoint(best_checkpoint(Path(r))) for r in runs]
+    cards = [card for _, card in loaded]
+    check_members(cards)
+    homes = [run_folder(Path(r)) for r in runs]
+    configs = []
+    for home in homes:
+        if not (home / "config.yaml").exists():
+            raise ConfigError(f"{home} has no config.yaml: ensemble members must be meddiag run folders")
+        configs.append(TrainConfig.model_validate(read_yaml(home / "config.yaml")))
+    for key in ("data", "seed", "val_fraction", "test_fraction", "image_size", "fit", "window", "volume_index"):
+        values = [getattr(c, key) for c in configs]
+        if any(v != values[0] for v in values[1:]):
+            raise ConfigError(f"ensemble members were trained on different data or splits ({key}: {values}); "
+                              "their validation and test images would not be the same")
+    card = cards[0].model_copy(update={
+        "model_name": "ensemble", "model_kwargs": {"members": [c.model_dump() for c in cards]}, "threshold": 0.5,
+        "operating_point": None, "temperature": 1.0, "tta": tta, "mc_dropout": 0, "coverage": None, "abstain_threshold": None,
+    })
+    model = card.build_model()
+    for slot, (member, _) in zip(model.members, loaded):
+        slot.load_state_dict(member.state_dict())
+    checkpoint = save_checkpoint(out / "checkpoints" / "best.ckpt", model, card)
+    for name in ("config.yaml", "data.json"):
+        shutil.copy(homes[0] / name, out / name)
+    if (homes[0] / "splits").is_dir():
+        shutil.copytree(homes[0] / "splits", out / "splits")
+    (out / "ensemble.json").write_text(json.dumps({"members": [str(h) for h in homes],
+                                                   "models": [c.model_name for c in cards]}, indent=2))
+    config = configs[0].model_copy(update={"operating_point": operating_point, "calibrate": calibrate, "coverage": coverage})
+    if calibrate or operating_point or coverage:
+        data = load_training_data(config, progress)
+        settle_decision(checkpoint, data.splits["val"], config)
+        return evaluate_run(out, data=data, progress=progress)
+    return evaluate_run(out, progress=progress)

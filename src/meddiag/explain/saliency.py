@@ -93,6 +93,10 @@ def saliency_maps(model: nn.Module, card: ModelCard, images: torch.Tensor, metho
     net = explainable_copy(model)
     if classes is None:
         classes = explained_classes(probabilities(net, images, card), card)
+    if card.model_name == "ensemble" and method != "occlusion":  # the members' maps, averaged
+        members = [ModelCard.model_validate(m) for m in card.model_kwargs["members"]]
+        maps = [saliency_maps(m, c, images, method, classes) for m, c in zip(net.members, members)]
+        return np.mean(maps, axis=0).astype(np.float32)
     maps = []
     if method == "occlusion":
         maps = [_occlusion(net, card, images[i : i + 1], int(c)) for i, c in enumerate(classes)]
