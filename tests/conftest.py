@@ -88,3 +88,14 @@ def write_dicom(path: Path, pixels: np.ndarray, **attributes: object) -> Path:
     path.parent.mkdir(parents=True, exist_ok=True)
     ds.save_as(path, enforce_file_format=True)
     return path
+
+
+def write_csv(path: Path, rows: list[dict]) -> Path:
+    """A CSV (e.g. a manifest) with the keys of the first row as its header."""
+    import csv
+
+    with open(path, "w", newline="") as fh:
+        writer = csv.DictWriter(fh, fieldnames=list(rows[0]))
+        writer.writeheader()
+        writer.writerows(rows)
+    return path

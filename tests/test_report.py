@@ -116,11 +116,9 @@ def _manifest(root: Path, n: int = 120, seed: int = 0) -> Path:
         Image.fromarray(image).save(root / f"{i}.png")
         rows.append({"path": f"{i}.png", "label": ["normal", "disease"][label], "site": "AB"[(i // 2) % 2],
                      "sex": "FM"[(i // 4) % 2], "patient_name": f"Doe^Jane{i}"})
-    with open(root / "manifest.csv", "w", newline="") as fh:
-        writer = csv.DictWriter(fh, fieldnames=list(rows[0]))
-        writer.writeheader()
-        writer.writerows(rows)
-    return root / "manifest.csv"
+    from conftest import write_csv
+
+    return write_csv(root / "manifest.csv", rows)
 
 
 def test_train_with_operating_point_calibration_and_subgroups_writes_the_report(tmp_path):

@@ -57,11 +57,9 @@ def _multilabel_manifest(root, n=80, seed=0):
                 img += 150 * np.exp(-((xx - cx) ** 2 + (yy - 16) ** 2) / 18)
         Image.fromarray(np.clip(img, 0, 255).astype(np.uint8)).save(root / f"{i}.png")
         rows.append({"path": f"{i}.png", "nodule": left, "effusion": "" if i % 7 == 0 else right, "site": "AB"[i % 2]})
-    with open(root / "findings.csv", "w", newline="") as fh:
-        writer = csv.DictWriter(fh, fieldnames=list(rows[0]))
-        writer.writeheader()
-        writer.writerows(rows)
-    return root / "findings.csv"
+    from conftest import write_csv
+
+    return write_csv(root / "findings.csv", rows)
 
 
 def test_multilabel_manifest_trains_evaluates_and_reports(tmp_path):

@@ -39,7 +39,7 @@ def plot_roc(labels: np.ndarray, probs: np.ndarray, task: str, class_names: list
     ax.set(xlabel="1 - specificity (false positive rate)", ylabel="sensitivity (true positive rate)",
            xlim=(0, 1), ylim=(0, 1.01), title="ROC curve")
     ax.legend(loc="lower right", fontsize=8)
-    return _save(fig, path)
+    return save_figure(fig, path)
 
 
 def plot_confusion_matrix(cm: np.ndarray, class_names: list[str], path: Path) -> Path:
@@ -55,7 +55,7 @@ def plot_confusion_matrix(cm: np.ndarray, class_names: list[str], path: Path) ->
     ax.set_xticks(range(k), [c[:18] for c in class_names], rotation=45, ha="right", fontsize=8)
     ax.set_yticks(range(k), [c[:18] for c in class_names], fontsize=8)
     ax.set(xlabel="predicted", ylabel="true", title="Confusion matrix")
-    return _save(fig, path)
+    return save_figure(fig, path)
 
 
 def plot_training_curves(history: list[dict[str, float]], path: Path) -> Path:
@@ -72,7 +72,7 @@ def plot_training_curves(history: list[dict[str, float]], path: Path) -> Path:
     ax2.legend()
     for ax in (ax1, ax2):
         ax.xaxis.set_major_locator(MaxNLocator(integer=True))
-    return _save(fig, path)
+    return save_figure(fig, path)
 
 
 def plot_precision_recall(truth: np.ndarray, probs: np.ndarray, classes: list[int], class_names: list[str], path: Path) -> Path:
@@ -90,7 +90,7 @@ def plot_precision_recall(truth: np.ndarray, probs: np.ndarray, classes: list[in
                 label=f"{class_names[i]} (AP {average_precision(t, p):.3f}, prevalence {t.mean():.2f})")
     ax.set(xlabel="recall (sensitivity)", ylabel="precision (PPV)", xlim=(0, 1), ylim=(0, 1.01), title="Precision-recall")
     ax.legend(loc="lower left", fontsize=8)
-    return _save(fig, path)
+    return save_figure(fig, path)
 
 
 def plot_reliability(curves: dict[str, list[dict]], path: Path, xlabel: str = "predicted probability") -> Path:
@@ -101,7 +101,7 @@ def plot_reliability(curves: dict[str, list[dict]], path: Path, xlabel: str = "p
         ax.plot([b["confidence"] for b in bins], [b["observed"] for b in bins], marker="o", ms=3, lw=1.5, label=name)
     ax.set(xlabel=xlabel, ylabel="observed frequency", xlim=(0, 1), ylim=(0, 1), title="Reliability (15 equal-mass bins)")
     ax.legend(loc="upper left", fontsize=8)
-    return _save(fig, path)
+    return save_figure(fig, path)
 
 
 def plot_decision_curve(curve: dict, path: Path) -> Path:
@@ -115,7 +115,7 @@ def plot_decision_curve(curve: dict, path: Path) -> Path:
     ax.set(xlabel="threshold probability", ylabel="net benefit", xlim=(0, 1), ylim=(-0.05 * top - 0.01, top * 1.1),
            title="Decision curve")
     ax.legend(fontsize=8)
-    return _save(fig, path)
+    return save_figure(fig, path)
 
 
 def plot_risk_coverage(selective: dict, path: Path) -> Path:
@@ -128,7 +128,7 @@ def plot_risk_coverage(selective: dict, path: Path) -> Path:
         ax.scatter([rule["coverage"]], [rule["error_answered"]], c="red", zorder=3, label="the model's abstention rule")
     ax.set(xlabel="coverage (share of cases answered)", ylabel="error among answered", xlim=(0, 1.01), title="Risk-coverage")
     ax.legend(fontsize=8)
-    return _save(fig, path)
+    return save_figure(fig, path)
 
 
 def plot_gallery(images: list[np.ndarray], captions: list[str], path: Path, title: str, columns: int = 4) -> Path:
@@ -141,10 +141,11 @@ def plot_gallery(images: list[np.ndarray], captions: list[str], path: Path, titl
         ax.imshow(image, cmap="gray" if image.ndim == 2 else None, vmin=0, vmax=255)
         ax.set_title(caption, fontsize=7)
     fig.suptitle(title, fontsize=10)
-    return _save(fig, path)
+    return save_figure(fig, path)
 
 
-def _save(fig: plt.Figure, path: Path) -> Path:
+def save_figure(fig: plt.Figure, path: Path) -> Path:
+    """Write ``fig`` as a PNG at ``path`` (folders made as needed) and free it."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.tight_layout()

@@ -4,12 +4,11 @@ from __future__ import annotations
 
 from pathlib import Path
 
-import matplotlib
+import matplotlib.pyplot as plt
+import numpy as np
+from PIL import Image
 
-matplotlib.use("Agg")
-import matplotlib.pyplot as plt  # noqa: E402
-import numpy as np  # noqa: E402
-from PIL import Image  # noqa: E402
+from meddiag.evaluation.plots import save_figure  # also selects matplotlib's file-only backend
 
 
 def map_to_original(heat: np.ndarray, height: int, width: int, fit: str = "pad") -> np.ndarray:
@@ -40,7 +39,7 @@ def overlay_figure(original: np.ndarray, heat: np.ndarray, caption: str, path: P
     axes[0].set_title("image", fontsize=9)
     axes[1].set_title("where the model looked", fontsize=9)
     fig.suptitle(caption, fontsize=10)
-    return _save(fig, path)
+    return save_figure(fig, path)
 
 
 def volume_figure(volume: np.ndarray, heat: np.ndarray, caption: str, path: Path, alpha: float = 0.45) -> Path:
@@ -56,13 +55,4 @@ def volume_figure(volume: np.ndarray, heat: np.ndarray, caption: str, path: Path
         ax.set_title(f"{name} through the peak", fontsize=9)
         ax.axis("off")
     fig.suptitle(caption, fontsize=10)
-    return _save(fig, path)
-
-
-def _save(fig: plt.Figure, path: Path) -> Path:
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.tight_layout()
-    fig.savefig(path)
-    plt.close(fig)
-    return path
+    return save_figure(fig, path)
