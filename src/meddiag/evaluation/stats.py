@@ -206,8 +206,8 @@ def brier_score(truth_onehot: np.ndarray, probs: np.ndarray) -> float:
     return float(np.mean(np.sum((p - t) ** 2, axis=1)))
 
 
-def _logit(p: np.ndarray) -> np.ndarray:
-    p = np.clip(np.asarray(p, dtype=np.float64), 1e-12, 1 - 1e-12)
+def _logit(p: np.ndarray, eps: float = 1e-12) -> np.ndarray:
+    p = np.clip(np.asarray(p, dtype=np.float64), eps, 1 - eps)
     return np.log(p / (1 - p))
 
 
@@ -234,11 +234,13 @@ def _logistic_fit(x: np.ndarray | None, y: np.ndarray, offset: np.ndarray, itera
 def calibration_slope_intercept(y_true: np.ndarray, prob: np.ndarray) -> tuple[float, float]:
     """Calibration slope (b in logit P(y) = a + b logit(p)) and calibration intercept
     (calibration-in-the-large: a in logit P(y) = a + logit(p), the slope fixed at 1).
-    A perfectly calibrated model has slope 1 and intercept 0; slope < 1 means overconfident."""
+    A perfectly calibrated model has slope 1 and intercept 0; slope < 1 means overconfident.
+    Probabilities are clipped to [1e-6, 1 - 1e-6], the precision of float32 outputs and of the
+    prediction files, so that a saturated 1.0 is a large logit, not an infinite one."""
     y = np.asarray(y_true, dtype=np.float64)
     if y.min() == y.max():
         return math.nan, math.nan
-    lp = _logit(prob)
+    lp = _logit(prob, 1e-6)
     slope = float(_logistic_fit(lp, y, np.zeros_like(lp))[1])
     intercept = float(_logistic_fit(None, y, lp)[0])
     return slope, intercept
