@@ -102,8 +102,11 @@ def test_manifest_with_splits_and_patients(tmp_path):
 
 def test_manifest_errors_name_the_problem(tmp_path):
     (tmp_path / "bad.csv").write_text("file,diagnosis\na.png,x\n")
-    with pytest.raises(DataError, match="needs the columns path and label"):
+    with pytest.raises(DataError, match="needs the columns path and label.*missing: path"):
         load_data(str(tmp_path / "bad.csv"))
+    (tmp_path / "nolabel.csv").write_text("path,site\na.png,A\n")
+    with pytest.raises(DataError, match="needs the columns path and label.*missing: label"):
+        load_data(str(tmp_path / "nolabel.csv"))
     (tmp_path / "split.csv").write_text("path,label,split\na.png,x,holdout\n")
     with pytest.raises(DataError, match="line 2.*holdout"):
         load_data(str(tmp_path / "split.csv"))

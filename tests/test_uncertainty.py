@@ -87,3 +87,11 @@ def test_train_with_coverage_predicts_an_abstain_column_and_reports_risk_coverag
     assert {r["abstain"] for r in rows} <= {"0", "1"} and all(r["spread"] != "" for r in rows)
     for r in rows:
         assert (r["abstain"] == "1") == (float(r["uncertainty"]) > card.abstain_threshold + 5e-5)
+
+
+def test_mc_dropout_with_a_registered_network_that_has_dropout():
+    torch.manual_seed(0)
+    model = create_model("efficientnet_b0", 1, 2, 2, 32).eval()
+    images = torch.randint(0, 255, (3, 1, 32, 32), dtype=torch.uint8)
+    samples = predictive_samples(model, _card("efficientnet_b0"), images, mc_dropout=4)
+    assert samples.shape == (5, 3, 2) and summarise(samples, "binary")["spread"].max() > 0

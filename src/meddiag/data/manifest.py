@@ -33,12 +33,14 @@ def read_manifest(csv_path: str | Path) -> list[FileRecord]:
         columns = {c.strip().lower(): c for c in reader.fieldnames or []}
         rows = list(reader)
     if "path" not in columns:
-        raise DataError(f"{csv_path} needs a path column (and a label column, or one 0/1 column per finding)")
+        raise DataError(f"{csv_path} needs the columns path and label (multi-label: path and one 1/0/empty column "
+                        f"per finding); missing: path")
     findings: list[str] = []
     if "label" not in columns:
         findings = [c for c in columns if c not in _KNOWN and rows and all((r[columns[c]] or "").strip().lower() in _TARGETS for r in rows)]
         if len(findings) < 2:
-            raise DataError(f"{csv_path} needs a label column, or (multi-label) two or more columns of 1/0/empty, one per finding")
+            raise DataError(f"{csv_path} needs the columns path and label (multi-label: path and two or more 1/0/empty "
+                            f"columns, one per finding); missing: label")
     records = []
     for line, row in enumerate(rows, start=2):
         path_text = (row[columns["path"]] or "").strip()
