@@ -92,6 +92,8 @@ def test_train_with_coverage_predicts_an_abstain_column_and_reports_risk_coverag
 def test_mc_dropout_with_a_registered_network_that_has_dropout():
     torch.manual_seed(0)
     model = create_model("efficientnet_b0", 1, 2, 2, 32).eval()
+    for p in model.parameters():  # MONAI's initialisation gives equal logits; any trained model would not
+        p.data.normal_(0, 0.1)
     images = torch.randint(0, 255, (3, 1, 32, 32), dtype=torch.uint8)
     samples = predictive_samples(model, _card("efficientnet_b0"), images, mc_dropout=4)
     assert samples.shape == (5, 3, 2) and summarise(samples, "binary")["spread"].max() > 0
