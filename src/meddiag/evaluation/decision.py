@@ -31,8 +31,7 @@ def tune_decision(checkpoint: Path, val: Split, *, calibrate: bool, operating_po
     labels = val.labels.numpy()
     multilabel = card.task == "multilabel"
     if calibrate:
-        clipped = np.clip(probs, 1e-12, 1 - 1e-12)
-        scores = np.log(clipped / (1 - clipped)) if multilabel else np.log(clipped)
+        scores = stats.logit(probs) if multilabel else np.log(np.clip(probs, 1e-12, 1.0))
         changes["temperature"] = stats.fit_temperature(scores, labels, multilabel)
         probs = stats.apply_temperature(probs, changes["temperature"], multilabel)
     if operating_point is not None:

@@ -206,7 +206,8 @@ def brier_score(truth_onehot: np.ndarray, probs: np.ndarray) -> float:
     return float(np.mean(np.sum((p - t) ** 2, axis=1)))
 
 
-def _logit(p: np.ndarray, eps: float = 1e-12) -> np.ndarray:
+def logit(p: np.ndarray, eps: float = 1e-12) -> np.ndarray:
+    """log(p / (1 - p)), with p clipped to [eps, 1 - eps]."""
     p = np.clip(np.asarray(p, dtype=np.float64), eps, 1 - eps)
     return np.log(p / (1 - p))
 
@@ -240,7 +241,7 @@ def calibration_slope_intercept(y_true: np.ndarray, prob: np.ndarray) -> tuple[f
     y = np.asarray(y_true, dtype=np.float64)
     if y.min() == y.max():
         return math.nan, math.nan
-    lp = _logit(prob, 1e-6)
+    lp = logit(prob, 1e-6)
     slope = float(_logistic_fit(lp, y, np.zeros_like(lp))[1])
     intercept = float(_logistic_fit(None, y, lp)[0])
     return slope, intercept
@@ -274,7 +275,7 @@ def apply_temperature(probs: np.ndarray, temperature: float, multilabel: bool = 
     """Probabilities after temperature scaling (probabilities in, probabilities out)."""
     p = np.clip(np.asarray(probs, dtype=np.float64), 1e-12, 1 - 1e-12)
     if multilabel:
-        return _sigmoid(_logit(p) / temperature)
+        return _sigmoid(logit(p) / temperature)
     z = np.log(p) / temperature
     z -= z.max(axis=1, keepdims=True)
     e = np.exp(z)

@@ -10,8 +10,8 @@ import torch
 from torch import nn
 
 from meddiag.data.collect import Failure, collect_image_files, collect_volume_sources
-from meddiag.data.images import read_image_file, to_model_input
-from meddiag.data.volumes import read_volumes, volume_to_model_input
+from meddiag.data.images import IMAGE_EXTENSIONS, read_image_file, to_model_input
+from meddiag.data.volumes import NIFTI_SUFFIXES, read_volumes, volume_to_model_input
 from meddiag.errors import DataError, ImageReadError
 from meddiag.explain.render import overlay_figure, volume_figure
 from meddiag.explain.saliency import explained_classes, method_label, probabilities, saliency_maps
@@ -40,7 +40,7 @@ def caption(card: ModelCard, probs: np.ndarray, explained: int, method: str) -> 
 def figure_name(source: Path, method: str, used: set[str]) -> str:
     """``<file stem>_<method>.png``, made unique when two inputs share a stem."""
     stem = source.name
-    for suffix in (".nii.gz", ".nii", ".dcm", ".dicom", ".png", ".jpg", ".jpeg", ".tif", ".tiff", ".bmp"):
+    for suffix in (*NIFTI_SUFFIXES, *IMAGE_EXTENSIONS):
         if stem.lower().endswith(suffix):
             stem = stem[: -len(suffix)]
             break
