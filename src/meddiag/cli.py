@@ -158,6 +158,7 @@ def predict(
     paths: Annotated[list[Path], typer.Argument(help="Image files and/or folders.")],
     output: Annotated[Optional[Path], typer.Option(help="Write predictions to this CSV instead of the screen.")] = None,
     explain: Annotated[Optional[Path], typer.Option(help="Also write a Grad-CAM heatmap figure per image into this folder.")] = None,
+    backend: Annotated[str, typer.Option(help="torch, or onnx (ONNX Runtime; exports the run on first use).")] = "torch",
 ) -> None:
     """Diagnose images: the predicted class and each class's probability, per file.
 
@@ -165,7 +166,7 @@ def predict(
     """
     from meddiag.serving.predictor import Predictor, write_predictions_csv
 
-    predictor = Predictor.from_run(run)
+    predictor = Predictor.from_run(run, backend=backend)
     predictions, failures = predictor.predict(list(paths))
     names = predictor.card.class_names
     if output:
@@ -243,6 +244,62 @@ def explain(
         print(f"error: {f.path}: {f.reason}", file=sys.stderr)
     if failures:
         raise typer.Exit(1)
+
+
+@app.command()
+@friendly_errors
+def export(
+    run: Annotated[Path, typer.Argument(help="Run folder (or a checkpoint file).")],
+    format: Annotated[str, typer.Option("--format", help="onnx")] = "onnx",
+    out: Annotated[Optional[Path], typer.Option(help="Output file. [default: RUN/export/model.onnx]")] = None,
+) -> None:
+    """Export the model for deployment: one ONNX file (weights inside, any batch size) with the model
+    card in its metadata and beside it as JSON; checked against PyTorch (logits within 1e-4)."""
+    from meddiag.serving.export import export_run
+
+    path = export_run(run, out, format)
+    print(f"{path} ({path.stat().st_size / 2**20:.1f} MB), model card {path.with_suffix('.json')}")
+
+
+@app.command()
+@friendly_errors
+def serve(
+    run: Annotated[Path, typer.Argument(help="Run folder (or a checkpoint file).")],
+    host: Annotated[str, typer.Option(help="Address to listen on; 0.0.0.0 exposes the service to the network.")] = "127.0.0.1",
+    port: Annotated[int, typer.Option(help="Port.")] = 8000,
+    token: Annotated[Optional[str], typer.Option(envvar="MEDDIAG_TOKEN", help="Require 'Authorization: Bearer TOKEN' on every /v1 route (or set MEDDIAG_TOKEN).")] = None,
+    backend: Annotated[str, typer.Option(help="torch, or onnx (ONNX Runtime).")] = "torch",
+    max_upload_mb: Annotated[float, typer.Option(help="Largest request body in MB (larger: 413).")] = 50.0,
+    max_pixels: Annotated[int, typer.Option(help="Largest image (pixels; voxels for volumes) accepted, checked before decoding.")] = 100_000_000,
+    max_batch: Annotated[int, typer.Option(help="Micro-batching: most images in one forward pass (1 turns it off).")] = 32,
+    batch_wait_ms: Annotated[float, typer.Option(help="Micro-batching: longest wait for other requests to join a pass.")] = 5.0,
+    threads: Annotated[Optional[int], typer.Option(help="CPU threads for the model. [default: all cores]")] = None,
+) -> None:
+    """Serve the model: REST API (POST /v1/predict, GET /v1/model, /healthz, /readyz), a web page at /
+    and API docs at /docs, all working offline."""
+    import importlib.util
+
+    missing = [m for m in ("fastapi", "uvicorn", "multipart") if importlib.util.find_spec(m) is None]
+    if missing:
+        raise MeddiagError(f"meddiag serve needs {', '.join(missing)}: pip install 'meddiag[serve]'")
+    import torch
+    import uvicorn
+
+    from meddiag.serving.app import ServeOptions, create_app
+    from meddiag.serving.predictor import Predictor
+
+    if threads:
+        torch.set_num_threads(threads)
+    if host not in ("127.0.0.1", "localhost", "::1") and not token:
+        warnings.warn(f"serving on {host} without --token: anyone who can reach this machine can use the model", stacklevel=1)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    predictor = Predictor.from_run(run, backend=backend)
+    options = ServeOptions(token=token, max_upload_mb=max_upload_mb, max_pixels=max_pixels, max_batch=max_batch,
+                           batch_wait_ms=batch_wait_ms)
+    application = create_app(predictor, run if run.is_dir() else None, options)
+    print(f"meddiag serving {predictor.card.model_name} on http://{host}:{port}/ (API docs /docs)"
+          f"{'; bearer token required' if token else ''}", file=sys.stderr)
+    uvicorn.run(application, host=host, port=port, log_level="info", access_log=True)
 
 
 @app.command()

@@ -64,3 +64,8 @@ def collect_image_files(paths: list[str | Path]) -> tuple[list[Path], list[Failu
         else:
             failures.append(Failure(str(path), "no such file or folder"))
     return files, failures
+
+
+def collect_sources(paths: list[str | Path], spatial_dims: int) -> tuple[list[Path], list[Failure]]:
+    """What a model of ``spatial_dims`` reads under ``paths``: image files (2D) or volume sources (3D)."""
+    return collect_volume_sources(paths) if spatial_dims == 3 else collect_image_files(paths)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 from pathlib import Path
+from typing import BinaryIO
 
 import matplotlib
 
@@ -144,11 +145,13 @@ def plot_gallery(images: list[np.ndarray], captions: list[str], path: Path, titl
     return save_figure(fig, path)
 
 
-def save_figure(fig: plt.Figure, path: Path) -> Path:
-    """Write ``fig`` as a PNG at ``path`` (folders made as needed) and free it."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
+def save_figure(fig: plt.Figure, path: Path | BinaryIO) -> Path | BinaryIO:
+    """Write ``fig`` as a PNG at ``path`` (folders made as needed; or into an open binary
+    stream) and free it."""
     fig.tight_layout()
-    fig.savefig(path)
+    if not hasattr(path, "write"):
+        path = Path(path)
+        path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, format="png")
     plt.close(fig)
     return path

@@ -9,13 +9,14 @@ import numpy as np
 import torch
 from torch import nn
 
-from meddiag.data.collect import Failure, collect_image_files, collect_volume_sources
-from meddiag.data.images import IMAGE_EXTENSIONS, read_image_file, to_model_input
-from meddiag.data.volumes import NIFTI_SUFFIXES, read_volumes, volume_to_model_input
+from meddiag.data.collect import Failure, collect_sources
+from meddiag.data.images import IMAGE_EXTENSIONS
+from meddiag.data.volumes import NIFTI_SUFFIXES
 from meddiag.errors import DataError, ImageReadError
 from meddiag.explain.render import overlay_figure, volume_figure
 from meddiag.explain.saliency import explained_classes, method_label, probabilities, saliency_maps
 from meddiag.models.checkpoint import ModelCard
+from meddiag.models.inputs import read_inputs
 
 
 @dataclass
@@ -61,32 +62,23 @@ def explain_files(model: nn.Module, card: ModelCard, paths: list[str | Path], ou
     out_dir = Path(out_dir)
     used: set[str] = set()
     results: list[Explanation] = []
-    if card.spatial_dims == 3:
-        sources, failures = collect_volume_sources(paths)
-    else:
-        sources, failures = collect_image_files(paths)
+    sources, failures = collect_sources(paths, card.spatial_dims)
     for source in sources:
         try:
-            if card.spatial_dims == 3:
-                volumes = read_volumes(source, card.volume_index)
-                items = [volume_to_model_input(v, card.image_size, card.in_channels, card.window, card.fit) for v in volumes]
-                originals = [None] * len(items)
-            else:
-                original, _ = read_image_file(source, card.window)
-                items, originals = [to_model_input(original, card.image_size, card.in_channels, card.fit)], [original]
+            items = read_inputs(source, card)
         except (ImageReadError, DataError) as exc:
             failures.append(Failure(str(source), getattr(exc, "reason", str(exc))))
             continue
-        for item, original in zip(items, originals):
-            x = torch.tensor(item[None])
+        for item in items:
+            x = torch.tensor(item.array[None])
             probs = probabilities(model, x, card)[0]
             explained = requested if requested is not None else explained_classes(probs[None], card)[0]
             heat = saliency_maps(model, card, x, method, [explained])[0]
             text, predicted = caption(card, probs, explained, method)
             path = out_dir / figure_name(source, method, used)
-            if original is None:
-                volume_figure(item[0], heat, f"{source.name}: {text}", path)
+            if item.original is None:
+                volume_figure(item.array[0], heat, f"{source.name}: {text}", path)
             else:
-                overlay_figure(original, heat, f"{source.name}: {text}", path, card.fit)
+                overlay_figure(item.original, heat, f"{source.name}: {text}", path, card.fit)
             results.append(Explanation(str(source), path, card.class_names[explained], predicted, float(probs[explained])))
     return results, failures

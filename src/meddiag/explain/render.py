@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import BinaryIO
 
 import matplotlib.pyplot as plt
 import numpy as np
@@ -24,25 +25,37 @@ def map_to_original(heat: np.ndarray, height: int, width: int, fit: str = "pad")
     return np.clip(np.asarray(resized), 0, 1)
 
 
+def overlay_image(original: np.ndarray, heat: np.ndarray, fit: str = "pad", alpha: float = 0.45,
+                  max_side: int | None = None) -> np.ndarray:
+    """RGB uint8: the heatmap (colour map 'jet') blended over the original image, at the original's
+    resolution, or scaled down so that its longer side is at most ``max_side``."""
+    image = Image.fromarray(original)
+    if max_side is not None and max(image.size) > max_side:
+        image.thumbnail((max_side, max_side), Image.Resampling.BILINEAR)
+    base = np.asarray(image.convert("RGB"), dtype=np.float32) / 255.0
+    full = map_to_original(heat, base.shape[0], base.shape[1], fit)
+    colour = plt.get_cmap("jet")(full)[..., :3]
+    return np.round(((1 - alpha) * base + alpha * colour) * 255).astype(np.uint8)
+
+
 def overlay_figure(original: np.ndarray, heat: np.ndarray, caption: str, path: Path, fit: str = "pad",
                    alpha: float = 0.45) -> Path:
     """PNG: the original (its own resolution; DICOM as windowed) beside the heatmap over it."""
     h, w = original.shape[:2]
-    full = map_to_original(heat, h, w, fit)
     aspect = w / h
     fig, axes = plt.subplots(1, 2, figsize=(2 * 4 * min(aspect, 2), 4.6), dpi=110)
     cmap = "gray" if original.ndim == 2 else None
+    axes[0].imshow(original, cmap=cmap, vmin=0, vmax=255)
+    axes[1].imshow(overlay_image(original, heat, fit, alpha))
     for ax in axes:
-        ax.imshow(original, cmap=cmap, vmin=0, vmax=255)
         ax.axis("off")
-    axes[1].imshow(full, cmap="jet", alpha=alpha, vmin=0, vmax=1)
     axes[0].set_title("image", fontsize=9)
     axes[1].set_title("where the model looked", fontsize=9)
     fig.suptitle(caption, fontsize=10)
     return save_figure(fig, path)
 
 
-def volume_figure(volume: np.ndarray, heat: np.ndarray, caption: str, path: Path, alpha: float = 0.45) -> Path:
+def volume_figure(volume: np.ndarray, heat: np.ndarray, caption: str, path: Path | BinaryIO, alpha: float = 0.45) -> Path | BinaryIO:
     """PNG: the three planes through the map's peak, each with the heatmap over it.
     ``volume`` and ``heat`` are (X, Y, Z) arrays in the model's frame (RAS+, voxels of equal size)."""
     peak = np.unravel_index(int(np.argmax(heat)), heat.shape)

@@ -16,11 +16,17 @@ def logits_to_probs(logits: torch.Tensor, task: str, temperature: float = 1.0) -
     return torch.sigmoid(logits) if task == "multilabel" else torch.softmax(logits, dim=1)
 
 
+def model_device(model: nn.Module) -> torch.device:
+    """Where the model's weights live (CPU for a model without torch parameters, e.g. ONNX Runtime)."""
+    param = next(model.parameters(), None)
+    return param.device if param is not None else torch.device("cpu")
+
+
 @torch.inference_mode()
 def predict_proba(model: nn.Module, images: torch.Tensor, task: str, mean: float, std: float, batch_size: int = 256,
                   temperature: float = 1.0) -> torch.Tensor:
     """Class probabilities (N, K) float32 for uint8 images (N, C, *spatial), on the model's device."""
-    device = next(model.parameters()).device
+    device = model_device(model)
     model.eval()
     out = []
     for chunk in images.split(batch_size):

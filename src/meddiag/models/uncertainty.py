@@ -20,7 +20,7 @@ from torch import nn
 from meddiag.data.transforms import AugmentConfig, augment_batch, normalize, to_unit_float
 from meddiag.errors import ModelError
 from meddiag.models.checkpoint import ModelCard
-from meddiag.models.inference import logits_to_probs
+from meddiag.models.inference import logits_to_probs, model_device
 
 DROPOUT_TYPES = (nn.Dropout, nn.Dropout1d, nn.Dropout2d, nn.Dropout3d, nn.AlphaDropout)
 
@@ -37,7 +37,7 @@ def predictive_samples(model: nn.Module, card: ModelCard, images: torch.Tensor, 
     if mc_dropout and not has_dropout(model):
         raise ModelError(f"{card.model_name} has no dropout layers: MC-dropout needs a network with dropout "
                          "(use test-time augmentation instead)")
-    device = next(model.parameters()).device
+    device = model_device(model)
     generator = torch.Generator(device=device).manual_seed(seed)
     augment = AugmentConfig()
     out = []

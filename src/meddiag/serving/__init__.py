@@ -1,5 +1,6 @@
-"""Stage 6: using a trained model on new images."""
+"""Stage 6: diagnosing new files (predictor), ONNX export, and the REST service with its web page."""
 
-from meddiag.serving.predictor import Failure, Prediction, Predictor, collect_image_files, write_predictions_csv
+from meddiag.data.collect import Failure
+from meddiag.serving.predictor import Prediction, Predictor, write_predictions_csv
 
-__all__ = ["Failure", "Prediction", "Predictor", "collect_image_files", "write_predictions_csv"]
+__all__ = ["Failure", "Prediction", "Predictor", "write_predictions_csv"]

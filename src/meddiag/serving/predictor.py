@@ -15,15 +15,15 @@ from typing import TextIO
 import numpy as np
 import torch
 
-from meddiag.data.collect import Failure, collect_image_files, collect_volume_sources
-from meddiag.data.images import read_image_file, to_model_input
-from meddiag.data.volumes import read_volumes, volume_to_model_input
-from meddiag.errors import DataError, ImageReadError
+from meddiag.data.collect import Failure, collect_sources
+from meddiag.errors import DataError, ImageReadError, ModelError
 from meddiag.evaluation.evaluate import best_checkpoint
 from meddiag.evaluation.metrics import predict_labels
 from meddiag.models.checkpoint import load_checkpoint
 from meddiag.models.inference import predict_proba
+from meddiag.models.inputs import ModelInput, read_inputs
 from meddiag.models.uncertainty import normalised_entropy, predict_with_uncertainty
+from meddiag.serving.export import onnx_network
 
 
 @dataclass
@@ -39,12 +39,28 @@ class Prediction:
 
 
 class Predictor:
-    """A loaded model ready to diagnose files: ``Predictor.from_run("runs/x").predict(["a.png"])``."""
+    """A loaded model ready to diagnose files: ``Predictor.from_run("runs/x").predict(["a.png"])``.
 
-    def __init__(self, checkpoint: str | Path, device: str = "cpu", batch_size: int = 64) -> None:
+    ``backend="onnx"`` runs the network in ONNX Runtime from the run's export (made on first use,
+    and again whenever the weights changed); the PyTorch model stays loaded for explanations.
+    ``max_pixels`` refuses, before decoding, files whose header declares more pixels than that.
+    """
+
+    def __init__(self, checkpoint: str | Path, device: str = "cpu", batch_size: int = 64, backend: str = "torch",
+                 max_pixels: int | None = None) -> None:
         self.model, self.card = load_checkpoint(checkpoint, map_location=device)
         self.model.to(device)
         self.batch_size = batch_size
+        self.max_pixels = max_pixels
+        self.backend = backend
+        self.network = self.model  # what predictions run on
+        if backend == "onnx":
+            if self.card.mc_dropout:
+                raise ModelError("this model averages MC-dropout passes, which need the PyTorch backend "
+                                 "(dropout is frozen in an ONNX export): use --backend torch")
+            self.network = onnx_network(Path(checkpoint), self.model, self.card)
+        elif backend != "torch":
+            raise ModelError(f"unknown backend '{backend}': choose torch or onnx")
 
     @classmethod
     def from_run(cls, run: str | Path, **kwargs: object) -> Predictor:
@@ -59,59 +75,50 @@ class Predictor:
         test-time augmentation / MC-dropout passes the model card asks for."""
         c = self.card
         if c.tta or c.mc_dropout:
-            return predict_with_uncertainty(self.model, c, images, self.batch_size)
-        probs = predict_proba(self.model, images, c.task, c.mean, c.std, self.batch_size, c.temperature).numpy()
+            return predict_with_uncertainty(self.network, c, images, self.batch_size)
+        probs = predict_proba(self.network, images, c.task, c.mean, c.std, self.batch_size, c.temperature).numpy()
         return {"mean": probs, "entropy": normalised_entropy(probs, c.task), "spread": np.zeros(len(probs))}
+
+    def read(self, path: str | Path) -> list[ModelInput]:
+        """The model inputs of one file (or DICOM series folder); raises ``ImageReadError``."""
+        return read_inputs(path, self.card, self.max_pixels)
 
     def predict(self, paths: list[str | Path]) -> tuple[list[Prediction], list[Failure]]:
         """Predict every image file in ``paths`` (files or folders); for 3D models every volume
-        (NIfTI files, and folders holding a DICOM series).
+        (NIfTI files, multi-frame DICOM files, and folders holding a DICOM series).
 
         Returns the predictions and, separately, each file that failed with its reason.
         """
-        if self.card.spatial_dims == 3:
-            return self.predict_volumes(paths)
-        files, failures = collect_image_files(paths)
+        sources, failures = collect_sources(paths, self.card.spatial_dims)
         predictions: list[Prediction] = []
-        for start in range(0, len(files), self.batch_size):
-            batch, ok, identities = [], [], []
-            for path in files[start : start + self.batch_size]:
-                try:
-                    arr, identity = read_image_file(path, self.card.window)
-                except ImageReadError as exc:
-                    failures.append(Failure(exc.path, exc.reason))
-                    continue
-                batch.append(to_model_input(arr, self.card.image_size, self.card.in_channels, self.card.fit))
-                ok.append(path)
-                identities.append(identity)
-            if not batch:
-                continue
-            dist = self.predict_distribution(torch.from_numpy(np.stack(batch)))
-            for row, identity in zip(self._rows(ok, dist), identities):
-                if identity is not None:
-                    row.sop_instance_uid, row.series_instance_uid = identity.sop_instance_uid, identity.series_instance_uid
-                predictions.append(row)
-        return predictions, failures
-
-    def predict_volumes(self, paths: list[str | Path]) -> tuple[list[Prediction], list[Failure]]:
-        """3D models: each NIfTI file, multi-frame DICOM file and DICOM series folder under
-        ``paths`` is one volume (see :func:`collect_volume_sources`)."""
-        c = self.card
-        predictions: list[Prediction] = []
-        sources, failures = collect_volume_sources(paths)
-        for source in sources:
+        pending: list[ModelInput] = []
+        for i, source in enumerate(sources):
             try:
-                volumes = read_volumes(source, c.volume_index)
+                items = self.read(source)
             except (ImageReadError, DataError) as exc:
                 failures.append(Failure(str(source), getattr(exc, "reason", str(exc))))
-                continue
-            failures += [Failure(p, r) for p, r in (volumes[0].excluded if volumes else [])]
-            batch = np.stack([volume_to_model_input(v, c.image_size, c.in_channels, c.window, c.fit) for v in volumes])
-            dist = self.predict_distribution(torch.from_numpy(batch))
-            for volume, row in zip(volumes, self._rows([source] * len(volumes), dist)):
-                row.series_instance_uid, row.sop_instance_uid = volume.series_instance_uid, volume.sop_instance_uid
-                predictions.append(row)
+                items = []
+            for item in items:
+                failures += [Failure(p, r) for p, r in item.excluded]
+            pending += items
+            if len(pending) >= self.batch_size or (i == len(sources) - 1 and pending):
+                predictions += self.predict_inputs(pending)
+                pending = []
         return predictions, failures
+
+    def predict_inputs(self, items: list[ModelInput]) -> list[Prediction]:
+        """One :class:`Prediction` per input, predicted together."""
+        if not items:
+            return []
+        dist = self.predict_distribution(torch.from_numpy(np.stack([it.array for it in items])))
+        return self.predictions_from(items, dist)
+
+    def predictions_from(self, items: list[ModelInput], dist: dict[str, np.ndarray]) -> list[Prediction]:
+        """Predictions for ``items`` from their :meth:`predict_distribution` output."""
+        rows = self._rows([Path(it.source) for it in items], dist)
+        for row, item in zip(rows, items):
+            row.sop_instance_uid, row.series_instance_uid = item.sop_instance_uid, item.series_instance_uid
+        return rows
 
     def _rows(self, paths: list[Path], dist: dict[str, np.ndarray]) -> list[Prediction]:
         c = self.card

@@ -1,0 +1,145 @@
+"""ONNX export and an ONNX Runtime model that stands in for the PyTorch network.
+
+``export_onnx`` writes one self-contained ``.onnx`` file (weights inside, dynamic batch size): the
+network from normalised float32 input to logits, exactly as PyTorch computes it. The model card
+(classes, input size, normalisation, threshold, temperature...) travels in the file's metadata
+(``meddiag_card``) and beside it as ``<name>.json``, so the file alone is enough to use it. A
+fingerprint of the weights (``meddiag_weights_sha256``) tells whether an export is stale.
+
+:class:`OnnxModel` wraps an ONNX Runtime session as a ``torch.nn.Module`` that maps float32
+tensors to logits, so prediction, temperature scaling and test-time augmentation run through the
+same code for both backends. Only MC-dropout needs PyTorch (dropout is frozen in the export).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import logging
+import warnings
+from collections.abc import Iterator
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch import nn
+
+from meddiag.errors import ModelError
+from meddiag.models.checkpoint import ModelCard
+
+CARD_KEY = "meddiag_card"
+WEIGHTS_KEY = "meddiag_weights_sha256"
+INPUT_NAME, OUTPUT_NAME = "image", "logits"
+TOLERANCE = 1e-4  # largest |ONNX - PyTorch| logit difference an export may have
+
+
+def weights_fingerprint(model: nn.Module) -> str:
+    """sha256 of the model's parameters and buffers (names, shapes and values)."""
+    h = hashlib.sha256()
+    for name, tensor in sorted(model.state_dict().items()):
+        h.update(name.encode())
+        t = tensor.detach().cpu().contiguous()
+        h.update(str(tuple(t.shape)).encode())
+        h.update(t.view(torch.uint8).numpy().tobytes() if t.numel() else b"")
+    return h.hexdigest()
+
+
+def export_onnx(model: nn.Module, card: ModelCard, path: str | Path, check: bool = True) -> Path:
+    """Write ``model`` to ``path`` as a single ONNX file with a dynamic batch dimension, and its
+    card to ``path.with_suffix('.json')``. With ``check`` (default), ONNX Runtime's logits on a few
+    random inputs must agree with PyTorch's within :data:`TOLERANCE`, else :class:`ModelError`."""
+    import onnx
+
+    if card.mc_dropout:
+        warnings.warn("the ONNX export freezes dropout: its predictions are the model's plain ones, without "
+                      "the card's MC-dropout passes", stacklevel=2)
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    net = _exportable(model)
+    spatial = (card.image_size,) * card.spatial_dims
+    example = torch.zeros(2, card.in_channels, *spatial)
+    with _quiet_exporter():
+        program = torch.onnx.export(net, (example,), dynamo=True, input_names=[INPUT_NAME], output_names=[OUTPUT_NAME],
+                                    dynamic_shapes=({0: torch.export.Dim("batch")},), verbose=False)
+    proto = program.model_proto
+    for key, value in ((CARD_KEY, card.model_dump_json()), (WEIGHTS_KEY, weights_fingerprint(net))):
+        entry = proto.metadata_props.add()
+        entry.key, entry.value = key, value
+    proto.producer_name = "meddiag"
+    tmp = path.with_name(path.name + ".tmp")
+    onnx.save_model(proto, str(tmp), save_as_external_data=False)
+    tmp.replace(path)
+    path.with_suffix(".json").write_text(json.dumps(card.model_dump(), indent=2))
+    if check:
+        check_export(net, card, path)
+    return path
+
+
+def check_export(model: nn.Module, card: ModelCard, path: Path, n: int = 3) -> float:
+    """Largest |ONNX Runtime - PyTorch| logit difference on ``n`` random inputs in the model's
+    input range; raises :class:`ModelError` above :data:`TOLERANCE`."""
+    onnx_model, _ = load_onnx(path)
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(n, card.in_channels, *(card.image_size,) * card.spatial_dims, generator=g)
+    with torch.inference_mode():
+        diff = float((onnx_model(x) - model.float().eval()(x)).abs().max())
+    if not diff <= TOLERANCE:
+        raise ModelError(f"{path}: ONNX Runtime's output differs from PyTorch's by {diff:.2e} (> {TOLERANCE:.0e})")
+    return diff
+
+
+class OnnxModel(nn.Module):
+    """An ONNX Runtime session behaving as an eval-mode network: float32 (N, C, ...) -> logits."""
+
+    def __init__(self, path: str | Path, threads: int | None = None) -> None:
+        super().__init__()
+        import onnxruntime as ort
+
+        options = ort.SessionOptions()
+        options.intra_op_num_threads = threads or torch.get_num_threads()
+        options.inter_op_num_threads = 1
+        options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+        options.log_severity_level = 3
+        try:
+            self.session = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+        except Exception as exc:  # noqa: BLE001 - ONNX Runtime raises its own exception types
+            raise ModelError(f"cannot load ONNX model {path}: {str(exc).splitlines()[0]}") from None
+        self.path = Path(path)
+        self.metadata = dict(self.session.get_modelmeta().custom_metadata_map)
+        self.input_name = self.session.get_inputs()[0].name
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        array = np.ascontiguousarray(x.detach().cpu().float().numpy())
+        return torch.from_numpy(self.session.run(None, {self.input_name: array})[0])
+
+
+def load_onnx(path: str | Path, threads: int | None = None) -> tuple[OnnxModel, ModelCard]:
+    """An exported model and its card (from the file's own metadata)."""
+    path = Path(path)
+    if not path.is_file():
+        raise ModelError(f"ONNX model {path} does not exist")
+    model = OnnxModel(path, threads)
+    if CARD_KEY not in model.metadata:
+        raise ModelError(f"{path} is not a meddiag ONNX export (it has no model card in its metadata)")
+    return model, ModelCard.model_validate_json(model.metadata[CARD_KEY])
+
+
+def _exportable(model: nn.Module) -> nn.Module:
+    return model.float().eval().cpu()
+
+
+@contextlib.contextmanager
+def _quiet_exporter() -> Iterator[None]:
+    """The exporter logs a line per unavailable torchvision operator and warns about its internals."""
+    loggers = [logging.getLogger(n) for n in ("torch.onnx", "torch.export", "onnxscript")]
+    levels = [lg.level for lg in loggers]
+    for lg in loggers:
+        lg.setLevel(logging.ERROR)
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            yield
+    finally:
+        for lg, level in zip(loggers, levels):
+            lg.setLevel(level)

@@ -1,0 +1,51 @@
+"""Exporting a run's model for deployment (ONNX), and finding an up-to-date export to serve."""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+from torch import nn
+
+from meddiag.errors import ModelError
+from meddiag.evaluation.evaluate import best_checkpoint
+from meddiag.models.checkpoint import ModelCard, load_checkpoint
+from meddiag.models.onnx import WEIGHTS_KEY, OnnxModel, export_onnx, weights_fingerprint
+
+log = logging.getLogger("meddiag")
+FORMATS = ("onnx",)
+
+
+def default_export_path(checkpoint: Path) -> Path:
+    """``RUN/export/model.onnx`` for a run's checkpoint, else the checkpoint's name with ``.onnx``."""
+    if checkpoint.parent.name == "checkpoints":
+        return checkpoint.parent.parent / "export" / "model.onnx"
+    return checkpoint.with_suffix(".onnx")
+
+
+def export_run(run: str | Path, out: str | Path | None = None, fmt: str = "onnx") -> Path:
+    """Export the best checkpoint of ``run`` (a run folder or a checkpoint file) to ``out``
+    (default ``RUN/export/model.onnx``); the model card is written beside it as ``.json``."""
+    if fmt not in FORMATS:
+        raise ModelError(f"unknown export format '{fmt}': choose {', '.join(FORMATS)}")
+    run = Path(run)
+    checkpoint = run if run.is_file() else best_checkpoint(run)
+    model, card = load_checkpoint(checkpoint)
+    return export_onnx(model, card, Path(out) if out else default_export_path(checkpoint))
+
+
+def onnx_network(checkpoint: Path, model: nn.Module, card: ModelCard) -> OnnxModel:
+    """ONNX Runtime running ``model``: the run's export when it holds these weights, else a fresh
+    export written to :func:`default_export_path` first (the card itself always comes from the
+    checkpoint, so thresholds and temperatures changed since the export still apply)."""
+    path = default_export_path(Path(checkpoint))
+    fingerprint = weights_fingerprint(model)
+    if path.is_file():
+        network = OnnxModel(path)
+        if network.metadata.get(WEIGHTS_KEY) == fingerprint:
+            return network
+        log.info("%s was exported from other weights: exporting again", path)
+    else:
+        log.info("exporting the model to %s", path)
+    export_onnx(model, card, path)
+    return OnnxModel(path)
