@@ -114,6 +114,18 @@ def test_predict_with_the_onnx_backend_matches_torch_and_reexports_when_weights_
     assert all(abs(a.probabilities[k] - b.probabilities[k]) < 1e-4 for a, b in zip(again, reference) for k in a.probabilities)
 
 
+def test_the_weights_fingerprint_covers_every_tensor_including_batchnorm_counters():
+    from meddiag.models import create_model
+    from meddiag.models.onnx import weights_fingerprint
+
+    model = create_model("resnet18", 1, 2, 2, 28)
+    before = weights_fingerprint(model)
+    assert weights_fingerprint(create_model("resnet18", 1, 2, 2, 28)) != before  # other random weights
+    bn = next(m for m in model.modules() if isinstance(m, torch.nn.BatchNorm2d))
+    bn.running_mean[0] += 1
+    assert weights_fingerprint(model) != before
+
+
 def test_export_and_predict_command_lines(run, tmp_path):
     env = {**os.environ, "MEDDIAG_DATA": "/nonexistent"}
     out = tmp_path / "model.onnx"

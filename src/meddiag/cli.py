@@ -115,6 +115,38 @@ def train(
 
 @app.command()
 @friendly_errors
+def tune(
+    data: DataArg = None,
+    trials: Annotated[int, typer.Option(help="Trials to run (more are added to an existing study in --out).", min=1)] = 20,
+    timeout: Annotated[Optional[float], typer.Option(help="Stop starting trials after this many seconds.")] = None,
+    out: Annotated[Optional[Path], typer.Option(help="Study folder (study.db, trials.csv, best.yaml). [default: runs/tune-<data>]")] = None,
+    models: Annotated[str, typer.Option(help="Models to choose from, comma-separated.")] = "seed_cnn,resnet18",
+    image_sizes: Annotated[Optional[str], typer.Option(help="Image sizes to choose from, comma-separated (e.g. 28,64). [default: the data's own]")] = None,
+    epochs: Annotated[Optional[int], typer.Option(help="Maximum epochs per trial. [default: the configuration's]")] = None,
+    seed: Annotated[int, typer.Option(help="Seed of the sampler (and of each trial's training).")] = 0,
+    config: Annotated[Optional[Path], typer.Option(help="Base YAML configuration the search starts from.")] = None,
+    keep_runs: Annotated[bool, typer.Option(help="Keep every trial's checkpoints (default: configurations and histories only).")] = False,
+) -> None:
+    """Search model, width (seed_cnn's filters and dense units), learning rate, weight decay,
+    augmentation strength and image size on the validation split (Optuna: seeded TPE, median
+    pruning, SQLite; run again to resume). Writes best.yaml for 'meddiag train --config'."""
+    from meddiag.training.config import TrainConfig
+    from meddiag.training.tune import SearchSpace, tune as run_tune
+
+    logging.getLogger("lightning.pytorch").setLevel(logging.WARNING)
+    if not (data or config):
+        raise MeddiagError("give the DATA to tune on (or a --config file that names it)")
+    base = TrainConfig.from_sources(config, data=data, epochs=epochs, seed=seed)
+    sizes = [int(s) for s in image_sizes.split(",")] if image_sizes else []
+    name = Path(base.data.rstrip("/")).name or base.data
+    result = run_tune(base, out or Path("runs") / f"tune-{name}", trials, timeout,
+                      SearchSpace(models=[m.strip() for m in models.split(",") if m.strip()], image_sizes=sizes), seed, keep_runs)
+    print(f"{result.n_trials} trials ({result.n_pruned} pruned); best val AUC {result.best_value:.4f}: {result.best_params}")
+    print(f"train it: meddiag train --config {result.best_config}")
+
+
+@app.command()
+@friendly_errors
 def evaluate(
     run: Annotated[Path, typer.Argument(help="Run folder (or a checkpoint file).")],
     data: Annotated[Optional[str], typer.Option(help="Evaluate on other data. [default: the run's own data]")] = None,

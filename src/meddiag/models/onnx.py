@@ -41,7 +41,7 @@ def weights_fingerprint(model: nn.Module) -> str:
         h.update(name.encode())
         t = tensor.detach().cpu().contiguous()
         h.update(str(tuple(t.shape)).encode())
-        h.update(t.view(torch.uint8).numpy().tobytes() if t.numel() else b"")
+        h.update(t.reshape(-1).view(torch.uint8).numpy().tobytes())
     return h.hexdigest()
 
 

@@ -66,8 +66,23 @@ def create_model(
         raise ModelError(f"model '{name}' supports {' and '.join(f'{d}D' for d in entry.spatial_dims)} input, not {spatial_dims}D")
     if num_classes < 1 or in_channels < 1:
         raise ModelError(f"in_channels and num_classes must be positive, got {in_channels} and {num_classes}")
+    options = model_options(name)
+    unknown = sorted(set(kwargs) - set(options))
+    if unknown:
+        raise ModelError(f"model '{name}' has no option {', '.join(map(repr, unknown))}; "
+                         f"its options are: {', '.join(options) or 'none'}")
     return entry.builder(in_channels=in_channels, num_classes=num_classes, spatial_dims=spatial_dims, image_size=image_size, **kwargs)
 
 
 def count_parameters(model: nn.Module) -> int:
     return sum(p.numel() for p in model.parameters())
+
+
+def model_options(name: str) -> dict[str, object]:
+    """The keyword options a registered model takes beyond the common ones, with their defaults
+    (e.g. ``seed_cnn``: widths, dense)."""
+    import inspect
+
+    common = {"in_channels", "num_classes", "spatial_dims", "image_size"}
+    params = inspect.signature(get_entry(name).builder).parameters
+    return {k: p.default for k, p in params.items() if k not in common and p.kind is p.POSITIONAL_OR_KEYWORD}

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import tempfile
 from pathlib import Path
 
 from torch import nn
@@ -47,5 +48,10 @@ def onnx_network(checkpoint: Path, model: nn.Module, card: ModelCard) -> OnnxMod
         log.info("%s was exported from other weights: exporting again", path)
     else:
         log.info("exporting the model to %s", path)
-    export_onnx(model, card, path)
+    try:
+        export_onnx(model, card, path)
+    except OSError as exc:  # a read-only run folder: export to a private temporary folder instead
+        path = Path(tempfile.mkdtemp(prefix="meddiag-onnx-")) / "model.onnx"
+        log.info("cannot write the export beside the checkpoint (%s): using %s", exc.strerror or exc, path)
+        export_onnx(model, card, path)
     return OnnxModel(path)

@@ -20,6 +20,7 @@ class TrainConfig(BaseModel):
 
     data: str = Field(description="MedMNIST name (pneumoniamnist, pneumoniamnist@64), image folder or CSV manifest")
     model: str = "resnet18"
+    model_kwargs: dict[str, Any] = Field(default_factory=dict, description="the model's own options, e.g. seed_cnn: {widths: [16, 32, 64], dense: 128}")
     epochs: int = Field(20, ge=1)
     batch_size: int | None = Field(None, ge=1, description="None: 128 for images, 32 for volumes")
     lr: float = Field(1e-3, gt=0)

@@ -25,7 +25,7 @@ from lightning.pytorch.callbacks import EarlyStopping, ModelCheckpoint
 from meddiag.data.dataset import ImageData
 from meddiag.data.sources import load_data
 from meddiag.models.checkpoint import ModelCard
-from meddiag.models.registry import get_entry
+from meddiag.models.registry import get_entry, model_options
 from meddiag.training.config import TrainConfig
 from meddiag.training.datamodule import ImageDataModule
 from meddiag.training.history import HistoryWriter
@@ -64,14 +64,20 @@ def load_training_data(config: TrainConfig, progress: bool = True) -> ImageData:
     )
 
 
-def train(config: TrainConfig, *, resume: bool = False, progress: bool | None = None, data: ImageData | None = None) -> TrainResult:
+def train(config: TrainConfig, *, resume: bool = False, progress: bool | None = None, data: ImageData | None = None,
+          callbacks: list[L.Callback] | None = None) -> TrainResult:
     """Train a model as ``config`` says and write its run folder.
 
     With ``resume``, ``config.out`` must be an earlier run folder: training continues
     from its ``checkpoints/last.ckpt`` with the same settings. ``data``, if given, is used
-    instead of reading ``config.data`` (cross-validation passes each fold's splits).
+    instead of reading ``config.data`` (cross-validation passes each fold's splits); ``callbacks``
+    are added to Lightning's (tuning adds its pruning callback).
     """
-    get_entry(config.model)  # fail on an unknown model before reading any data
+    get_entry(config.model)  # fail on an unknown model or option before reading any data
+    unknown = sorted(set(config.model_kwargs) - set(model_options(config.model)))
+    if unknown:
+        raise ConfigError(f"model {config.model} has no option {', '.join(unknown)}; its options: "
+                          f"{', '.join(model_options(config.model)) or 'none'}")
     progress = sys.stderr.isatty() if progress is None else progress
     # Under DDP, Lightning re-runs this command once per extra process: those processes find the
     # run folder made by process 0 and must join it, not refuse it or write it again.
@@ -96,7 +102,7 @@ def train(config: TrainConfig, *, resume: bool = False, progress: bool | None = 
         write_data_record(data, run_dir)
 
     card = ModelCard(
-        model_name=config.model, class_names=data.class_names, task=data.task, image_size=data.image_size,
+        model_name=config.model, model_kwargs=config.model_kwargs, class_names=data.class_names, task=data.task, image_size=data.image_size,
         in_channels=data.in_channels, spatial_dims=data.spatial_dims, mean=config.mean, std=config.std,
         fit=config.fit, window=config.window, volume_index=config.volume_index, threshold=config.threshold,
         tta=config.tta, mc_dropout=config.mc_dropout,
@@ -116,7 +122,7 @@ def train(config: TrainConfig, *, resume: bool = False, progress: bool | None = 
         save_top_k=1, save_weights_only=True, enable_version_counter=False,
     )
     last_state = ModelCheckpoint(dirpath=run_dir / "checkpoints", save_top_k=0, save_last=True, enable_version_counter=False)
-    callbacks: list[L.Callback] = [checkpoints, last_state, HistoryWriter(run_dir / "history.csv", echo=not progress)]
+    callbacks = [checkpoints, last_state, HistoryWriter(run_dir / "history.csv", echo=not progress), *(callbacks or [])]
     if config.early_stopping_patience:
         callbacks.append(EarlyStopping(monitor="val_auc", mode="max", patience=config.early_stopping_patience))
     trainer = L.Trainer(
