@@ -335,3 +335,30 @@ def test_micro_batching_passes_model_errors_to_the_requests_and_keeps_serving():
         await batcher.close()
 
     asyncio.run(main())
+
+
+def test_a_3d_model_takes_nifti_volumes_and_refuses_2d_images(tmp_path):
+    import nibabel as nib
+    from fastapi.testclient import TestClient
+
+    from meddiag.models.checkpoint import ModelCard, save_checkpoint
+    from meddiag.serving.app import create_app
+    from meddiag.serving.predictor import Predictor
+
+    card = ModelCard(model_name="seed_cnn", class_names=["benign", "malignant"], task="binary", image_size=24,
+                     in_channels=1, spatial_dims=3)
+    torch.manual_seed(0)
+    checkpoint = save_checkpoint(tmp_path / "checkpoints" / "best.ckpt", card.build_model(), card)
+    volume = np.random.default_rng(0).normal(0, 100, (30, 30, 20)).astype(np.float32)
+    nib.save(nib.Nifti1Image(volume, np.diag([1.0, 1.0, 2.0, 1.0])), tmp_path / "v.nii.gz")
+    predictor = Predictor(checkpoint)
+    expected = predictor.predict([tmp_path / "v.nii.gz"])[0][0]
+    with TestClient(create_app(predictor)) as client:
+        r = client.post("/v1/predict?explain=gradcam", files=[("files", ("v.nii.gz", (tmp_path / "v.nii.gz").read_bytes(), "application/gzip"))])
+        assert r.status_code == 200, r.text
+        result = r.json()["results"][0]
+        assert abs(result["probabilities"]["malignant"] - expected.probabilities["malignant"]) < 1e-5
+        assert "image_png" not in result and Image.open(io.BytesIO(base64.b64decode(result["heatmap_png"]))).width > 300
+        r = client.post("/v1/predict", files=[("files", ("x.png", png_bytes(np.zeros((30, 30), np.uint8)), "image/png"))])
+        assert r.status_code == 415 and "this model diagnoses volumes" in r.json()["reason"]
+        assert client.get("/v1/model").json()["test_metrics"] is None  # a bare checkpoint: no run folder
