@@ -99,3 +99,18 @@ def write_csv(path: Path, rows: list[dict]) -> Path:
         writer.writeheader()
         writer.writerows(rows)
     return path
+
+
+@pytest.fixture(scope="session")
+def small_run(tmp_path_factory) -> Path:
+    """A small trained run (seed_cnn, 32 px, report included) on a synthetic two-class folder
+    (``<run>/../images``), shared by the serving and web page tests."""
+    from meddiag.training.config import TrainConfig
+    from meddiag.workflow import train_and_evaluate
+
+    base = tmp_path_factory.mktemp("small-run")
+    data = make_image_folder(base / "images", per_class=40)
+    config = TrainConfig(data=str(data), model="seed_cnn", epochs=12, image_size=32, batch_size=8, out=str(base / "run"))
+    result = train_and_evaluate(config, progress=False)
+    assert result.test_metrics["auc"] > 0.9, result.test_metrics
+    return base / "run"

@@ -20,23 +20,14 @@ import pytest
 import torch
 from PIL import Image
 
-from conftest import make_image_folder, write_dicom
+from conftest import write_dicom
 
 TOKEN = "test-token-1234"
 
 
 @pytest.fixture(scope="module")
-def run(tmp_path_factory) -> Path:
-    """A small trained run (seed_cnn, 32 px) on a synthetic two-class folder, with its report."""
-    from meddiag.training.config import TrainConfig
-    from meddiag.workflow import train_and_evaluate
-
-    base = tmp_path_factory.mktemp("serve")
-    data = make_image_folder(base / "images", per_class=40)
-    config = TrainConfig(data=str(data), model="seed_cnn", epochs=12, image_size=32, batch_size=8, out=str(base / "run"))
-    result = train_and_evaluate(config, progress=False)
-    assert result.test_metrics["auc"] > 0.9
-    return base / "run"
+def run(small_run) -> Path:
+    return small_run
 
 
 @pytest.fixture(scope="module")

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import SHARED_DATA, make_image_folder
+from conftest import SHARED_DATA
 
 CHROMIUM = "/usr/bin/chromium"
 TOKEN = "page-token-5678"
@@ -30,15 +30,10 @@ def free_port() -> int:
 
 
 @pytest.fixture(scope="module")
-def server(tmp_path_factory):
-    """``meddiag serve`` on a small trained run, with a token; yields (base url, run, log file)."""
-    base = tmp_path_factory.mktemp("page")
-    data = make_image_folder(base / "images", per_class=30)
-    run = base / "run"
+def server(small_run, tmp_path_factory):
+    """``meddiag serve`` on a small trained run, with the token in MEDDIAG_TOKEN; yields (base url, run, log file)."""
+    base, run = tmp_path_factory.mktemp("page"), small_run
     env = {**os.environ, "MEDDIAG_DATA": "/nonexistent", "MEDDIAG_TOKEN": TOKEN}
-    subprocess.run([sys.executable, "-m", "meddiag", "train", str(data), "--model", "seed_cnn", "--epochs", "8",
-                    "--image-size", "32", "--batch-size", "8", "--out", str(run), "--no-progress"],
-                   check=True, capture_output=True, env=env, timeout=600)
     port = free_port()
     log = open(base / "server.log", "w")
     proc = subprocess.Popen([sys.executable, "-m", "meddiag", "serve", str(run), "--port", str(port)],
