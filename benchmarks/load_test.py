@@ -87,8 +87,7 @@ async def load(url: str, body: bytes, content_type: str, clients: int, seconds: 
             "throughput": len(latencies) / wall, "p50": float(np.percentile(ms, 50)) if len(ms) else float("nan"),
             "p95": float(np.percentile(ms, 95)) if len(ms) else float("nan"),
             "p99": float(np.percentile(ms, 99)) if len(ms) else float("nan"),
-            "rss_start": memory[0], "rss_end": memory[-1], "rss_max": max(memory),
-            "rss_first_half_max": max(memory[: len(memory) // 2 or 1])}
+            "rss_start": memory[0], "rss_end": memory[-1], "rss_max": max(memory), "rss_trace": memory[::10]}
 
 
 def fresh_run(tmp: Path, model: str, size: int) -> Path:
@@ -160,6 +159,7 @@ def main() -> None:
     r = result
     print(f"| {r['requests']} | {r['errors']} | {r['throughput']:.1f} | {r['p50']:.0f} | {r['p95']:.0f} | {r['p99']:.0f} | "
           f"{batching['mean_batch']:.1f} | {r['rss_start']:.0f} → {r['rss_end']:.0f} ({r['rss_max']:.0f}) |")
+    print("\nserver RSS every 10 s (MB):", " ".join(f"{m:.0f}" for m in r["rss_trace"]))
     if r["errors"]:
         print("first errors:", *r["first_errors"], sep="\n  ")
 

@@ -171,7 +171,8 @@ class StopAtAUC(L.Callback):
     def __init__(self, start: float, target: float) -> None:
         self.start, self.target, self.reached, self.epochs = start, target, None, 0
 
-    def on_validation_epoch_end(self, trainer: L.Trainer, module: L.LightningModule) -> None:
+    def on_train_epoch_end(self, trainer: L.Trainer, module: L.LightningModule) -> None:
+        # after the epoch's validation: the module logs val_auc only after callbacks' on_validation_epoch_end
         auc = trainer.callback_metrics.get("val_auc")
         self.epochs += 1
         if auc is not None and float(auc) >= self.target and self.reached is None:

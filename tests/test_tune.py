@@ -87,6 +87,9 @@ def test_pruning_stops_a_trial_that_the_pruner_rejects(tmp_path):
     with pytest.raises(optuna.TrialPruned, match="epoch 1"):
         train(config, progress=False, callbacks=[PruneOnValAUC(trial)])
     assert len(trial.reported) == 1 and trial.reported[0][0] == 0
+    # what was reported is this epoch's validation AUC (not the one before it)
+    history = list(csv.DictReader(open(tmp_path / "run" / "history.csv")))
+    assert trial.reported[0][1] == pytest.approx(float(history[0]["val_auc"]), abs=1e-5)
 
 
 def test_unknown_model_options_are_refused_by_name(tmp_path):

@@ -78,13 +78,12 @@ class PruneOnValAUC(L.Callback):
 
     def __init__(self, trial: Any) -> None:
         self.trial = trial
-        self.epoch = 0  # validations seen (Lightning's current_epoch may already count the next one)
+        self.epoch = 0  # epochs reported
 
-    def on_validation_epoch_end(self, trainer: L.Trainer, module: L.LightningModule) -> None:
+    def on_train_epoch_end(self, trainer: L.Trainer, module: L.LightningModule) -> None:
+        # after the epoch's validation: the module logs val_auc only after callbacks' on_validation_epoch_end
         import optuna
 
-        if trainer.sanity_checking:
-            return
         value = trainer.callback_metrics.get("val_auc")
         if value is None:
             return
