@@ -63,7 +63,7 @@ def train(
     data: DataArg = None,
     model: Annotated[Optional[str], typer.Option(help="Model name (see 'meddiag models'). [default: resnet18]")] = None,
     epochs: Annotated[Optional[int], typer.Option(help="Maximum epochs. [default: 20]")] = None,
-    batch_size: Annotated[Optional[int], typer.Option(help="Images per batch. [default: 128; 32 for volumes]")] = None,
+    batch_size: Annotated[Optional[int], typer.Option(help="Images per batch. [default: 128; 32 for volumes; smaller for small training sets]")] = None,
     lr: Annotated[Optional[float], typer.Option(help="Learning rate. [default: 0.001]")] = None,
     image_size: Annotated[Optional[int], typer.Option(help="Input size in pixels. [default: MedMNIST file's size; 128 for image files]")] = None,
     seed: Annotated[Optional[int], typer.Option(help="Random seed (splits, initialisation, augmentation). [default: 0]")] = None,

@@ -22,7 +22,7 @@ class TrainConfig(BaseModel):
     model: str = "resnet18"
     model_kwargs: dict[str, Any] = Field(default_factory=dict, description="the model's own options, e.g. seed_cnn: {widths: [16, 32, 64], dense: 128}")
     epochs: int = Field(20, ge=1)
-    batch_size: int | None = Field(None, ge=1, description="None: 128 for images, 32 for volumes")
+    batch_size: int | None = Field(None, ge=1, description="None: 128 for images, 32 for volumes, smaller for small training sets (about 16 steps per epoch)")
     lr: float = Field(1e-3, gt=0)
     weight_decay: float = Field(1e-4, ge=0)
     optimizer: Literal["adamw", "adam", "sgd"] = "adamw"

@@ -94,7 +94,7 @@ def train(config: TrainConfig, *, resume: bool = False, progress: bool | None = 
     data = data if data is not None else load_training_data(config, progress and launched_rank == 0)
     config = config.model_copy(update={
         "image_size": data.image_size, "out": str(run_dir),
-        "batch_size": config.batch_size or (128 if data.spatial_dims == 2 else 32),
+        "batch_size": config.batch_size or default_batch_size(len(data.splits["train"].labels), data.spatial_dims),
     })
     if launched_rank == 0:
         run_dir.mkdir(parents=True, exist_ok=True)
@@ -147,6 +147,19 @@ def train(config: TrainConfig, *, resume: bool = False, progress: bool | None = 
     score = checkpoints.best_model_score
     return TrainResult(run_dir, best, data, config, seconds, float(score) if score is not None else None,
                        is_global_zero=trainer.is_global_zero)
+
+
+MIN_STEPS_PER_EPOCH = 16
+
+
+def default_batch_size(n_train: int, spatial_dims: int = 2) -> int:
+    """128 for images, 32 for volumes; smaller (a power of two, at least 8) for small training sets,
+    so that an epoch still has about 16 optimiser steps. BreastMNIST's 546 images get 32: at 128 an
+    epoch was 4 steps, and 20 epochs were too few updates for the network to settle (its validation
+    AUC was still climbing at the end)."""
+    largest = 128 if spatial_dims == 2 else 32
+    fitting = max(8, n_train // MIN_STEPS_PER_EPOCH)
+    return min(largest, 1 << (fitting.bit_length() - 1))
 
 
 def resolve_precision(precision: str, accelerator: str, spatial_dims: int = 2) -> str:
