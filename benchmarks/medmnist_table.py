@@ -21,6 +21,7 @@ import csv
 import json
 import os
 import platform
+import shutil
 import statistics
 import subprocess
 import time
@@ -61,6 +62,8 @@ def run_one(name: str, data: str, seed: int, runs: Path) -> dict:
     out = runs / f"{name.replace('@', '_')}-seed{seed}"
     record = out / "benchmark.json"
     if not (out / "metrics.json").exists():
+        if out.exists():  # an interrupted run: start it again
+            shutil.rmtree(out)
         cmd = ["meddiag", "train", data, "--seed", str(seed), "--out", str(out), "--no-progress"]
         print("$", " ".join(cmd), flush=True)
         start = time.perf_counter()
