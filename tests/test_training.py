@@ -25,3 +25,64 @@ def test_default_batch_size_keeps_about_16_steps_per_epoch_on_small_sets():
     for n in (300, 546, 1000, 1500):
         b = default_batch_size(n)
         assert b & (b - 1) == 0 and n // b >= 16
+
+
+def _module(ema_decay: float):
+    from meddiag.models.checkpoint import ModelCard
+    from meddiag.training.module import DiagnosisModule
+
+    card = ModelCard(model_name="seed_cnn", class_names=["benign", "malignant"], task="binary", image_size=28, in_channels=1, spatial_dims=2)
+    optim = {"optimizer": "adamw", "lr": 1e-3, "weight_decay": 0.0, "scheduler": "none", "epochs": 1}
+    return DiagnosisModule(card=card.model_dump(), optim=optim, augment={}, ema_decay=ema_decay)
+
+
+def test_weight_average_warms_up_then_follows_the_stated_decay():
+    from meddiag.training.module import ema_decay_at
+
+    assert ema_decay_at(0, 0.99) == 0.1  # the first step barely remembers the random start
+    assert abs(ema_decay_at(90, 0.99) - 0.91) < 1e-12
+    assert ema_decay_at(10_000, 0.99) == 0.99
+
+    module = _module(0.99)
+    param = next(module.model.parameters())
+    with torch.no_grad():
+        param.fill_(1.0)
+        module.ema.update_parameters(module.model)  # first update: a copy
+        param.fill_(2.0)
+        module.ema.update_parameters(module.model)  # one average taken: decay (1 + 1) / (10 + 1)
+    averaged = next(module.ema.module.parameters())
+    d = 2 / 11
+    torch.testing.assert_close(averaged, torch.full_like(averaged, d * 1.0 + (1 - d) * 2.0))
+
+
+def test_checkpoints_hold_the_averaged_weights_as_the_model_and_resume_restores_both():
+    module = _module(0.5)
+    with torch.no_grad():
+        for p in module.model.parameters():
+            p.add_(1.0)
+    module.ema.update_parameters(module.model)
+    with torch.no_grad():
+        for p in module.model.parameters():
+            p.add_(1.0)  # now the trained weights differ from the average
+    raw = {k: v.clone() for k, v in module.model.state_dict().items()}
+    averaged = {k: v.clone() for k, v in module.ema.module.state_dict().items()}
+
+    checkpoint = {"state_dict": module.state_dict()}
+    module.on_save_checkpoint(checkpoint)
+    state = checkpoint["state_dict"]
+    for key, value in averaged.items():  # what best.ckpt gives a predictor: the average
+        torch.testing.assert_close(state["model." + key], value)
+        torch.testing.assert_close(state["ema.module." + key], raw[key])
+
+    resumed = _module(0.5)
+    resumed.on_load_checkpoint(checkpoint)
+    resumed.load_state_dict(checkpoint["state_dict"])
+    for key in raw:
+        torch.testing.assert_close(resumed.model.state_dict()[key], raw[key])
+        torch.testing.assert_close(resumed.ema.module.state_dict()[key], averaged[key])
+
+
+def test_validation_judges_the_averaged_weights():
+    module = _module(0.9)
+    assert module.eval_model is module.ema.module
+    assert _module(0.0).ema is None and _module(0.0).eval_model is not None

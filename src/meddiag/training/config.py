@@ -42,6 +42,7 @@ class TrainConfig(BaseModel):
     loss: Literal["ce", "focal"] = Field("ce", description="ce: cross-entropy (BCE for multi-label); focal: focal loss")
     focal_gamma: float = Field(2.0, ge=0, description="focusing parameter of the focal loss")
     sampler: Literal["shuffle", "balanced"] = Field("shuffle", description="balanced: draw training images inversely to their class frequency")
+    ema_decay: float = Field(0.99, ge=0, lt=1, description="exponential moving average of the weights, per step (warmed up); validation, checkpoint selection and the saved model use the average; 0 = off")
     early_stopping_patience: int = Field(10, ge=0, description="epochs without a better val AUC before stopping; 0 = never")
     threshold: float = Field(0.5, gt=0, lt=1, description="decision threshold, unless operating_point chooses one")
     operating_point: str | None = Field(None, description="choose the threshold on validation: youden, sens90, sens95, spec90 (any sensNN/specNN); binary tasks")

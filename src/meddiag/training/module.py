@@ -6,6 +6,7 @@ from typing import Any
 
 import lightning as L
 import torch
+from torch.optim.swa_utils import AveragedModel
 from torchmetrics import AUROC, Accuracy, MeanMetric
 
 from meddiag.data.transforms import AugmentConfig, augment_batch, normalize, to_unit_float
@@ -14,18 +15,39 @@ from meddiag.models.inference import logits_to_probs
 from meddiag.training.losses import DiagnosisLoss
 
 
+EMA_PREFIX = "ema.module."
+
+
+def ema_decay_at(step: int, decay: float) -> float:
+    """The EMA decay after ``step`` optimiser steps: ``min(decay, (1 + step) / (10 + step))``.
+
+    The warm-up keeps the average from dragging the random initial weights along: early on it
+    spans about the last tenth of the steps taken, later at most ``1 / (1 - decay)`` steps.
+    """
+    return min(decay, (1 + step) / (10 + step))
+
+
 class DiagnosisModule(L.LightningModule):
     """Trains ``card``'s network; logs ``train_loss``, ``val_loss``, ``val_auc``, ``val_acc``.
 
-    Every checkpoint it writes carries the model card, so it is self-sufficient.
+    With ``ema_decay`` > 0 it keeps an exponential moving average of the weights (and of the
+    batch-norm statistics) over the optimiser steps; validation, and so checkpoint selection and
+    early stopping, use the averaged weights, and every checkpoint stores them as the model's
+    weights. The weights being trained stay in the checkpoint under ``ema.module.*`` (for
+    ``--resume`` only). Every checkpoint carries the model card, so it is self-sufficient.
     """
 
     def __init__(self, card: dict[str, Any], optim: dict[str, Any], augment: dict[str, Any],
-                 loss: dict[str, Any] | None = None) -> None:
+                 loss: dict[str, Any] | None = None, ema_decay: float = 0.0) -> None:
         super().__init__()
         self.save_hyperparameters()
         self.card = ModelCard.model_validate(card)
         self.model = self.card.build_model()
+        self.ema_decay = ema_decay
+        self.ema: AveragedModel | None = None
+        if ema_decay > 0:
+            self.ema = AveragedModel(self.model, multi_avg_fn=self._ema_update, use_buffers=True)
+            self.ema.requires_grad_(False)  # updated by hand; DDP must not expect gradients for it
         self.loss_fn = DiagnosisLoss(self.card.task, **(loss or {}))
         self.augment = AugmentConfig.model_validate(augment)
         self.optim = optim
@@ -46,6 +68,24 @@ class DiagnosisModule(L.LightningModule):
     def setup(self, stage: str) -> None:
         if self.card.spatial_dims == 2:  # channels-last convolutions are faster on CPU and GPU
             self.model.to(memory_format=torch.channels_last)
+            if self.ema is not None:
+                self.ema.to(memory_format=torch.channels_last)
+
+    @torch.no_grad()
+    def _ema_update(self, averaged: list[torch.Tensor], current: list[torch.Tensor], n_averaged: Any) -> None:
+        if torch.is_floating_point(averaged[0]):
+            torch._foreach_lerp_(averaged, current, 1.0 - ema_decay_at(int(n_averaged), self.ema_decay))
+        else:  # counters (batch norm's num_batches_tracked) follow the model
+            torch._foreach_copy_(averaged, current)
+
+    def on_train_batch_end(self, outputs: Any, batch: Any, batch_idx: int) -> None:
+        if self.ema is not None:
+            self.ema.update_parameters(self.model)
+
+    @property
+    def eval_model(self) -> torch.nn.Module:
+        """The network that validation (and so checkpoint selection) judges: the average, if kept."""
+        return self.ema.module if self.ema is not None else self.model
 
     def on_after_batch_transfer(self, batch: Any, dataloader_idx: int) -> Any:
         images, labels = batch
@@ -68,7 +108,7 @@ class DiagnosisModule(L.LightningModule):
 
     def validation_step(self, batch: Any, batch_idx: int) -> None:
         x, y = batch
-        logits = self(x)
+        logits = self.eval_model(x)
         self.val_loss.update(self.loss(logits, y), weight=len(x))
         probs = logits_to_probs(logits.float(), self.card.task)
         scores = probs[:, 1] if self.card.task == "binary" else probs
@@ -106,3 +146,16 @@ class DiagnosisModule(L.LightningModule):
 
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         checkpoint[META_KEY] = self.card.model_dump()
+        if self.ema is not None:  # the averaged weights are the model; the trained ones go aside
+            _swap_ema(checkpoint["state_dict"])
+
+    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        if self.ema is not None and any(k.startswith(EMA_PREFIX) for k in checkpoint["state_dict"]):
+            _swap_ema(checkpoint["state_dict"])
+
+
+def _swap_ema(state: dict[str, torch.Tensor]) -> None:
+    """Exchange ``model.*`` and ``ema.module.*`` entries of a state dict, in place."""
+    for key in [k for k in state if k.startswith(EMA_PREFIX)]:
+        own = "model." + key[len(EMA_PREFIX):]
+        state[key], state[own] = state[own], state[key]

@@ -115,6 +115,7 @@ def train(config: TrainConfig, *, resume: bool = False, progress: bool | None = 
         loss={"kind": config.loss, "gamma": config.focal_gamma,
               "weights": auto_class_weights(data.splits["train"].labels, data.num_classes, data.task)
               if config.class_weights == "auto" else None},
+        ema_decay=config.ema_decay,
     )
     # best.ckpt: weights and model card only (what predicting needs); last.ckpt: full state for --resume.
     checkpoints = ModelCheckpoint(
