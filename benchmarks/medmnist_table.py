@@ -1,5 +1,6 @@
 """meddiag's default recipe on every MedMNIST file held (2D and 3D) and on the chest X-ray folder,
-3 seeds each, beside the published baselines. Prints markdown tables for docs/benchmarks.md.
+3 seeds each, beside the published baselines. Prints markdown tables for docs/benchmarks.md
+and writes them to RUNS/table.md.
 
     MEDDIAG_DATA=../shared/data/medmnist python benchmarks/medmnist_table.py [--seeds 0 1 2] [--only pneumoniamnist ...]
 
@@ -58,9 +59,27 @@ def held_datasets(root: Path) -> list[str]:
     return names
 
 
+RESOLVED = {"image_size", "batch_size", "out"}  # filled in by training from the data
+
+
+def recipe_changes(run_config: Path, data: str, seed: int) -> list[str]:
+    """Settings in which a finished run's config.yaml differs from today's defaults (so it cannot stand
+    for today's recipe). Keys missing from the file count as changed: the setting did not exist then."""
+    import yaml
+
+    from meddiag.training.config import TrainConfig
+
+    then = yaml.safe_load(run_config.read_text())
+    now = TrainConfig(data=data, seed=seed).model_dump(mode="json")
+    return sorted(k for k in now.keys() - RESOLVED if then.get(k, "<absent>") != now[k])
+
+
 def run_one(name: str, data: str, seed: int, runs: Path) -> dict:
     out = runs / f"{name.replace('@', '_')}-seed{seed}"
     record = out / "benchmark.json"
+    if (out / "metrics.json").exists() and (changed := recipe_changes(out / "config.yaml", data, seed)):
+        raise SystemExit(f"{out} was trained with another recipe (differs in: {', '.join(changed)}); "
+                         "move it aside to train it again with today's defaults")
     if not (out / "metrics.json").exists():
         if out.exists():  # an interrupted run: start it again
             shutil.rmtree(out)
@@ -98,10 +117,16 @@ def main() -> None:
     names = [n for n in names if not args.only or n in args.only]
     results = {n: [run_one(n, str(XRAY) if n == "xray" else n, s, args.runs) for s in args.seeds] for n in names}
 
-    print(f"\n{date.today()}, {platform.processor() or platform.machine()}, {os.cpu_count()} cores; "
+    lines: list[str] = []
+
+    def emit(text: str = "") -> None:
+        print(text, flush=True)
+        lines.append(text)
+
+    emit(f"\n{date.today()}, {platform.processor() or platform.machine()}, {os.cpu_count()} cores; "
           f"`meddiag train NAME --seed S`, seeds {' '.join(map(str, args.seeds))}\n")
-    print("| data | test AUC | test ACC | best ResNet baseline AUC / ACC | beats it? | epochs | wall min | train img/s |")
-    print("|---|---|---|---|---|---|---|---|")
+    emit("| data | test AUC | test ACC | best ResNet baseline AUC / ACC | beats it? | epochs | wall min | train img/s |")
+    emit("|---|---|---|---|---|---|---|---|")
     for name, rows in results.items():
         if name == "xray":
             continue
@@ -113,21 +138,25 @@ def main() -> None:
             f"AUC {statistics.fmean(auc) - best_auc:+.3f}, ACC {statistics.fmean(acc) - best_acc:+.3f}"
             + (" — yes" if statistics.fmean(auc) > best_auc and statistics.fmean(acc) > best_acc else " — **no**"))
         walls = [r["wall_min"] for r in rows if r["wall_min"] is not None]
-        print(f"| {name} | {fmt(auc)} | {fmt(acc)} | " + (f"{best_auc:.3f} / {best_acc:.3f}" if best_auc else "–")
+        emit(f"| {name} | {fmt(auc)} | {fmt(acc)} | " + (f"{best_auc:.3f} / {best_acc:.3f}" if best_auc else "–")
               + f" | {verdict} | {statistics.fmean(r['epochs'] for r in rows):.0f} | "
               + (f"{statistics.fmean(walls):.1f}" if walls else "–") + f" | {statistics.fmean(r['img_s'] for r in rows):.0f} |")
     for name in results:
         if name == "xray":
             continue
-        print(f"\nPublished on {name.split('@')[0]} (AUC / ACC): "
+        emit(f"\nPublished on {name.split('@')[0]} (AUC / ACC): "
               + "; ".join(f"{k} {a:.3f} / {c:.3f}" for k, (a, c) in BASELINES.get(name.split("@")[0], {}).items()))
     if "xray" in results:
         rows = results["xray"]
-        print("\n| chest X-ray folder | ACC | sensitivity | specificity | AUC |")
-        print("|---|---|---|---|---|")
-        print(f"| meddiag defaults (ResNet-18, 128 px), threshold 0.5 | {fmt([r['acc'] for r in rows])} | "
+        emit("\n| chest X-ray folder | ACC | sensitivity | specificity | AUC |")
+        emit("|---|---|---|---|---|")
+        emit(f"| meddiag defaults (ResNet-18, 128 px), threshold 0.5 | {fmt([r['acc'] for r in rows])} | "
               f"{fmt([r['sensitivity'] for r in rows])} | {fmt([r['specificity'] for r in rows])} | {fmt([r['auc'] for r in rows])} |")
-        print(f"| Kermany et al. 2018 | {KERMANY['acc']:.3f} | {KERMANY['sensitivity']:.3f} | {KERMANY['specificity']:.3f} | {KERMANY['auc']:.3f} |")
+        emit(f"| Kermany et al. 2018 | {KERMANY['acc']:.3f} | {KERMANY['sensitivity']:.3f} | {KERMANY['specificity']:.3f} | {KERMANY['auc']:.3f} |")
+
+    table = args.runs / "table.md"
+    table.write_text("\n".join(lines) + "\n")
+    print(f"\n(written to {table})")
 
 
 if __name__ == "__main__":
