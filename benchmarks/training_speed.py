@@ -113,14 +113,14 @@ class Compiled(DiagnosisModule):
 
 
 def meddiag_epoch_rate(data, precision: str = "auto", augment: bool = True, channels_last: bool = True, compile: bool = False,  # noqa: ANN001
-                       epochs: int = 2) -> float:
+                       ema: bool = True, epochs: int = 2) -> float:
     L.seed_everything(0, verbose=False)
     config = TrainConfig(data="pneumoniamnist", precision=precision)
     card = {"model_name": "resnet18", "class_names": data.class_names, "task": data.task, "image_size": data.image_size,
             "in_channels": data.in_channels}
     module_type = Compiled if compile else DiagnosisModule if channels_last else NoChannelsLast
     module = module_type(card=card, optim=config.model_dump(include={"optimizer", "lr", "weight_decay", "scheduler", "epochs"}),
-                         augment={**config.augment.model_dump(), "enabled": augment})
+                         augment={**config.augment.model_dump(), "enabled": augment}, ema_decay=config.ema_decay if ema else 0.0)
     timer = EpochTimer()
     trainer = L.Trainer(max_epochs=epochs, accelerator="cpu", precision=resolve_precision(precision, "cpu"), callbacks=[timer],
                         logger=False, enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
@@ -140,6 +140,7 @@ def part_speed(data) -> list[tuple[str, float]]:  # noqa: ANN001
     rows.append(("meddiag, fp32 instead of bf16", meddiag_epoch_rate(data, precision="32-true")))
     rows.append(("meddiag, without channels_last", meddiag_epoch_rate(data, channels_last=False)))
     rows.append(("meddiag, without augmentation", meddiag_epoch_rate(data, augment=False)))
+    rows.append(("meddiag, without weight averaging (EMA)", meddiag_epoch_rate(data, ema=False)))
     rows.append(("meddiag, with torch.compile (second epoch; compiling happens in the first)", meddiag_epoch_rate(data, compile=True)))
     return rows
 

@@ -73,6 +73,8 @@ def train(
     class_weights: Annotated[Optional[str], typer.Option(help="auto: weight classes by inverse frequency. [default: none]")] = None,
     loss: Annotated[Optional[str], typer.Option(help="ce (cross-entropy) or focal. [default: ce]")] = None,
     sampler: Annotated[Optional[str], typer.Option(help="shuffle, or balanced (classes drawn equally often). [default: shuffle]")] = None,
+    select: Annotated[Optional[str], typer.Option(help="The weights kept as the model: last (the final, averaged ones) or best (the epoch with the best validation AUC). [default: last]")] = None,
+    early_stopping_patience: Annotated[Optional[int], typer.Option(help="Stop after this many epochs without a better validation AUC; 0 = never. [default: 0]")] = None,
     ema_decay: Annotated[Optional[float], typer.Option(help="Keep an exponential moving average of the weights (per step, warmed up) and use it to validate and predict; 0 = off. [default: 0.99]")] = None,
     operating_point: Annotated[Optional[str], typer.Option(help="Choose the decision threshold on validation: youden, sens90, sens95, spec90 (binary tasks). [default: 0.5]")] = None,
     calibrate: Annotated[Optional[bool], typer.Option("--calibrate/--no-calibrate", help="Fit temperature scaling on validation; stored in the checkpoint. [default: no]")] = None,
@@ -101,7 +103,7 @@ def train(
         raise MeddiagError("give the DATA to train on (or a --config file that names it)")
     cfg = TrainConfig.from_sources(
         config, data=data, model=model, epochs=epochs, batch_size=batch_size, lr=lr, image_size=image_size,
-        seed=seed, fit=fit, window=window, volume_index=volume_index, class_weights=class_weights, loss=loss, sampler=sampler, ema_decay=ema_decay, operating_point=operating_point, calibrate=calibrate,
+        seed=seed, fit=fit, window=window, volume_index=volume_index, class_weights=class_weights, loss=loss, sampler=sampler, select=select, early_stopping_patience=early_stopping_patience, ema_decay=ema_decay, operating_point=operating_point, calibrate=calibrate,
         subgroups=_columns(subgroups), tta=tta, mc_dropout=mc_dropout, coverage=coverage, out=out, folds=folds, accelerator=accelerator, devices=int(devices) if devices and devices.isdigit() else devices,
     )
     if cfg.folds > 1:

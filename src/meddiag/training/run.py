@@ -41,7 +41,7 @@ class TrainResult:
     data: ImageData
     config: TrainConfig
     train_seconds: float
-    best_val_auc: float | None
+    val_auc: float | None  # of the weights kept (the final ones, or the best epoch's with select: best)
     is_global_zero: bool = True  # False in the extra processes of a multi-device run
 
 
@@ -117,9 +117,11 @@ def train(config: TrainConfig, *, resume: bool = False, progress: bool | None = 
               if config.class_weights == "auto" else None},
         ema_decay=config.ema_decay,
     )
-    # best.ckpt: weights and model card only (what predicting needs); last.ckpt: full state for --resume.
+    # best.ckpt, the model: weights and model card only (what predicting needs), written after each
+    # validation (select: last) or when the validation AUC improves (select: best).
+    # last.ckpt: full state for --resume.
     checkpoints = ModelCheckpoint(
-        dirpath=run_dir / "checkpoints", filename="best", monitor="val_auc", mode="max",
+        dirpath=run_dir / "checkpoints", filename="best", monitor="val_auc" if config.select == "best" else None, mode="max",
         save_top_k=1, save_weights_only=True, enable_version_counter=False,
     )
     last_state = ModelCheckpoint(dirpath=run_dir / "checkpoints", save_top_k=0, save_last=True, enable_version_counter=False)
@@ -145,7 +147,7 @@ def train(config: TrainConfig, *, resume: bool = False, progress: bool | None = 
                     ckpt_path=last if resume else None)
     seconds = time.perf_counter() - start
     best = Path(checkpoints.best_model_path) if checkpoints.best_model_path else last
-    score = checkpoints.best_model_score
+    score = checkpoints.best_model_score if config.select == "best" else trainer.callback_metrics.get("val_auc")
     return TrainResult(run_dir, best, data, config, seconds, float(score) if score is not None else None,
                        is_global_zero=trainer.is_global_zero)
 

@@ -135,10 +135,10 @@ def tune(base: TrainConfig, out: str | Path, trials: int, timeout: float | None 
             if not keep_runs:
                 for ckpt in (run_dir / "checkpoints").glob("*.ckpt"):
                     ckpt.unlink()  # the search keeps configurations and histories, not weights
-        if result.best_val_auc is None or math.isnan(result.best_val_auc):
+        if result.val_auc is None or math.isnan(result.val_auc):
             raise optuna.TrialPruned("no validation AUC")
         trial.set_user_attr("minutes", result.train_seconds / 60)
-        return float(result.best_val_auc)
+        return float(result.val_auc)
 
     study.optimize(objective, n_trials=trials, timeout=timeout, catch=())
     complete = [t for t in study.trials if t.state == optuna.trial.TrialState.COMPLETE]
