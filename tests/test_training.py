@@ -1,5 +1,6 @@
 """Training settings a user relies on without seeing them."""
 
+import pytest
 import torch
 
 from meddiag.training.run import resolve_precision
@@ -86,3 +87,26 @@ def test_validation_judges_the_averaged_weights():
     module = _module(0.9)
     assert module.eval_model is module.ema.module
     assert _module(0.0).ema is None and _module(0.0).eval_model is not None
+
+
+def test_the_model_kept_is_the_final_average_unless_the_best_epoch_is_asked_for(tmp_path):
+    import csv
+
+    from conftest import make_image_folder
+    from meddiag.training.config import TrainConfig
+    from meddiag.training.run import train
+
+    data = make_image_folder(tmp_path / "images", per_class=20)
+    for select in ("last", "best"):
+        config = TrainConfig(data=str(data), model="seed_cnn", epochs=4, image_size=28, select=select, out=str(tmp_path / select))
+        result = train(config, progress=False)
+        val_auc = [float(r["val_auc"]) for r in csv.DictReader(open(result.run_dir / "history.csv"))]
+        assert len(val_auc) == 4  # no early stopping by default
+        kept = torch.load(result.best_checkpoint, weights_only=True)["state_dict"]
+        final = torch.load(result.run_dir / "checkpoints" / "last.ckpt", weights_only=False)["state_dict"]
+        same = all(torch.equal(kept[k], final[k]) for k in kept if k.startswith("model."))
+        if select == "last":
+            assert same and result.val_auc == pytest.approx(val_auc[-1])
+        else:
+            assert result.val_auc == pytest.approx(max(val_auc))
+            assert same == (val_auc.index(max(val_auc)) == 3)
