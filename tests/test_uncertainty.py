@@ -85,8 +85,13 @@ def test_train_with_coverage_predicts_an_abstain_column_and_reports_risk_coverag
     assert proc.returncode == 0, proc.stderr
     rows = list(csv.DictReader(open(tmp_path / "p.csv")))
     assert {r["abstain"] for r in rows} <= {"0", "1"} and all(r["spread"] != "" for r in rows)
-    for r in rows:
-        assert (r["abstain"] == "1") == (float(r["uncertainty"]) > card.abstain_threshold + 5e-5)
+    threshold, judged = card.abstain_threshold, 0
+    for r in rows:  # the CSV keeps 4 significant digits; a value that rounds onto the threshold cannot be judged
+        u = float(r["uncertainty"])
+        if abs(u - threshold) > 1e-3 * threshold:
+            assert (r["abstain"] == "1") == (u > threshold), (r, threshold)
+            judged += 1
+    assert judged >= len(rows) // 2
 
 
 def test_mc_dropout_with_a_registered_network_that_has_dropout():

@@ -138,7 +138,8 @@ class Predictor:
 def write_predictions_csv(out: str | Path | TextIO, predictions: list[Prediction], class_names: list[str]) -> None:
     """``path,prediction,prob_<class>...,uncertainty,spread,abstain,sop_instance_uid,series_instance_uid``,
     one row per image, to a file path or an open text stream. ``uncertainty``: normalised predictive
-    entropy (0-1); ``spread``: over TTA/MC-dropout passes (empty without); ``abstain``: 1 to refer the
+    entropy (0-1, 4 significant digits, so that a confident model's tiny values stay comparable with
+    its abstention threshold); ``spread``: over TTA/MC-dropout passes (empty without); ``abstain``: 1 to refer the
     case to a human (empty when the model has no abstention rule); UIDs empty for non-DICOM files."""
     if not isinstance(out, (str, Path)):
         _write_rows(out, predictions, class_names)
@@ -152,6 +153,6 @@ def _write_rows(fh: TextIO, predictions: list[Prediction], class_names: list[str
     writer.writerow(["path", "prediction", *[f"prob_{c}" for c in class_names], "uncertainty", "spread", "abstain",
                      "sop_instance_uid", "series_instance_uid"])
     for p in predictions:
-        writer.writerow([p.path, p.predicted, *[f"{p.probabilities[c]:.6f}" for c in class_names], f"{p.uncertainty:.4f}",
-                         "" if p.spread is None else f"{p.spread:.4f}", "" if p.abstain is None else int(p.abstain),
+        writer.writerow([p.path, p.predicted, *[f"{p.probabilities[c]:.6f}" for c in class_names], f"{p.uncertainty:.4g}",
+                         "" if p.spread is None else f"{p.spread:.4g}", "" if p.abstain is None else int(p.abstain),
                          p.sop_instance_uid, p.series_instance_uid])
