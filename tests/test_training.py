@@ -82,6 +82,14 @@ def test_checkpoints_hold_the_averaged_weights_as_the_model_and_resume_restores_
         torch.testing.assert_close(resumed.model.state_dict()[key], raw[key])
         torch.testing.assert_close(resumed.ema.module.state_dict()[key], averaged[key])
 
+    # a run from before weight averaging resumes: the average starts from its weights
+    old = {"state_dict": {k: v for k, v in _module(0.0).state_dict().items()}}
+    upgraded = _module(0.5)
+    upgraded.on_load_checkpoint(old)
+    upgraded.load_state_dict(old["state_dict"])  # strict: every key accounted for
+    for key, value in upgraded.model.state_dict().items():
+        torch.testing.assert_close(upgraded.ema.module.state_dict()[key], value)
+
 
 def test_validation_judges_the_averaged_weights():
     module = _module(0.9)

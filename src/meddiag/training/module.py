@@ -150,8 +150,15 @@ class DiagnosisModule(L.LightningModule):
             _swap_ema(checkpoint["state_dict"])
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
-        if self.ema is not None and any(k.startswith(EMA_PREFIX) for k in checkpoint["state_dict"]):
-            _swap_ema(checkpoint["state_dict"])
+        if self.ema is None:
+            return
+        state = checkpoint["state_dict"]
+        if any(k.startswith(EMA_PREFIX) for k in state):
+            _swap_ema(state)
+        else:  # a run made before weight averaging existed: the average starts from its weights
+            for key in [k for k in state if k.startswith("model.")]:
+                state[EMA_PREFIX + key[len("model."):]] = state[key].clone()
+            state["ema.n_averaged"] = torch.tensor(0)
 
 
 def _swap_ema(state: dict[str, torch.Tensor]) -> None:
