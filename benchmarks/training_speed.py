@@ -7,7 +7,8 @@ the FLOP rate it reaches against the machine's measured peak, and the time to a 
   cross-entropy, 2 epochs each, the second timed. The reference is what the MedMNIST experiments code
   does: a Dataset returning PIL images, per-sample to-tensor and normalise transforms, a DataLoader,
   fp32. meddiag is the real thing (Lightning Trainer, DiagnosisModule, ImageDataModule) with its
-  defaults, then with one of its choices undone at a time, to show what each is worth.
+  defaults, then with one of its choices undone at a time, to show what each is worth, and with
+  the thread settings a user might reach for (one compute thread; DataLoader worker processes).
 - flops: FLOPs of one training step counted with torch.utils.flop_counter, times steps per second,
   against a large matmul on the same threads (fp32, and bf16 for reference).
 - time: wall time from the start (data loading included) until the validation AUC first reaches
@@ -113,8 +114,11 @@ class Compiled(DiagnosisModule):
 
 
 def meddiag_epoch_rate(data, precision: str = "auto", augment: bool = True, channels_last: bool = True, compile: bool = False,  # noqa: ANN001
-                       ema: bool = True, epochs: int = 2) -> float:
+                       ema: bool = True, threads: int | None = None, num_workers: int = 0, epochs: int = 2) -> float:
     L.seed_everything(0, verbose=False)
+    threads_before = torch.get_num_threads()
+    if threads:
+        torch.set_num_threads(threads)
     config = TrainConfig(data="pneumoniamnist", precision=precision)
     card = {"model_name": "resnet18", "class_names": data.class_names, "task": data.task, "image_size": data.image_size,
             "in_channels": data.in_channels}
@@ -127,7 +131,10 @@ def meddiag_epoch_rate(data, precision: str = "auto", augment: bool = True, chan
                         limit_val_batches=0, num_sanity_val_steps=0)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        trainer.fit(module, datamodule=ImageDataModule(data, BATCH))
+        try:
+            trainer.fit(module, datamodule=ImageDataModule(data, BATCH, num_workers=num_workers))
+        finally:
+            torch.set_num_threads(threads_before)
     return timer.rates[-1]
 
 
@@ -141,6 +148,8 @@ def part_speed(data) -> list[tuple[str, float]]:  # noqa: ANN001
     rows.append(("meddiag, without channels_last", meddiag_epoch_rate(data, channels_last=False)))
     rows.append(("meddiag, without augmentation", meddiag_epoch_rate(data, augment=False)))
     rows.append(("meddiag, without weight averaging (EMA)", meddiag_epoch_rate(data, ema=False)))
+    rows.append(("meddiag, 1 compute thread instead of 2", meddiag_epoch_rate(data, threads=1)))
+    rows.append(("meddiag, 2 DataLoader worker processes (num_workers=2) instead of none", meddiag_epoch_rate(data, num_workers=2)))
     rows.append(("meddiag, with torch.compile (second epoch; compiling happens in the first)", meddiag_epoch_rate(data, compile=True)))
     return rows
 
