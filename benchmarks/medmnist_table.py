@@ -156,11 +156,10 @@ def main() -> None:
         emit(f"| {name} | {fmt(auc)} | {fmt(acc)} | " + (f"{best_auc:.3f} / {best_acc:.3f}" if best_auc else "–")
               + f" | {verdict} | {statistics.fmean(r['epochs'] for r in rows):.0f} | "
               + (f"{statistics.fmean(walls):.1f}" if walls else "–") + f" | {statistics.fmean(r['img_s'] for r in rows):.0f} |")
-    for name in results:
-        if name == "xray":
-            continue
-        emit(f"\nPublished on {name.split('@')[0]} (AUC / ACC): "
-              + "; ".join(f"{k} {a:.3f} / {c:.3f}" for k, (a, c) in BASELINES.get(name.split("@")[0], {}).items()))
+    # one line per published data set: adrenalmnist3d and adrenalmnist3d@64 share theirs
+    for base_name in dict.fromkeys(n.split("@")[0] for n in results if n != "xray"):
+        emit(f"\nPublished on {base_name} (AUC / ACC): "
+              + "; ".join(f"{k} {a:.3f} / {c:.3f}" for k, (a, c) in BASELINES.get(base_name, {}).items()))
     if "xray" in results:
         rows = results["xray"]
         emit("\n| chest X-ray folder | ACC | sensitivity | specificity | AUC |")
