@@ -242,11 +242,23 @@ def test_decompression_bombs_in_dicom_and_nifti_are_refused_before_decoding(clie
     bomb = write_dicom(tmp_path / "bomb.dcm", np.zeros((4, 4), np.uint8))
     import pydicom
 
+    from pydicom.encaps import encapsulate
+    from pydicom.uid import JPEG2000Lossless
+
     ds = pydicom.dcmread(bomb)
-    ds.Rows, ds.Columns = 60_000, 60_000
+    ds.Rows, ds.Columns = 60_000, 60_000  # a compressed frame of a few bytes declaring 3.6 gigapixels
+    ds.file_meta.TransferSyntaxUID = JPEG2000Lossless
+    ds.PixelData = encapsulate([b"\xff\x4f\xff\x51" + b"\x00" * 60])
     ds.save_as(bomb)
     r = client.post("/v1/predict", files=[("files", ("bomb.dcm", bomb.read_bytes(), "application/dicom"))])
     assert r.status_code == 400 and "3,600,000,000 pixels" in r.json()["reason"]
+    # uncompressed, the same header is a lie about the file's own size: refused as such, before decoding
+    liar = write_dicom(tmp_path / "liar.dcm", np.zeros((4, 4), np.uint8))
+    ds = pydicom.dcmread(liar)
+    ds.Rows, ds.Columns = 60_000, 60_000
+    ds.save_as(liar)
+    r = client.post("/v1/predict", files=[("files", ("liar.dcm", liar.read_bytes(), "application/dicom"))])
+    assert r.status_code == 400 and "header and data disagree" in r.json()["reason"], r.json()
     # a 2D model is told that a NIfTI volume is the wrong kind of input
     header = nib.Nifti1Header()
     header.set_data_shape((2000, 2000, 2000))

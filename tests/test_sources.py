@@ -152,7 +152,7 @@ def test_all_unreadable_is_an_error(tmp_path):
     for cls in ("a", "b"):
         (tmp_path / cls).mkdir()
         (tmp_path / cls / "x.png").write_text("nope")
-    with pytest.raises(DataError, match="none of the 2 images"):
+    with pytest.raises(DataError, match="none of the 2 files"):
         load_data(str(tmp_path), progress=False)
 
 

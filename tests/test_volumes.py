@@ -164,18 +164,31 @@ def test_folder_of_nifti_volumes_and_dicom_series_trains_in_3d(tmp_path):
     assert "series0" in proc.stdout and "v0.nii.gz" in proc.stdout
 
 
-def test_images_and_volumes_do_not_mix(tmp_path):
+def test_a_stray_volume_among_images_is_excluded_by_name_and_an_even_mix_refused(tmp_path):
     from PIL import Image
 
     from meddiag.data import load_data
     from meddiag.errors import DataError
 
+    rng = np.random.default_rng(0)
     for name in ("a", "b"):
         (tmp_path / name).mkdir()
-        Image.fromarray(np.zeros((8, 8), np.uint8)).save(tmp_path / name / "x.png")
-    nib.save(nib.Nifti1Image(np.zeros((4, 4, 4), np.float32), np.eye(4)), tmp_path / "a" / "v.nii.gz")
-    with pytest.raises(DataError, match="mixes 2D images.*and volumes"):
-        load_data(str(tmp_path), progress=False)
+        for i in range(10):
+            Image.fromarray(rng.integers(0, 255, (8, 8), dtype=np.uint8)).save(tmp_path / name / f"x{i}.png")
+    stray = tmp_path / "a" / "v.nii.gz"
+    nib.save(nib.Nifti1Image(np.zeros((4, 4, 4), np.float32), np.eye(4)), stray)
+    with pytest.warns(UserWarning, match="v.nii.gz: a volume among 2D images"):
+        data = load_data(str(tmp_path), progress=False)
+    assert data.spatial_dims == 2 and sum(len(s) for s in data.splits.values()) == 20
+    assert data.excluded == [(str(stray), "a volume among 2D images; a model takes one or the other")]
+
+    even = tmp_path / "even"
+    for name in ("a", "b"):
+        (even / name).mkdir(parents=True)
+        Image.fromarray(np.zeros((8, 8), np.uint8)).save(even / name / "x.png")
+        nib.save(nib.Nifti1Image(np.zeros((4, 4, 4), np.float32), np.eye(4)), even / name / "v.nii.gz")
+    with pytest.raises(DataError, match="as many 2D images .* as volumes"):
+        load_data(str(even), progress=False)
 
 
 def test_volume_resampling_keeps_physical_proportions():

@@ -133,8 +133,11 @@ def tune(
     """Search model, width (seed_cnn's filters and dense units), learning rate, weight decay,
     augmentation strength and image size on the validation split (Optuna: seeded TPE, median
     pruning, SQLite; run again to resume). Writes best.yaml for 'meddiag train --config'."""
+    from meddiag.extras import require
     from meddiag.training.config import TrainConfig
     from meddiag.training.tune import SearchSpace, tune as run_tune
+
+    require("tune", "meddiag tune")
 
     logging.getLogger("lightning.pytorch").setLevel(logging.WARNING)
     if not (data or config):
@@ -199,8 +202,11 @@ def predict(
 
     Unreadable files are reported by name and skipped; the exit code is 1 if any failed.
     """
+    from meddiag.extras import require
     from meddiag.serving.predictor import Predictor, write_predictions_csv
 
+    if backend == "onnx":
+        require("serve", "--backend onnx", ("onnx", "onnxruntime", "onnxscript"))
     predictor = Predictor.from_run(run, backend=backend)
     predictions, failures = predictor.predict(list(paths))
     names = predictor.card.class_names
@@ -290,8 +296,10 @@ def export(
 ) -> None:
     """Export the model for deployment: one ONNX file (weights inside, any batch size) with the model
     card in its metadata and beside it as JSON; checked against PyTorch (logits within 1e-4)."""
+    from meddiag.extras import require
     from meddiag.serving.export import export_run
 
+    require("serve", "meddiag export", ("onnx", "onnxruntime", "onnxscript"))
     path = export_run(run, out, format)
     print(f"{path} ({path.stat().st_size / 2**20:.1f} MB), model card {path.with_suffix('.json')}")
 
@@ -312,11 +320,9 @@ def serve(
 ) -> None:
     """Serve the model: REST API (POST /v1/predict, GET /v1/model, /healthz, /readyz), a web page at /
     and API docs at /docs, all working offline."""
-    import importlib.util
+    from meddiag.extras import require
 
-    missing = [m for m in ("fastapi", "uvicorn", "multipart") if importlib.util.find_spec(m) is None]
-    if missing:
-        raise MeddiagError(f"meddiag serve needs {', '.join(missing)}: pip install 'meddiag[serve]'")
+    require("serve", "meddiag serve", ("fastapi", "uvicorn", "multipart") + (("onnxruntime",) if backend == "onnx" else ()))
     import torch
     import uvicorn
 

@@ -12,6 +12,7 @@ from meddiag.data.dicom import dicom_frame_count, is_dicom_file
 from meddiag.data.files import is_volume_source
 from meddiag.data.folder import class_items
 from meddiag.data.images import is_image_file
+from meddiag.errors import ImageReadError, failure_reason
 
 
 @dataclass
@@ -35,29 +36,45 @@ def collect_volume_sources(paths: list[str | Path]) -> tuple[list[Path], list[Fa
         else:
             found = class_items(path)
             for item in found:
-                if item.is_dir() or is_volume_source(item):
+                try:
+                    volume = item.is_dir() or is_volume_source(item)
+                except Exception as exc:  # noqa: BLE001 - a damaged header fails this file only
+                    failures.append(Failure(str(item), failure_reason(exc)))
+                    continue
+                if volume:
                     sources.append(item)
-                else:
+                elif is_image_file(item):
                     failures.append(Failure(str(item), "a 2D image; this model diagnoses volumes"))
+                else:
+                    failures.append(Failure(str(item), "not a volume meddiag reads (NIfTI, multi-frame DICOM, or a folder holding a DICOM series)"))
             if not found:
                 failures.append(Failure(str(path), "folder contains no volumes (NIfTI files, multi-frame DICOM files or DICOM series folders)"))
     return sources, failures
 
 
 def _holds_series(folder: Path) -> bool:
-    return any(f.is_file() and is_dicom_file(f) and dicom_frame_count(f) == 1 for f in folder.iterdir())
+    def single_frame(f: Path) -> bool:
+        try:
+            return dicom_frame_count(f) == 1
+        except ImageReadError:
+            return False
+
+    return any(f.is_file() and is_dicom_file(f) and single_frame(f) for f in folder.iterdir())
 
 
 def collect_image_files(paths: list[str | Path]) -> tuple[list[Path], list[Failure]]:
-    """Expand folders (recursively, image extensions only); missing paths become failures."""
+    """Expand folders recursively into every file not hidden (no part of its path under the folder
+    starts with '.'): files that are not images fail when read, each named with its reason, never
+    left out unseen. Missing paths become failures."""
     files: list[Path] = []
     failures: list[Failure] = []
     for raw in paths:
         path = Path(raw)
         if path.is_dir():
-            found = sorted(p for p in path.rglob("*") if p.is_file() and is_image_file(p))
+            found = sorted(p for p in path.rglob("*") if p.is_file() and not any(
+                part.startswith(".") for part in p.relative_to(path).parts))
             if not found:
-                failures.append(Failure(str(path), "folder contains no image files"))
+                failures.append(Failure(str(path), "folder contains no files"))
             files += found
         elif path.is_file():
             files.append(path)

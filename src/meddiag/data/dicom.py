@@ -12,13 +12,14 @@ and accession numbers never leave this module, and errors name the file by its p
 from __future__ import annotations
 
 import hashlib
+import struct
 from dataclasses import dataclass
 from functools import lru_cache
 from pathlib import Path
 
 import numpy as np
 
-from meddiag.errors import ImageReadError
+from meddiag.errors import ImageReadError, reads_one_file
 
 # (center, width) in Hounsfield units, as commonly used in CT reading.
 WINDOW_PRESETS: dict[str, tuple[float, float]] = {
@@ -97,15 +98,35 @@ def parse_window(window: str | tuple[float, float] | None) -> tuple[float, float
 
 
 def is_dicom_file(path: Path) -> bool:
-    """A .dcm/.dicom file, or any file with the 'DICM' marker at byte 128 (DICOM Part 10)."""
+    """A .dcm/.dicom file, any file with the 'DICM' marker at byte 128 (DICOM Part 10), or a file
+    without the 128-byte preamble that starts with a DICOM data element (older exports, PACS dumps)."""
     if path.suffix.lower() in (".dcm", ".dicom"):
         return True
     try:
         with open(path, "rb") as fh:
-            fh.seek(128)
-            return fh.read(4) == b"DICM"
+            return looks_like_dicom(fh.read(132))
     except OSError:
         return False
+
+
+# Value representations, for recognising an explicit-VR data element at the start of a file.
+_VRS = {vr.encode() for vr in "AE AS AT CS DA DS DT FL FD IS LO LT OB OD OF OL OV OW PN SH SL SQ SS ST SV TM UC UI UL UN UR US UT UV".split()}
+
+
+def looks_like_dicom(head: bytes) -> bool:
+    """Whether a file's first bytes (132 of them, where it has that many) are DICOM: the Part 10
+    'DICM' marker after the preamble, or, without a preamble, a first data element of the file meta
+    group (0002) or the identifying group (0008) in little-endian explicit or implicit VR."""
+    return head[128:132] == b"DICM" or _starts_with_element(head)
+
+
+def _starts_with_element(head: bytes) -> bool:
+    if len(head) < 8:
+        return False
+    group, element = struct.unpack("<HH", head[:4])
+    if group not in (0x0002, 0x0008) or element > 0x00FF:
+        return False
+    return head[4:6] in _VRS or struct.unpack("<I", head[4:8])[0] < 0x10000
 
 
 @lru_cache(maxsize=1)
@@ -119,19 +140,70 @@ def _quiet_value_validation() -> None:
 
 
 def read_dicom_dataset(path: Path, stop_before_pixels: bool = False):  # noqa: ANN201 - pydicom.Dataset
-    """pydicom's dataset of ``path``; :class:`ImageReadError` naming the file if it is not DICOM."""
+    """pydicom's dataset of ``path``; :class:`ImageReadError` naming the file if it is not DICOM or
+    its header cannot be parsed (whatever pydicom raises). Files without the 128-byte preamble are
+    read when they start with a DICOM data element; without file meta information their transfer
+    syntax is the (uncompressed) encoding pydicom recognised."""
     import pydicom
-    from pydicom.errors import InvalidDicomError
+    from pydicom.dataset import FileMetaDataset
+    from pydicom.uid import ExplicitVRBigEndian, ExplicitVRLittleEndian, ImplicitVRLittleEndian
 
     _quiet_value_validation()
     try:
-        return pydicom.dcmread(path, stop_before_pixels=stop_before_pixels)
-    except InvalidDicomError:
-        raise ImageReadError(path, "not a DICOM file (no DICM marker and no valid header)") from None
-    except (OSError, EOFError, ValueError, KeyError, TypeError) as exc:
+        with open(path, "rb") as fh:
+            head = fh.read(132)
+    except OSError as exc:
+        raise ImageReadError(path, f"cannot be opened ({exc.strerror or exc.__class__.__name__})") from None
+    part10 = head[128:132] == b"DICM"
+    if not part10 and not _starts_with_element(head):
+        raise ImageReadError(path, "not a DICOM file (no DICM marker and no valid header)")
+    try:
+        ds = pydicom.dcmread(path, stop_before_pixels=stop_before_pixels, force=not part10)
+    except Exception as exc:  # noqa: BLE001 - a damaged header raises many types; never quote it (PHI)
         raise ImageReadError(path, f"corrupt or truncated DICOM ({exc.__class__.__name__})") from None
+    meta = getattr(ds, "file_meta", None)
+    if meta is None or "TransferSyntaxUID" not in meta:
+        implicit, little = getattr(ds, "original_encoding", (True, True))
+        ds.file_meta = meta if meta is not None else FileMetaDataset()
+        ds.file_meta.TransferSyntaxUID = (ImplicitVRLittleEndian if implicit else ExplicitVRLittleEndian) if little else ExplicitVRBigEndian
+    return ds
 
 
+def declared_frames(ds, path: Path) -> int:  # noqa: ANN001
+    """NumberOfFrames of a dataset read from ``path``, checked against the file's size: a header
+    declaring more pixel data than the file could hold (a damaged or lying header) is
+    :class:`ImageReadError`, so the file is excluded as bad rather than taken for a huge volume."""
+    text = ds.get("NumberOfFrames", 1)
+    try:
+        frames = int(text or 1)
+    except (TypeError, ValueError):
+        raise ImageReadError(path, "the header's NumberOfFrames is not a number") from None
+    if frames < 1:
+        raise ImageReadError(path, f"the header declares {frames} frames")
+    rows, columns = int(ds.get("Rows", 0) or 0), int(ds.get("Columns", 0) or 0)
+    samples, bits = int(ds.get("SamplesPerPixel", 1) or 1), int(ds.get("BitsAllocated", 8) or 8)
+    syntax = getattr(getattr(ds, "file_meta", None), "TransferSyntaxUID", None)
+    compressed = bool(getattr(syntax, "is_compressed", False))
+    # uncompressed: every pixel is stored; compressed: every frame is at least one 8-byte fragment item
+    needed = frames * 8 if compressed else (rows * columns * frames * samples * bits + 7) // 8
+    size = Path(path).stat().st_size
+    if needed > size:
+        raise ImageReadError(path, f"the header declares {frames:,} frame(s) of {rows}x{columns} pixels "
+                                   f"({needed:,} bytes of pixel data) but the file holds {size:,} bytes: header and data disagree")
+    return frames
+
+
+def require_finite(values: np.ndarray, path: str | Path, stage: str) -> np.ndarray:
+    """``values`` unchanged when every one is finite, else :class:`ImageReadError`: a diagnosis is
+    never computed from NaN or infinite pixels (whatever their share)."""
+    bad = ~np.isfinite(values)
+    if bad.any():
+        raise ImageReadError(path, f"{int(bad.sum()):,} of {values.size:,} pixel values are NaN or infinite {stage}; "
+                                   "an image with undefined values is refused")
+    return values
+
+
+@reads_one_file(quote=False)
 def read_dicom_identity(path: str | Path) -> DicomIdentity:
     """A DICOM file's :class:`DicomIdentity`, from its header only."""
     return _identity(read_dicom_dataset(Path(path), stop_before_pixels=True))
@@ -148,6 +220,7 @@ def read_dicom_pixels(path: Path):  # noqa: ANN201 - (pydicom.Dataset, np.ndarra
     if not path.is_file():
         raise ImageReadError(path, "no such file")
     ds = read_dicom_dataset(path)
+    declared_frames(ds, path)
     sop_class = str(ds.get("SOPClassUID", ""))
     if sop_class in _NON_IMAGE_SOP_CLASSES:
         raise ImageReadError(path, f"{_NON_IMAGE_SOP_CLASSES[sop_class]} has no image to classify")
@@ -169,19 +242,14 @@ def is_colour_dataset(ds) -> bool:  # noqa: ANN001
     return int(ds.get("SamplesPerPixel", 1) or 1) == 3 or photometric.startswith(("RGB", "YBR"))
 
 
+@reads_one_file(quote=False)
 def dicom_frame_count(path: str | Path) -> int:
-    """NumberOfFrames from the header alone (1 for single-frame files and for unreadable ones,
-    which then fail with their reason when read)."""
-    try:
-        ds = read_dicom_dataset(Path(path), stop_before_pixels=True)
-    except ImageReadError:
-        return 1
-    try:
-        return max(1, int(ds.get("NumberOfFrames", 1) or 1))
-    except (TypeError, ValueError):
-        return 1
+    """NumberOfFrames from the header alone, checked against the file's size (see
+    :func:`declared_frames`); :class:`ImageReadError` for a file whose header cannot be read."""
+    return declared_frames(read_dicom_dataset(Path(path), stop_before_pixels=True), Path(path))
 
 
+@reads_one_file(quote=False)
 def read_dicom(path: str | Path, window: str | tuple[float, float] | None = None) -> DicomImage:
     """Read a DICOM file's image as displayable intensities (see the module docstring)."""
     path = Path(path)
@@ -190,7 +258,7 @@ def read_dicom(path: str | Path, window: str | tuple[float, float] | None = None
     if is_colour_dataset(ds):
         pixels = _to_uint8_rgb(raw)
     else:
-        pixels = grayscale_to_unit(ds, raw, parse_window(window))
+        pixels = grayscale_to_unit(ds, raw, parse_window(window), path)
     spacing = _spacing(ds)
     return DicomImage(
         pixels=pixels,
@@ -202,11 +270,12 @@ def read_dicom(path: str | Path, window: str | tuple[float, float] | None = None
     )
 
 
-def grayscale_to_unit(ds, raw: np.ndarray, window: tuple[float, float] | None) -> np.ndarray:  # noqa: ANN001
-    """Modality LUT, then VOI, then MONOCHROME1 inversion: float32 in [0, 1]."""
+def grayscale_to_unit(ds, raw: np.ndarray, window: tuple[float, float] | None, path: str | Path) -> np.ndarray:  # noqa: ANN001
+    """Modality LUT, then VOI, then MONOCHROME1 inversion: float32 in [0, 1]. :class:`ImageReadError`
+    naming ``path`` when a value is NaN or infinite after the Modality LUT or the VOI LUT."""
     from pydicom.pixels import apply_voi_lut
 
-    values = modality_values(ds, raw)
+    values = require_finite(modality_values(ds, raw), path, "after the Modality LUT (stored values x RescaleSlope + RescaleIntercept)")
     file_window = dicom_window(ds)
     if window is not None:
         out = apply_window(values, *window)
@@ -217,6 +286,7 @@ def grayscale_to_unit(ds, raw: np.ndarray, window: tuple[float, float] | None) -
         out = apply_window(values, *file_window)
     else:
         out = _min_max(values)
+    require_finite(out, path, "after the VOI LUT")
     if str(ds.get("PhotometricInterpretation", "")).upper() == "MONOCHROME1":
         out = 1.0 - out
     return out.astype(np.float32)
@@ -252,12 +322,18 @@ def modality_values(ds, raw: np.ndarray, frame: int = 0) -> np.ndarray:  # noqa:
 
 
 def dicom_window(ds, frame: int = 0) -> tuple[float, float] | None:  # noqa: ANN001
-    """The (center, width) the file suggests (top level, or its Frame VOI LUT functional group)."""
+    """The (center, width) the file suggests (top level, or its Frame VOI LUT functional group);
+    None when it suggests none, or an unusable one (not a number, infinite, or a width <= 0: then
+    the image is scaled by its own minimum and maximum, as when no window is given)."""
     center = functional_group_value(ds, "FrameVOILUTSequence", "WindowCenter", frame)
     width = functional_group_value(ds, "FrameVOILUTSequence", "WindowWidth", frame)
     if center is None or width is None:
         return None
-    return first_value(center), first_value(width)
+    try:
+        c, w = first_value(center), first_value(width)
+    except (TypeError, ValueError, IndexError):
+        return None
+    return (c, w) if np.isfinite(c) and np.isfinite(w) and w > 0 else None
 
 
 def apply_window(values: np.ndarray, center: float, width: float) -> np.ndarray:

@@ -23,7 +23,7 @@ from meddiag.data.dicom import dicom_frame_count, is_dicom_file, patient_key, re
 from meddiag.data.volumes import is_nifti_file, read_volumes, volume_to_model_input
 from meddiag.data.images import Fit, dicom_as_2d, read_image, to_model_input
 from meddiag.data.splits import stratified_split
-from meddiag.errors import DataError, ImageReadError
+from meddiag.errors import DataError, failure_reason
 
 DEFAULT_FILE_IMAGE_SIZE = 128
 DEFAULT_VOLUME_SIZE = 64
@@ -72,17 +72,15 @@ def load_file_records(
     class_names = list(records[0].targets) if multilabel else sorted({r.label for r in records})  # type: ignore[arg-type]
     if not multilabel:
         _check_classes(class_names, name)
-    volume = _volume_flags(records)
-    if any(volume) and not all(volume):
-        image = next(r.path for r, v in zip(records, volume) if not v)
-        vol = next(r.path for r, v in zip(records, volume) if v)
-        raise DataError(f"{name} mixes 2D images ({image}) and volumes ({vol}); a model takes one or the other")
-    spatial_dims = 3 if all(volume) else 2
+    records, volume, excluded = _one_kind(records, name)
+    spatial_dims = 3 if volume else 2
     size = image_size or (DEFAULT_VOLUME_SIZE if spatial_dims == 3 else DEFAULT_FILE_IMAGE_SIZE)
-    arrays, excluded = _read_all(records, volume, size, fit, window, volume_index, progress)
+    arrays, unreadable = _read_all(records, volume, size, fit, window, volume_index, progress)
+    excluded += unreadable
     kept = [(r, a) for r, a in zip(records, arrays) if a is not None]
     if not kept:
-        raise DataError(f"none of the {len(records)} images in {name} could be read; the first failure: {excluded[0][0]}: {excluded[0][1]}")
+        first = f"; the first failure: {excluded[0][0]}: {excluded[0][1]}" if excluded else ""
+        raise DataError(f"none of the {len(records) + len(excluded) - len(unreadable)} files in {name} could be read{first}")
     for path, reason in excluded:
         warnings.warn(f"excluded {path}: {reason}", stacklevel=2)
     channels = 3 if any(a.shape[0] == 3 for _, a in kept) else 1
@@ -158,10 +156,31 @@ def _check_classes(class_names: list[str], name: str) -> None:
         raise DataError(f"{name}: found {found}; a classifier needs images of at least 2 classes")
 
 
-def _volume_flags(records: list[FileRecord]) -> list[bool]:
-    """Which records are volumes (DICOM headers are read in parallel: one read per file)."""
+def _one_kind(records: list[FileRecord], name: str) -> tuple[list[FileRecord], bool, list[tuple[str, str]]]:
+    """The records a model can take together: all 2D images or all volumes (headers read in parallel).
+
+    Returns (records kept, whether they are volumes, excluded (path, reason)). A file whose header
+    cannot be read (or contradicts its data) is excluded with its reason; a few files of the other
+    kind among many of one are excluded by name; equal numbers of each are an error."""
+    def kind(rec: FileRecord) -> bool | str:
+        try:
+            return is_volume_source(Path(rec.path))
+        except Exception as exc:  # noqa: BLE001 - whatever one header raises is that file's reason
+            return failure_reason(exc)
+
     with ThreadPoolExecutor(_workers()) as pool:
-        return list(pool.map(lambda r: is_volume_source(Path(r.path)), records, chunksize=64))
+        kinds = list(pool.map(kind, records, chunksize=64))
+    excluded = [(str(r.path), k) for r, k in zip(records, kinds) if isinstance(k, str)]
+    n_volumes, n_images = sum(k is True for k in kinds), sum(k is False for k in kinds)
+    if n_volumes and n_volumes == n_images:
+        image = next(r.path for r, k in zip(records, kinds) if k is False)
+        vol = next(r.path for r, k in zip(records, kinds) if k is True)
+        raise DataError(f"{name} holds as many 2D images ({image}, ...) as volumes ({vol}, ...); a model takes one "
+                        "or the other: put them in separate data sets")
+    volume = n_volumes > n_images
+    stray = "a volume among 2D images" if not volume else "a 2D image among volumes"
+    excluded += [(str(r.path), f"{stray}; a model takes one or the other") for r, k in zip(records, kinds) if k is (not volume)]
+    return [r for r, k in zip(records, kinds) if k is volume], volume, excluded
 
 
 def _workers() -> int:
@@ -170,10 +189,7 @@ def _workers() -> int:
 
 def _read_volume(rec: FileRecord, size: int, window: str | None, fit: Fit, volume_index: int | None) -> np.ndarray | str:
     """A volume record as (1, S, S, S) uint8, or the reason it cannot be used."""
-    try:
-        volumes = read_volumes(rec.path, volume_index)
-    except (ImageReadError, DataError) as exc:
-        return getattr(exc, "reason", str(exc))
+    volumes = read_volumes(rec.path, volume_index)
     if len(volumes) != 1:
         return f"the folder holds {len(volumes)} DICOM series; put each series in a folder of its own"
     if rec.patient_id is None and volumes[0].sources and is_dicom_file(Path(volumes[0].sources[0])):
@@ -181,29 +197,28 @@ def _read_volume(rec: FileRecord, size: int, window: str | None, fit: Fit, volum
     return volume_to_model_input(volumes[0], size, 1, window, fit)
 
 
-def _read_all(records: list[FileRecord], volume: list[bool], size: int, fit: Fit, window: str | None,
+def _read_all(records: list[FileRecord], volume: bool, size: int, fit: Fit, window: str | None,
               volume_index: int | None, progress: bool) -> tuple[list[np.ndarray | None], list[tuple[str, str]]]:
     """Decode and resize every file in parallel; (arrays with None for failures, excluded)."""
 
-    def read_one(item: tuple[FileRecord, bool]) -> np.ndarray | str:
-        rec, is_volume = item
-        if is_volume:
-            return _read_volume(rec, size, window, fit, volume_index)
+    def read_one(rec: FileRecord) -> np.ndarray | str:
         try:
+            if volume:
+                return _read_volume(rec, size, window, fit, volume_index)
             if is_dicom_file(Path(rec.path)):
                 image = read_dicom(rec.path, window)
                 arr = dicom_as_2d(image, rec.path)
                 rec.patient_id = rec.patient_id or image.identity.patient_key
             else:
                 arr = read_image(rec.path, window)
-        except ImageReadError as exc:
-            return exc.reason
-        return to_model_input(arr, size, 3 if arr.ndim == 3 else 1, fit)
+            return to_model_input(arr, size, 3 if arr.ndim == 3 else 1, fit)
+        except Exception as exc:  # noqa: BLE001 - one file's failure, whatever raised it, excludes that file only
+            return failure_reason(exc)
 
     results: list[np.ndarray | str] = []
     with ThreadPoolExecutor(_workers()) as pool, Progress(disable=not progress, transient=True) as bar:
         task = bar.add_task(f"reading {len(records)} images", total=len(records))
-        for res in pool.map(read_one, zip(records, volume), chunksize=32):
+        for res in pool.map(read_one, records, chunksize=32):
             results.append(res)
             bar.advance(task)
     arrays = [r if isinstance(r, np.ndarray) else None for r in results]

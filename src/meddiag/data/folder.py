@@ -6,8 +6,7 @@ from pathlib import Path
 
 from meddiag.data.dicom import is_dicom_file
 from meddiag.data.files import FileRecord
-from meddiag.data.images import IMAGE_EXTENSIONS, is_image_file
-from meddiag.data.volumes import is_nifti_file
+from meddiag.data.images import IMAGE_EXTENSIONS
 from meddiag.errors import DataError
 
 _SPLIT_NAMES = {"train": "train", "training": "train", "val": "val", "valid": "val",
@@ -42,8 +41,10 @@ def scan_image_folder(root: str | Path) -> list[FileRecord]:
 
 
 def class_items(folder: Path) -> list[Path]:
-    """The images and volumes in a class folder: image files, NIfTI files, and each sub-folder
-    that holds DICOM files as one series (a volume); other sub-folders are searched in turn."""
+    """The images and volumes in a class folder: every file not hidden (a name starting with '.'),
+    and each sub-folder that holds DICOM files as one series (a volume); other sub-folders are
+    searched in turn. Files of other kinds are listed too, so that reading them excludes each by
+    name with its reason instead of leaving it out unseen."""
     items: list[Path] = []
     for p in sorted(folder.iterdir()):
         if p.name.startswith("."):
@@ -53,7 +54,7 @@ def class_items(folder: Path) -> list[Path]:
                 items.append(p)
             else:
                 items += class_items(p)
-        elif is_nifti_file(p) or is_image_file(p):
+        elif p.is_file():
             items.append(p)
     return items
 

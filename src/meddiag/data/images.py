@@ -12,8 +12,9 @@ from typing import Literal
 import numpy as np
 from PIL import Image, ImageFile, UnidentifiedImageError
 
-from meddiag.data.dicom import DicomIdentity, DicomImage, is_dicom_file, read_dicom, unit_to_uint8
-from meddiag.errors import ImageReadError
+from meddiag.data.dicom import DicomIdentity, DicomImage, is_dicom_file, read_dicom, require_finite, unit_to_uint8
+from meddiag.data.volumes import is_nifti_file
+from meddiag.errors import ImageReadError, WrongKindError, reads_one_file
 
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".dcm", ".dicom")
 Fit = Literal["pad", "stretch"]
@@ -33,6 +34,7 @@ def is_image_file(path: Path) -> bool:
     return suffix in IMAGE_EXTENSIONS or (suffix == "" and is_dicom_file(path))
 
 
+@reads_one_file
 def read_image(path: str | Path, window: str | tuple[float, float] | None = None) -> np.ndarray:
     """Read a 2D image file: PNG, JPEG, BMP, TIFF or DICOM.
 
@@ -43,17 +45,20 @@ def read_image(path: str | Path, window: str | tuple[float, float] | None = None
     ``"C,W"``, or None for the file's own; see :mod:`meddiag.data.dicom`).
 
     Raises :class:`ImageReadError` naming the file for a missing, truncated or
-    undecodable file.
+    undecodable file, a volume (NIfTI), or an image with NaN or infinite values; whatever a
+    decoder raises becomes that error (see :func:`~meddiag.errors.reads_one_file`).
     """
     path = Path(path)
     if not path.is_file():
         raise ImageReadError(path, "no such file")
     if is_dicom_file(path):
         return dicom_as_2d(read_dicom(path, window), path)
+    if is_nifti_file(path):
+        raise WrongKindError(path, "a NIfTI volume; this model reads 2D images")
     try:
         with Image.open(path) as img:
             img.load()
-            arr = _to_uint8(img)
+            arr = _to_uint8(img, path)
     except ImageReadError:
         raise
     except UnidentifiedImageError:
@@ -67,6 +72,7 @@ def read_image(path: str | Path, window: str | tuple[float, float] | None = None
     return arr
 
 
+@reads_one_file
 def read_image_file(path: str | Path, window: str | tuple[float, float] | None = None) -> tuple[np.ndarray, DicomIdentity | None]:
     """:func:`read_image`, plus the DICOM file's non-identifying identity (UIDs, patient key), or None."""
     path = Path(path)
@@ -79,7 +85,7 @@ def read_image_file(path: str | Path, window: str | tuple[float, float] | None =
 def dicom_as_2d(image: DicomImage, path: str | Path) -> np.ndarray:
     """A DICOM image from :func:`read_dicom` as :func:`read_image` returns it (uint8, 2D)."""
     if image.frames > 1:
-        raise ImageReadError(path, f"a multi-frame DICOM ({image.frames} frames) is a volume, not a 2D image")
+        raise WrongKindError(path, f"a multi-frame DICOM ({image.frames} frames) is a volume; this model reads 2D images")
     if image.is_colour:
         return _gray_if_equal(image.pixels)
     return unit_to_uint8(image.pixels)
@@ -92,9 +98,9 @@ def _gray_if_equal(arr: np.ndarray) -> np.ndarray:
     return arr
 
 
-def _to_uint8(img: Image.Image) -> np.ndarray:
+def _to_uint8(img: Image.Image, path: Path) -> np.ndarray:
     if img.mode in ("I;16", "I;16B", "I;16L", "I", "F"):
-        arr = np.asarray(img, dtype=np.float64)
+        arr = require_finite(np.asarray(img, dtype=np.float64), path, "in the image")
         lo, hi = float(arr.min()), float(arr.max())
         scaled = (arr - lo) / (hi - lo) * 255.0 if hi > lo else np.zeros_like(arr)
         return np.round(scaled).astype(np.uint8)

@@ -23,7 +23,7 @@ from meddiag.data.images import read_image
 from meddiag.data.manifest import read_manifest
 from meddiag.data.medmnist import load_medmnist, parse_medmnist
 from meddiag.data.volumes import is_nifti_file, read_volumes
-from meddiag.errors import DataError, ImageReadError
+from meddiag.errors import DataError, ImageReadError, failure_reason
 
 UNSPLIT = "(unsplit)"
 
@@ -141,8 +141,8 @@ def _facts_of(rec: FileRecord) -> FileFacts:
                 bits = {"1": "1", "L": "8", "P": "8", "RGB": "8x3", "RGBA": "8x4", "I;16": "16", "I;16B": "16", "I": "32", "F": "32f"}
                 fact.bit_depth = bits.get(img.mode, img.mode)
             fact.pixel_hash = hashlib.sha1(arr.tobytes()).hexdigest()
-    except (ImageReadError, DataError) as exc:
-        fact.error = getattr(exc, "reason", str(exc))
+    except Exception as exc:  # noqa: BLE001 - whatever one file raises is reported for that file
+        fact.error = failure_reason(exc)
     return fact
 
 

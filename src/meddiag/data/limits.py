@@ -9,18 +9,19 @@ from pathlib import Path
 
 from PIL import Image, UnidentifiedImageError
 
-from meddiag.data.dicom import is_dicom_file, read_dicom_dataset
+from meddiag.data.dicom import declared_frames, is_dicom_file, read_dicom_dataset
 from meddiag.data.volumes import is_nifti_file
-from meddiag.errors import ImageReadError
+from meddiag.errors import ImageReadError, reads_one_file
 
 
+@reads_one_file(quote=False)
 def declared_pixels(path: str | Path) -> int:
     """Pixels (voxels; frames times rows times columns for multi-frame DICOM) the file declares.
     Raises :class:`ImageReadError` when the header cannot be read."""
     path = Path(path)
     if is_dicom_file(path):
         ds = read_dicom_dataset(path, stop_before_pixels=True)
-        frames = int(getattr(ds, "NumberOfFrames", 1) or 1)
+        frames = declared_frames(ds, path)
         return int(getattr(ds, "Rows", 0) or 0) * int(getattr(ds, "Columns", 0) or 0) * frames
     if is_nifti_file(path):
         import nibabel as nib

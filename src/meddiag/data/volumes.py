@@ -16,6 +16,7 @@ import numpy as np
 
 from meddiag.data.dicom import (
     apply_window,
+    declared_frames,
     dicom_window,
     functional_group_value,
     is_colour_dataset,
@@ -24,8 +25,9 @@ from meddiag.data.dicom import (
     parse_window,
     read_dicom_dataset,
     read_dicom_pixels,
+    require_finite,
 )
-from meddiag.errors import DataError, ImageReadError
+from meddiag.errors import DataError, ImageReadError, WrongKindError, reads_one_file
 
 NIFTI_SUFFIXES = (".nii", ".nii.gz")
 
@@ -84,6 +86,7 @@ def volume_to_model_input(volume: Volume, image_size: int, channels: int = 1,
     return np.repeat(out, channels, axis=0) if channels > 1 else out
 
 
+@reads_one_file
 def read_volumes(path: str | Path, volume_index: int | None = None) -> list[Volume]:
     """The volumes at ``path``: a NIfTI file is one (``volume_index`` picks one of a 4D file's);
     a multi-frame DICOM file is one; a folder of DICOM files is one per series."""
@@ -111,6 +114,7 @@ def is_nifti_file(path: Path) -> bool:
     return path.name.lower().endswith(NIFTI_SUFFIXES)
 
 
+@reads_one_file
 def read_nifti(path: str | Path, volume_index: int | None = None) -> Volume:
     """A NIfTI-1/2 file as a RAS+ volume. A 4D file needs ``volume_index`` (which 3D volume)."""
     import nibabel as nib
@@ -133,7 +137,9 @@ def read_nifti(path: str | Path, volume_index: int | None = None) -> Volume:
         data = data[..., volume_index]
     if data.ndim != 3 or min(data.shape) == 0:
         raise ImageReadError(path, f"expected a 3D volume, found shape {data.shape}")
-    array, affine = to_canonical(data.astype(np.float32), img.affine)
+    if not np.isfinite(img.affine).all():
+        raise ImageReadError(path, "the header's voxel-to-world transform (affine) holds NaN or infinite values")
+    array, affine = to_canonical(require_finite(data.astype(np.float32), path, "in the volume"), img.affine)
     return Volume(array=array, affine=affine, sources=[str(path)])
 
 
@@ -154,14 +160,17 @@ def read_dicom_series(folder: str | Path) -> list[Volume]:
     for path in files:
         try:
             ds = read_dicom_dataset(path)
+            if "PixelData" not in ds:
+                raise ImageReadError(path, "the file has no pixel data")
+            if declared_frames(ds, path) > 1:
+                raise ImageReadError(path, "a multi-frame DICOM file is a volume of its own, not a slice of a series")
+            if not (int(ds.get("Rows", 0) or 0) and int(ds.get("Columns", 0) or 0)):
+                raise ImageReadError(path, "the header gives no image size (Rows, Columns)")
         except ImageReadError as exc:
             excluded.append((exc.path, exc.reason))
             continue
-        if "PixelData" not in ds:
-            excluded.append((str(path), "the file has no pixel data"))
-            continue
-        if int(ds.get("NumberOfFrames", 1) or 1) > 1:
-            excluded.append((str(path), "a multi-frame DICOM file is a volume of its own, not a slice of a series"))
+        except Exception as exc:  # noqa: BLE001 - one damaged slice header is that slice's problem
+            excluded.append((str(path), f"corrupt DICOM header ({exc.__class__.__name__})"))
             continue
         by_series[str(ds.get("SeriesInstanceUID", ""))].append((path, ds))
     if not by_series:
@@ -196,6 +205,7 @@ def _series_volume(slices: list) -> Volume:
             arrays.append(modality_values(ds, ds.pixel_array).astype(np.float32))
         except Exception as exc:  # noqa: BLE001
             raise ImageReadError(path, f"pixel data cannot be decoded ({str(exc).splitlines()[0][:150]})") from None
+        require_finite(arrays[-1], path, "after the Modality LUT")
     array, affine = to_canonical(np.stack(arrays), affine)  # stacked as (slice, row, column)
     return Volume(
         array=array, affine=affine, modality=str(first.get("Modality", "")),
@@ -204,6 +214,7 @@ def _series_volume(slices: list) -> Volume:
     )
 
 
+@reads_one_file(quote=False)
 def read_dicom_volume(path: str | Path) -> Volume:
     """A multi-frame DICOM file (enhanced CT/MR, or a legacy multi-frame such as an MR stack or
     an ultrasound cine loop) as a RAS+ volume.
@@ -217,7 +228,7 @@ def read_dicom_volume(path: str | Path) -> Volume:
     ds, raw = read_dicom_pixels(path)
     frames = int(ds.get("NumberOfFrames", 1) or 1)
     if frames < 2:
-        raise ImageReadError(path, "a single-frame DICOM is a 2D image, not a volume")
+        raise WrongKindError(path, "a single-frame DICOM is a 2D image; this model reads volumes")
     if is_colour_dataset(ds):
         raw = raw.astype(np.float64) @ np.array([0.299, 0.587, 0.114])  # ITU-R BT.601 luma
     positions = [functional_group_value(ds, "PlanePositionSequence", "ImagePositionPatient", f) for f in range(frames)]
@@ -232,6 +243,7 @@ def read_dicom_volume(path: str | Path) -> Volume:
     except _SharedPosition as dup:
         raise ImageReadError(path, f"frame {dup.index + 1} shares its position with another frame") from None
     stack = np.stack([modality_values(ds, raw[i], i) for i in order]).astype(np.float32)
+    require_finite(stack, path, "after the Modality LUT")
     array, affine = to_canonical(stack, affine)
     return Volume(
         array=array, affine=affine, modality=str(ds.get("Modality", "")),

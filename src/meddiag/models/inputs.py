@@ -15,6 +15,7 @@ import numpy as np
 from meddiag.data.images import read_image_file, to_model_input
 from meddiag.data.limits import check_pixels
 from meddiag.data.volumes import read_volumes, volume_to_model_input
+from meddiag.errors import reads_one_file
 from meddiag.models.checkpoint import ModelCard
 
 
@@ -28,6 +29,7 @@ class ModelInput:
     excluded: list[tuple[str, str]] = field(default_factory=list)  # (path, reason): files left out of a series
 
 
+@reads_one_file
 def read_inputs(path: str | Path, card: ModelCard, max_pixels: int | None = None) -> list[ModelInput]:
     """The model inputs in ``path`` for the model of ``card``. ``max_pixels``: refuse (before
     decoding) a file whose header declares more pixels or voxels than this.

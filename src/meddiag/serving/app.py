@@ -35,7 +35,7 @@ from PIL import Image
 from starlette.concurrency import run_in_threadpool
 
 import meddiag
-from meddiag.errors import DataError, ImageReadError
+from meddiag.errors import ImageReadError, WrongKindError, failure_reason
 from meddiag.explain.render import overlay_image, volume_figure
 from meddiag.explain.saliency import METHODS, explained_classes, method_label, saliency_maps
 from meddiag.models.inputs import ModelInput
@@ -182,8 +182,10 @@ def _read_upload(predictor: Predictor, index: int, name: str, data: bytes) -> li
     with stored_upload(data, kind) as path:
         try:
             return predictor.read(path)
-        except (ImageReadError, DataError) as exc:
-            raise UploadProblem(400, index, name, getattr(exc, "reason", None) or "cannot be read") from None
+        except ImageReadError as exc:
+            raise UploadProblem(415 if isinstance(exc, WrongKindError) else 400, index, name, exc.reason) from None
+        except Exception as exc:  # noqa: BLE001 - a bad upload is the client's 400, never the server's 500
+            raise UploadProblem(400, index, name, failure_reason(exc, quote=kind != "dicom")) from None
 
 
 def _result(index: int, name: str, p: Prediction, card: Any) -> dict:

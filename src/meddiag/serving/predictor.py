@@ -8,6 +8,7 @@ reported by name and skipped; the rest are still predicted.
 from __future__ import annotations
 
 import csv
+import math
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TextIO
@@ -16,7 +17,7 @@ import numpy as np
 import torch
 
 from meddiag.data.collect import Failure, collect_sources
-from meddiag.errors import DataError, ImageReadError, ModelError
+from meddiag.errors import ModelError, failure_reason
 from meddiag.evaluation.evaluate import best_checkpoint
 from meddiag.evaluation.metrics import predict_labels
 from meddiag.models.checkpoint import load_checkpoint
@@ -95,8 +96,8 @@ class Predictor:
         for i, source in enumerate(sources):
             try:
                 items = self.read(source)
-            except (ImageReadError, DataError) as exc:
-                failures.append(Failure(str(source), getattr(exc, "reason", str(exc))))
+            except Exception as exc:  # noqa: BLE001 - whatever one file raises, it alone fails
+                failures.append(Failure(str(source), failure_reason(exc)))
                 items = []
             for item in items:
                 failures += [Failure(p, r) for p, r in item.excluded]
@@ -104,7 +105,10 @@ class Predictor:
             if len(pending) >= self.batch_size or (i == len(sources) - 1 and pending):
                 predictions += self.predict_inputs(pending)
                 pending = []
-        return predictions, failures
+        finite = [p for p in predictions if all(math.isfinite(v) for v in p.probabilities.values())]
+        failures += [Failure(p.path, "the model returned NaN or infinite probabilities for this input; no diagnosis")
+                     for p in predictions if p not in finite]
+        return finite, failures
 
     def predict_inputs(self, items: list[ModelInput]) -> list[Prediction]:
         """One :class:`Prediction` per input, predicted together."""

@@ -13,6 +13,8 @@ import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 
+from meddiag.data.dicom import looks_like_dicom
+
 # kind -> (suffix the readers recognise, what to call it in messages)
 KINDS = {
     "png": (".png", "PNG"), "jpeg": (".jpg", "JPEG"), "bmp": (".bmp", "BMP"), "tiff": (".tif", "TIFF"),
@@ -36,7 +38,7 @@ def sniff(head: bytes) -> str:
         return "bmp"
     if head[:4] in (b"II*\x00", b"MM\x00*"):
         return "tiff"
-    if head[128:132] == b"DICM":
+    if looks_like_dicom(head):  # Part 10, or a data set without the preamble
         return "dicom"
     if _is_nifti_header(head):
         return "nifti"
