@@ -114,18 +114,6 @@ def test_predict_reports_bad_files_by_name_and_fails(trained_run, tmp_path):
     assert "img001.png" in proc.stdout  # the good file is still predicted
 
 
-def test_resume_continues_from_the_last_checkpoint(tmp_path):
-    data = make_image_folder(tmp_path / "images", per_class=12)
-    run = tmp_path / "run"
-    first = meddiag("train", str(data), "--model", "seed_cnn", "--epochs", "1", "--image-size", "24", "--out", str(run), "--no-progress")
-    assert first.returncode == 0, first.stderr
-    again = meddiag("train", str(data), "--out", str(run), "--no-progress")
-    assert again.returncode == 2 and "--resume" in again.stderr
-    resumed = meddiag("train", "--out", str(run), "--resume", "--epochs", "2", "--no-progress")
-    assert resumed.returncode == 0, resumed.stderr
-    assert [r["epoch"] for r in csv.DictReader(open(run / "history.csv"))] == ["1", "2"]
-
-
 @pytest.mark.parametrize("args, message", [
     (["train"], "give the DATA to train on"),
     (["train", "/no/such/folder"], "no such file or folder"),

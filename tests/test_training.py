@@ -106,7 +106,8 @@ def test_the_model_kept_is_the_final_average_unless_the_best_epoch_is_asked_for(
 
     data = make_image_folder(tmp_path / "images", per_class=20)
     for select in ("last", "best"):
-        config = TrainConfig(data=str(data), model="seed_cnn", epochs=4, image_size=28, select=select, out=str(tmp_path / select))
+        config = TrainConfig(data=str(data), model="seed_cnn", epochs=4, image_size=28, select=select, out=str(tmp_path / select),
+                             keep_resume_state=True)
         result = train(config, progress=False)
         val_auc = [float(r["val_auc"]) for r in csv.DictReader(open(result.run_dir / "history.csv"))]
         assert len(val_auc) == 4  # no early stopping by default

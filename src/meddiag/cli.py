@@ -91,14 +91,15 @@ def train(
     progress: Annotated[Optional[bool], typer.Option("--progress/--no-progress", help="Progress bar. [default: when in a terminal]")] = None,
 ) -> None:
     """Train a model on DATA, evaluate it on the test split, and write a run folder."""
+    from meddiag.runfolder import RunFolder
     from meddiag.training.config import TrainConfig
     from meddiag.workflow import cross_validate, train_and_evaluate
 
     # Lightning announces its hardware probe and tips at INFO; meddiag prints its own summary.
     logging.getLogger("lightning.pytorch").setLevel(logging.WARNING)
 
-    if resume and out and config is None and (Path(out) / "config.yaml").exists():
-        config = Path(out) / "config.yaml"
+    if resume and out and config is None and RunFolder(out).config.exists():
+        config = RunFolder(out).config
     if not (data or config):
         raise MeddiagError("give the DATA to train on (or a --config file that names it)")
     cfg = TrainConfig.from_sources(
@@ -256,15 +257,15 @@ def explain(
     sanity: Annotated[bool, typer.Option("--sanity", help="Check the maps on the run's test images (model randomisation, deletion); writes RUN/sanity.json.")] = False,
     images: Annotated[int, typer.Option(help="Test images the sanity check uses.", min=2)] = 32,
     class_name: Annotated[Optional[str], typer.Option("--class", help="Explain this class. [default: the predicted one]")] = None,
-    out: Annotated[Path, typer.Option(help="Folder for the heatmap figures.")] = Path("explanations"),
+    out: Annotated[Optional[Path], typer.Option(help="Folder for the heatmap figures. [default: RUN/explanations]")] = None,
 ) -> None:
     """Show where the model looked: for each image a PNG of the original beside its heatmap, captioned
     with the prediction (volumes: the three planes through the map's peak)."""
-    from meddiag.evaluation.evaluate import best_checkpoint
     from meddiag.explain import explain_files
     from meddiag.models.checkpoint import load_checkpoint
+    from meddiag.runfolder import RunFolder, model_checkpoint
 
-    model, card = load_checkpoint(best_checkpoint(run))
+    model, card = load_checkpoint(model_checkpoint(run))
     if sanity:
         from meddiag.explain.sanity import run_sanity_check
 
@@ -278,6 +279,7 @@ def explain(
         if not sanity:
             raise MeddiagError("give images to explain (or --sanity to check the maps on the run's test images)")
         return
+    out = out or (RunFolder(run).explanations if run.is_dir() else run.parent / "explanations")
     results, failures = explain_files(model, card, list(paths), out, method, class_name)
     for r in results:
         print(f"{r.source}: predicted {r.predicted}; {r.explained} {r.probability:.3f} -> {r.figure}")

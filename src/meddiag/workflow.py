@@ -10,14 +10,15 @@ from pathlib import Path
 import numpy as np
 
 from meddiag.data.dataset import Split
-from meddiag.data.splits import stratified_group_folds
+from meddiag.data.splits import stratification_key, stratified_group_folds
 from meddiag.evaluation.decision import tune_decision
 from meddiag.errors import ConfigError
-from meddiag.evaluation.evaluate import best_checkpoint, evaluate_run, evaluate_split, run_folder
+from meddiag.evaluation.evaluate import evaluate_run, evaluate_split
 from meddiag.evaluation.metrics import classification_metrics, json_safe
 from meddiag.models.checkpoint import load_checkpoint, save_checkpoint
 from meddiag.models.ensemble import check_members
-from meddiag.training.config import TrainConfig, read_yaml
+from meddiag.runfolder import RunFolder, model_checkpoint, write_text_atomic
+from meddiag.training.config import TrainConfig
 from meddiag.training.run import TrainResult, default_run_dir, load_training_data, train
 
 
@@ -74,7 +75,7 @@ def cross_validate(config: TrainConfig, *, progress: bool | None = None) -> Cros
     run_dir = Path(config.out) if config.out else default_run_dir(config)
     data = load_training_data(config, bool(progress))
     pool = Split.concat([data.splits["train"], data.splits["val"]])
-    fold_of = stratified_group_folds(pool.labels.numpy(), k, config.seed, pool.groups)
+    fold_of = stratified_group_folds(stratification_key(pool.labels.numpy()), k, config.seed, pool.groups)
     oof = np.zeros((len(pool), data.num_classes))
     per_val, per_test = [], []
     for fold in range(k):
@@ -104,7 +105,7 @@ def cross_validate(config: TrainConfig, *, progress: bool | None = None) -> Cros
         "fold_runs": [str(run_dir / f"fold-{i + 1}") for i in range(k)],
     }
     run_dir.mkdir(parents=True, exist_ok=True)
-    (run_dir / "cv_metrics.json").write_text(json.dumps(json_safe(summary), indent=2))
+    write_text_atomic(run_dir / "cv_metrics.json", json.dumps(json_safe(summary), indent=2))
     return CrossValidationResult(run_dir, summary)
 
 
@@ -130,15 +131,15 @@ def make_ensemble(runs: list[Path], out: Path, *, operating_point: str | None = 
         raise ConfigError(f"run folder {out} already exists; choose another --out")
     if len(runs) < 2:
         raise ConfigError("an ensemble needs at least two runs")
-    loaded = [load_checkpoint(best_checkpoint(Path(r))) for r in runs]
+    loaded = [load_checkpoint(model_checkpoint(r)) for r in runs]
     cards = [card for _, card in loaded]
     check_members(cards)
-    homes = [run_folder(Path(r)) for r in runs]
+    homes = [RunFolder.of(r) for r in runs]
     configs = []
     for home in homes:
-        if not (home / "config.yaml").exists():
-            raise ConfigError(f"{home} has no config.yaml: ensemble members must be meddiag run folders")
-        configs.append(TrainConfig.model_validate(read_yaml(home / "config.yaml")))
+        if not home.config.exists():
+            raise ConfigError(f"{home.root} has no config.yaml: ensemble members must be meddiag run folders")
+        configs.append(TrainConfig.from_file(home.config))
     for key in ("data", "seed", "val_fraction", "test_fraction", "image_size", "fit", "window", "volume_index"):
         values = [getattr(c, key) for c in configs]
         if any(v != values[0] for v in values[1:]):
@@ -151,13 +152,14 @@ def make_ensemble(runs: list[Path], out: Path, *, operating_point: str | None = 
     model = card.build_model()
     for slot, (member, _) in zip(model.members, loaded):
         slot.load_state_dict(member.state_dict())
-    checkpoint = save_checkpoint(out / "checkpoints" / "best.ckpt", model, card)
-    for name in ("config.yaml", "data.json"):
-        shutil.copy(homes[0] / name, out / name)
-    if (homes[0] / "splits").is_dir():
-        shutil.copytree(homes[0] / "splits", out / "splits")
-    (out / "ensemble.json").write_text(json.dumps({"members": [str(h) for h in homes],
-                                                   "models": [c.model_name for c in cards]}, indent=2))
+    target = RunFolder(out)
+    checkpoint = save_checkpoint(target.model_checkpoint, model, card)
+    shutil.copy(homes[0].config, target.config)
+    shutil.copy(homes[0].data_record, target.data_record)
+    if homes[0].splits.is_dir():
+        shutil.copytree(homes[0].splits, target.splits)
+    write_text_atomic(target.ensemble, json.dumps({"members": [str(h.root) for h in homes],
+                                                  "models": [c.model_name for c in cards]}, indent=2))
     config = configs[0].model_copy(update={"operating_point": operating_point, "calibrate": calibrate, "coverage": coverage})
     if calibrate or operating_point or coverage:
         data = load_training_data(config, progress)

@@ -73,6 +73,7 @@ class ImageData:
     spatial_dims: int = 2
     split_origin: dict[str, str] = field(default_factory=dict)
     excluded: list[tuple[str, str]] = field(default_factory=list)
+    source: str = ""  # the file or folder read, as an absolute path ("" when not from one)
 
     @property
     def num_classes(self) -> int:

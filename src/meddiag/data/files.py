@@ -22,7 +22,7 @@ from meddiag.data.dataset import SPLITS, ImageData, Split
 from meddiag.data.dicom import dicom_frame_count, is_dicom_file, patient_key, read_dicom, read_dicom_identity
 from meddiag.data.volumes import is_nifti_file, read_volumes, volume_to_model_input
 from meddiag.data.images import Fit, dicom_as_2d, read_image, to_model_input
-from meddiag.data.splits import stratified_split
+from meddiag.data.splits import stratification_key, stratified_split
 from meddiag.errors import DataError, failure_reason
 
 DEFAULT_FILE_IMAGE_SIZE = 128
@@ -90,10 +90,9 @@ def load_file_records(
         by_split[rec.split or "train"].append(i)
     if multilabel:
         labels = np.array([[r.targets[c] for c in class_names] for r, _ in kept], dtype=np.float32)  # type: ignore[index]
-        strata = _rarest_positive(labels)
     else:
         labels = np.array([class_names.index(r.label) for r, _ in kept])
-        strata = labels
+    strata = stratification_key(labels)
     patients = [r.patient_id for r, _ in kept]
     has_patients = any(p is not None for p in patients)
     origin = {s: "given" for s in SPLITS if by_split[s]}
@@ -139,15 +138,6 @@ def load_file_records(
         split_origin=origin,
         excluded=excluded,
     )
-
-
-def _rarest_positive(labels: np.ndarray) -> np.ndarray:
-    """A stratum per multi-label image: its rarest present finding (K when it has none), so carved
-    splits keep every finding represented."""
-    positives = np.nan_to_num(labels) > 0.5
-    frequency = positives.sum(0)
-    rank = np.where(positives, frequency[None, :], np.iinfo(np.int64).max)
-    return np.where(positives.any(1), rank.argmin(1), labels.shape[1])
 
 
 def _check_classes(class_names: list[str], name: str) -> None:

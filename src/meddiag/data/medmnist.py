@@ -21,7 +21,7 @@ import torch.nn.functional as F
 
 from meddiag.data.dataset import SPLITS, ImageData, Split, Task
 from meddiag.data.download import download_file, md5sum
-from meddiag.errors import DataError
+from meddiag.errors import DataError, DownloadError
 
 _TASKS: dict[str, Task] = {
     "binary-class": "binary",
@@ -99,7 +99,11 @@ def fetch_medmnist(spec: MedMNISTSpec, root: Path | None = None, *, progress: bo
     root = data_root() if root is None else Path(root)
     path = root / spec.file_name
     if not path.exists():
-        return download_file(spec.url, path, spec.md5, progress=progress)
+        try:
+            return download_file(spec.url, path, spec.md5, progress=progress)
+        except DownloadError as exc:
+            raise DownloadError(f"{spec.file_name} is not in {root} (set MEDDIAG_DATA to the folder that holds it), "
+                                f"and {exc}") from None
     got = md5sum(path)
     if got != spec.md5:
         raise DataError(
@@ -139,6 +143,7 @@ def load_medmnist(spec: MedMNISTSpec, image_size: int | None = None, root: Path 
         in_channels=info["n_channels"],
         spatial_dims=spatial_dims,
         split_origin={s: "given" for s in SPLITS},
+        source=str(Path(path).resolve()),
     )
 
 

@@ -24,6 +24,7 @@ def load_data(
     val_fraction: float = 0.1,
     test_fraction: float = 0.2,
     progress: bool = True,
+    medmnist_root: str | Path | None = None,
 ) -> ImageData:
     """Read the data set ``spec`` into memory with train/val/test splits.
 
@@ -31,11 +32,12 @@ def load_data(
     (``ROOT/CLASS/*`` or ``ROOT/{train,val,test}/CLASS/*``) or a ``.csv`` manifest.
     ``image_size`` None keeps a MedMNIST file's own size, and is 128 for files.
     ``window`` is the VOI window for DICOM files (see :func:`meddiag.data.dicom.parse_window`);
-    ``volume_index`` the volume taken from 4D NIfTI files.
+    ``volume_index`` the volume taken from 4D NIfTI files; ``medmnist_root`` the folder holding
+    MedMNIST files (default ``$MEDDIAG_DATA``).
     """
     mnist = parse_medmnist(spec)
     if mnist is not None:
-        return load_medmnist(mnist, image_size)
+        return load_medmnist(mnist, image_size, Path(medmnist_root) if medmnist_root else None)
     path = Path(spec).expanduser()
     if not path.exists():
         hint = "" if any(c in spec for c in "/\\.") else f" (MedMNIST names: {', '.join(medmnist_names())})"
@@ -46,7 +48,9 @@ def load_data(
         records = read_manifest(path)
     else:
         raise DataError(f"{spec}: expected a folder of class folders or a .csv manifest")
-    return load_file_records(
+    data = load_file_records(
         records, str(path), image_size=image_size, fit=fit, window=window, volume_index=volume_index, seed=seed,
         val_fraction=val_fraction, test_fraction=test_fraction, progress=progress,
     )
+    data.source = str(path.resolve())
+    return data

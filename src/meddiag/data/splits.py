@@ -7,6 +7,19 @@ from collections.abc import Sequence
 import numpy as np
 
 
+def stratification_key(labels: np.ndarray) -> np.ndarray:
+    """One class per image to stratify splits by: the label itself (N,) for single-label data; for
+    multi-label (N, K) 1/0/NaN targets the image's rarest present finding (K for an image with
+    none), so that carved splits and folds keep every finding represented."""
+    labels = np.asarray(labels)
+    if labels.ndim == 1:
+        return labels
+    positives = np.nan_to_num(labels) > 0.5
+    frequency = positives.sum(0)
+    rank = np.where(positives, frequency[None, :], np.iinfo(np.int64).max)
+    return np.where(positives.any(1), rank.argmin(1), labels.shape[1])
+
+
 def stratified_group_folds(labels: np.ndarray, k: int, seed: int, groups: Sequence[str] | None = None) -> np.ndarray:
     """A fold number in 0..k-1 for each image: each class spread evenly over the folds and, with
     ``groups`` (patients), every group in exactly one fold. Seeded, so the same inputs give the same folds."""

@@ -21,27 +21,10 @@ from meddiag.evaluation.table import PredictionTable
 from meddiag.models.checkpoint import ModelCard, load_checkpoint
 from meddiag.models.inference import predict_proba
 from meddiag.models.uncertainty import predict_with_uncertainty
-from meddiag.training.config import TrainConfig, read_yaml
+from meddiag.runfolder import METRICS, PLOTS, PREDICTIONS, REPORT_HTML, RunFolder, model_checkpoint, write_text_atomic
+from meddiag.training.config import TrainConfig
 from meddiag.training.history import read_history
 from meddiag.training.run import load_training_data
-
-
-def best_checkpoint(run_dir: Path) -> Path:
-    """A run folder's ``checkpoints/best.ckpt`` (or the path itself, if it is a checkpoint file)."""
-    run_dir = Path(run_dir)
-    if run_dir.is_file():
-        return run_dir
-    path = run_dir / "checkpoints" / "best.ckpt"
-    if not run_dir.exists():
-        raise MeddiagError(f"run folder {run_dir} does not exist")
-    if not path.exists():
-        raise MeddiagError(f"{run_dir} has no checkpoints/best.ckpt: is it a meddiag run folder, and did training finish an epoch?")
-    return path
-
-
-def run_folder(path: Path) -> Path:
-    """The run folder of a run folder or of a checkpoint file inside one (``RUN/checkpoints/x.ckpt``)."""
-    return path.parent.parent if path.is_file() else path
 
 
 def evaluate_run(run_dir: str | Path, data: str | ImageData | None = None, split: str = "test",
@@ -58,8 +41,10 @@ def evaluate_run(run_dir: str | Path, data: str | ImageData | None = None, split
     are the run's own. ``subgroups`` (manifest columns) default to the run's configured ones.
     """
     run_dir = Path(run_dir)
-    home = run_folder(run_dir)
-    model, card = load_checkpoint(best_checkpoint(run_dir))
+    folder = RunFolder.of(run_dir)
+    home = folder.root
+    checkpoint = model_checkpoint(run_dir)
+    model, card = load_checkpoint(checkpoint)
     config = _run_config(home)
     subgroups = list(subgroups) if subgroups is not None else (config.subgroups if config else [])
     own_data = data is None or isinstance(data, ImageData)
@@ -67,7 +52,7 @@ def evaluate_run(run_dir: str | Path, data: str | ImageData | None = None, split
         dataset = data
     elif own_data:
         if config is None:
-            raise MeddiagError(f"{home / 'config.yaml'} not found: to evaluate a checkpoint outside its run folder, give --data")
+            raise MeddiagError(f"{folder.config} not found: to evaluate a checkpoint outside its run folder, give --data")
         dataset = load_training_data(config, progress)
     else:
         dataset = load_data(data, image_size=card.image_size, fit=card.fit, window=card.window,
@@ -77,37 +62,34 @@ def evaluate_run(run_dir: str | Path, data: str | ImageData | None = None, split
     if dataset.class_names != card.class_names:
         raise DataError(f"{dataset.name} has classes {dataset.class_names}, but the model was trained on {card.class_names}")
     if out_dir is None:
-        if own_data and split == "test":
-            out_dir = home
-        else:
-            tag = "" if own_data else "-" + "".join(c if c.isalnum() or c in "@_-" else "_" for c in Path(dataset.name).name)
-            out_dir = home / f"eval{tag}-{split}"
+        tag = "" if own_data else "".join(c if c.isalnum() or c in "@_-" else "_" for c in Path(dataset.name).name)
+        out_dir = folder.evaluation_dir(split, tag)
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
 
     part = dataset.splits[split]
     metrics, probs = evaluate_split(model, card, part)
     table = prediction_table(part, probs, subgroups)
-    table.write(out_dir / "predictions.csv", card.class_names, card.task, card.threshold)
+    table.write(out_dir / PREDICTIONS, card.class_names, card.task, card.threshold)
     if own_data and "val" in dataset.splits and run_dir.is_dir():
         val = dataset.splits["val"]
         _, val_probs = evaluate_split(model, card, val)
-        prediction_table(val, val_probs, subgroups).write(home / "predictions_val.csv", card.class_names, card.task, card.threshold)
-    plots = out_dir / "plots"
+        prediction_table(val, val_probs, subgroups).write(folder.val_predictions, card.class_names, card.task, card.threshold)
+    plots = out_dir / PLOTS
     labels = part.labels.numpy()
     plot_roc(labels, probs, card.task, card.class_names, plots / "roc.png")
     if "confusion_matrix" in metrics:
         plot_confusion_matrix(np.array(metrics["confusion_matrix"]), card.class_names, plots / "confusion_matrix.png")
-    history = read_history(home / "history.csv")
+    history = read_history(folder.history)
     if history:
-        plot_training_curves(history, home / "plots" / "training_curves.png")
+        plot_training_curves(history, folder.training_curves)
     failures = failure_cases(table, card.task, card.class_names, card.threshold)
     _plot_failures(part, failures, plots / "failures.png")
     report = write_report(out_dir, home, card, split=split, subgroups=subgroups, n_resamples=n_resamples, seed=0)
-    metrics.update(split=split, data=dataset.name, checkpoint=str(best_checkpoint(run_dir)),
+    metrics.update(split=split, data=dataset.name, checkpoint=str(checkpoint),
                    model=card.model_name, meddiag_version=meddiag.__version__,
                    auc_ci=report["discrimination"]["auc_ci"], ci_method=f"bootstrap, {n_resamples} resamples of {report['discrimination']['resampled']}")
-    (out_dir / "metrics.json").write_text(json.dumps(json_safe(metrics), indent=2))
+    write_text_atomic(out_dir / METRICS, json.dumps(json_safe(metrics), indent=2))
     return metrics
 
 
@@ -117,29 +99,30 @@ def rebuild_report(path: str | Path, subgroups: Sequence[str] | None = None, n_r
     from its saved predictions; evaluates the run first when they are missing or lack a column
     of ``subgroups``. Returns the HTML file's path."""
     out_dir = Path(path)
-    home = out_dir if (out_dir / "checkpoints").is_dir() else out_dir.parent
-    if not (home / "checkpoints").is_dir():
+    folder = RunFolder(out_dir) if RunFolder(out_dir).is_run() else RunFolder(out_dir.parent)
+    home = folder.root
+    if not folder.is_run():
         raise MeddiagError(f"{out_dir} is not a meddiag run folder (or an evaluation folder inside one)")
     config = _run_config(home)
     subgroups = list(subgroups) if subgroups is not None else (config.subgroups if config else [])
-    predictions = out_dir / "predictions.csv"
+    predictions = out_dir / PREDICTIONS
     header = predictions.read_text().split("\n", 1)[0].split(",") if predictions.exists() else []
-    ready = predictions.exists() and all(c in header for c in subgroups) and (home / "predictions_val.csv").exists()
+    ready = predictions.exists() and all(c in header for c in subgroups) and folder.val_predictions.exists()
     if ready:
-        _, card = load_checkpoint(best_checkpoint(home))
-        metrics_file = out_dir / "metrics.json"
+        _, card = load_checkpoint(model_checkpoint(home))
+        metrics_file = out_dir / METRICS
         split = json.loads(metrics_file.read_text()).get("split", "test") if metrics_file.exists() else "test"
         write_report(out_dir, home, card, split=split, subgroups=subgroups, n_resamples=n_resamples)
     elif out_dir == home:
         evaluate_run(home, subgroups=subgroups, n_resamples=n_resamples, progress=progress)
     else:
         raise MeddiagError(f"{out_dir} lacks the predictions this report needs; run 'meddiag evaluate' again with --out {out_dir}")
-    return out_dir / "report.html"
+    return out_dir / REPORT_HTML
 
 
 def _run_config(home: Path) -> TrainConfig | None:
-    config_file = home / "config.yaml"
-    return TrainConfig.model_validate(read_yaml(config_file)) if config_file.exists() else None
+    config_file = RunFolder(home).config
+    return TrainConfig.from_file(config_file) if config_file.exists() else None
 
 
 def prediction_table(part: Split, probs: np.ndarray, subgroups: Sequence[str]) -> PredictionTable:

@@ -24,6 +24,7 @@ from pathlib import Path
 
 import numpy as np
 
+from meddiag.runfolder import PLOTS, PREDICTIONS, REPORT_HTML, REPORT_JSON, RunFolder, write_text_atomic
 from meddiag.evaluation import stats
 from meddiag.evaluation.metrics import json_safe, predict_labels, roc_auc
 from meddiag.evaluation.table import PredictionTable
@@ -316,13 +317,14 @@ def write_report(out_dir: Path, run_dir: Path, card, *, split: str = "test", sub
     from meddiag.evaluation import html, plots
 
     out_dir, run_dir = Path(out_dir), Path(run_dir)
-    test = PredictionTable.read(out_dir / "predictions.csv", card.class_names, card.task)
-    val_file = run_dir / "predictions_val.csv"
+    folder = RunFolder(run_dir)
+    test = PredictionTable.read(out_dir / PREDICTIONS, card.class_names, card.task)
+    val_file = folder.val_predictions
     val = PredictionTable.read(val_file, card.class_names, card.task) if val_file.exists() else None
     report = compute_report(test, val, task=card.task, class_names=card.class_names, threshold=card.threshold,
                             temperature=card.temperature, subgroups=subgroups, n_resamples=n_resamples, seed=seed,
                             abstain_threshold=card.abstain_threshold)
-    data_file = run_dir / "data.json"
+    data_file = folder.data_record
     report = {
         "title": f"{card.model_name} on {card.data_name or 'its data'}: {split} split of {_source_name(out_dir, run_dir)}",
         "split": split,
@@ -333,9 +335,9 @@ def write_report(out_dir: Path, run_dir: Path, card, *, split: str = "test", sub
         "data": json.loads(data_file.read_text()) if data_file.exists() else None,
         **report,
     }
-    sanity_file = run_dir / "sanity.json"  # written by `meddiag explain --sanity`
+    sanity_file = folder.sanity  # written by `meddiag explain --sanity`
     report["explanation_sanity"] = json.loads(sanity_file.read_text()) if sanity_file.exists() else None
-    figures = out_dir / "plots"
+    figures = out_dir / PLOTS
     truth = test.truth_matrix()
     classes = focus_classes(card.task, card.class_names)
     found = {"roc": figures / "roc.png", "confusion": figures / "confusion_matrix.png", "failures": figures / "failures.png",
@@ -349,8 +351,8 @@ def write_report(out_dir: Path, run_dir: Path, card, *, split: str = "test", sub
         found["decision"] = plots.plot_decision_curve(report["decision_curve"], figures / "decision_curve.png")
     found["risk_coverage"] = plots.plot_risk_coverage(report["selective_prediction"], figures / "risk_coverage.png")
     report = json_safe(report)
-    (out_dir / "report.json").write_text(json.dumps(report, indent=2))
-    (out_dir / "report.html").write_text(html.render(report, found), encoding="utf-8")
+    write_text_atomic(out_dir / REPORT_JSON, json.dumps(report, indent=2))
+    write_text_atomic(out_dir / REPORT_HTML, html.render(report, found))
     return report
 
 

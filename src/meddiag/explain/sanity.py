@@ -141,12 +141,13 @@ def run_sanity_check(run: Path, model: nn.Module, card: ModelCard, method: str =
     the positive class where possible); writes ``RUN/sanity.json`` for the report to show."""
     import json
 
-    from meddiag.evaluation.evaluate import load_training_data, run_folder
     from meddiag.evaluation.metrics import json_safe
-    from meddiag.training.config import TrainConfig, read_yaml
+    from meddiag.runfolder import RunFolder, write_text_atomic
+    from meddiag.training.config import TrainConfig
+    from meddiag.training.run import load_training_data
 
-    home = run_folder(Path(run))
-    config = TrainConfig.model_validate(read_yaml(home / "config.yaml"))
+    folder = RunFolder.of(run)
+    config = TrainConfig.from_file(folder.config)
     test = load_training_data(config, progress=False).splits["test"]
     labels = test.labels.numpy()
     if labels.ndim == 1:  # balanced over classes, in their order in the split
@@ -155,5 +156,5 @@ def run_sanity_check(run: Path, model: nn.Module, card: ModelCard, method: str =
     else:
         index = np.arange(min(n_images, len(test)))
     result = sanity_report(model, card, test.images[torch.as_tensor(index)], method, seed)
-    (home / "sanity.json").write_text(json.dumps(json_safe(result), indent=2))
+    write_text_atomic(folder.sanity, json.dumps(json_safe(result), indent=2))
     return result

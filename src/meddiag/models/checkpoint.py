@@ -62,7 +62,7 @@ def save_checkpoint(path: str | Path, model: nn.Module, card: ModelCard) -> Path
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     state = {STATE_PREFIX + k: v for k, v in model.state_dict().items()}
-    torch.save({"state_dict": state, META_KEY: card.model_dump()}, path)
+    _save_atomic({"state_dict": state, META_KEY: card.model_dump()}, path)
     return path
 
 
@@ -91,6 +91,22 @@ def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") 
     return model.eval(), card
 
 
+def slim_checkpoint(path: str | Path) -> Path:
+    """Rewrite a training checkpoint in place (atomically) with only what predicting needs: the
+    model's weights and its card (dropping, e.g., the weights averaged away and the hyper-parameters)."""
+    path = Path(path)
+    ckpt = torch.load(path, map_location="cpu", weights_only=True)
+    slim = {"state_dict": {k: v for k, v in ckpt["state_dict"].items() if k.startswith(STATE_PREFIX)}, META_KEY: ckpt[META_KEY]}
+    _save_atomic(slim, path)
+    return path
+
+
+def _save_atomic(obj: dict, path: Path) -> None:
+    tmp = path.with_name(f".{path.name}.tmp")
+    torch.save(obj, tmp)
+    tmp.replace(path)
+
+
 def update_card(path: str | Path, **changes: object) -> ModelCard:
     """Change fields of a checkpoint's model card in place (e.g. the threshold chosen on
     validation, a fitted temperature); the weights are untouched. Returns the new card."""
@@ -98,7 +114,5 @@ def update_card(path: str | Path, **changes: object) -> ModelCard:
     ckpt = torch.load(path, map_location="cpu", weights_only=True)
     card = ModelCard.model_validate({**ckpt[META_KEY], **changes})
     ckpt[META_KEY] = card.model_dump()
-    tmp = path.with_suffix(".tmp")
-    torch.save(ckpt, tmp)
-    tmp.replace(path)
+    _save_atomic(ckpt, path)
     return card

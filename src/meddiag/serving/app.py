@@ -39,6 +39,7 @@ from meddiag.errors import ImageReadError, WrongKindError, failure_reason
 from meddiag.explain.render import overlay_image, volume_figure
 from meddiag.explain.saliency import METHODS, explained_classes, method_label, saliency_maps
 from meddiag.models.inputs import ModelInput
+from meddiag.runfolder import METRICS, REPORT_JSON, RunFolder
 from meddiag.serving.batching import MicroBatcher
 from meddiag.serving.predictor import Prediction, Predictor
 from meddiag.serving.uploads import KINDS, SUPPORTED, VOLUME_KINDS, UnsupportedUpload, display_name, sniff, stored_upload
@@ -247,13 +248,14 @@ def describe_model(predictor: Predictor, run: Path | None) -> dict:
     }
     if run is None or not run.is_dir():
         return card
-    data = _json(run / "data.json")
+    folder = RunFolder(run)
+    data = _json(folder.data_record)
     if data:
         card["training_data"] = {"name": Path(str(data.get("name", ""))).name,
                                  "splits": {k: {"n_images": v.get("n_images"), "per_class": v.get("per_class")}
                                             for k, v in data.get("splits", {}).items()},
                                  "excluded_files": len(data.get("excluded", []))}
-    metrics, report = _json(run / "metrics.json"), _json(run / "report.json")
+    metrics, report = _json(run / METRICS), _json(run / REPORT_JSON)
     if metrics:
         test = {k: metrics.get(k) for k in ("n_images", "auc", "auc_ci", "acc", "balanced_acc", "ci_method")}
         if report:

@@ -9,7 +9,7 @@ from pathlib import Path
 from torch import nn
 
 from meddiag.errors import ModelError
-from meddiag.evaluation.evaluate import best_checkpoint
+from meddiag.runfolder import RunFolder, model_checkpoint
 from meddiag.models.checkpoint import ModelCard, load_checkpoint
 from meddiag.models.onnx import WEIGHTS_KEY, OnnxModel, export_onnx, weights_fingerprint
 
@@ -19,8 +19,9 @@ FORMATS = ("onnx",)
 
 def default_export_path(checkpoint: Path) -> Path:
     """``RUN/export/model.onnx`` for a run's checkpoint, else the checkpoint's name with ``.onnx``."""
-    if checkpoint.parent.name == "checkpoints":
-        return checkpoint.parent.parent / "export" / "model.onnx"
+    folder = RunFolder.of(checkpoint)
+    if checkpoint == folder.model_checkpoint:
+        return folder.export_onnx
     return checkpoint.with_suffix(".onnx")
 
 
@@ -30,7 +31,7 @@ def export_run(run: str | Path, out: str | Path | None = None, fmt: str = "onnx"
     if fmt not in FORMATS:
         raise ModelError(f"unknown export format '{fmt}': choose {', '.join(FORMATS)}")
     run = Path(run)
-    checkpoint = run if run.is_file() else best_checkpoint(run)
+    checkpoint = model_checkpoint(run)
     model, card = load_checkpoint(checkpoint)
     return export_onnx(model, card, Path(out) if out else default_export_path(checkpoint))
 

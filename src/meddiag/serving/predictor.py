@@ -18,12 +18,12 @@ import torch
 
 from meddiag.data.collect import Failure, collect_sources
 from meddiag.errors import ModelError, failure_reason
-from meddiag.evaluation.evaluate import best_checkpoint
 from meddiag.evaluation.metrics import predict_labels
 from meddiag.models.checkpoint import load_checkpoint
 from meddiag.models.inference import predict_proba
 from meddiag.models.inputs import ModelInput, read_inputs
 from meddiag.models.uncertainty import normalised_entropy, predict_with_uncertainty
+from meddiag.runfolder import model_checkpoint
 from meddiag.serving.export import onnx_network
 
 
@@ -65,7 +65,7 @@ class Predictor:
 
     @classmethod
     def from_run(cls, run: str | Path, **kwargs: object) -> Predictor:
-        return cls(best_checkpoint(Path(run)), **kwargs)  # type: ignore[arg-type]
+        return cls(model_checkpoint(run), **kwargs)  # type: ignore[arg-type]
 
     def predict_arrays(self, images: torch.Tensor) -> np.ndarray:
         """Probabilities (N, K) for uint8 model input (N, C, H, W) or (N, C, D, H, W)."""

@@ -56,6 +56,7 @@ class TrainConfig(BaseModel):
     devices: int | str = "auto"
     precision: str = Field("auto", description="auto: bf16-mixed where the hardware computes bf16 natively, else 32-true")
     num_workers: int = Field(0, ge=0)
+    keep_resume_state: bool = Field(False, description="keep checkpoints/last.ckpt (optimizer state, for --resume) after training has finished; by default it is removed")
     out: str | None = Field(None, description="run folder; default runs/<data>-<model>[-N]")
 
     @field_validator("operating_point")
@@ -85,8 +86,16 @@ class TrainConfig(BaseModel):
             where = f" in {config_file}" if config_file else ""
             raise ConfigError(f"invalid training configuration{where}: {problems}") from None
 
+    @classmethod
+    def from_file(cls, path: str | Path) -> TrainConfig:
+        """A configuration file (e.g. a run's ``config.yaml``) as it is; :class:`ConfigError` naming
+        the file and each invalid setting."""
+        return cls.from_sources(path)
+
     def to_yaml(self, path: str | Path) -> None:
-        Path(path).write_text(yaml.safe_dump(self.model_dump(mode="json"), sort_keys=False))
+        from meddiag.runfolder import write_text_atomic
+
+        write_text_atomic(path, yaml.safe_dump(self.model_dump(mode="json"), sort_keys=False))
 
 
 def read_yaml(path: str | Path) -> dict[str, Any]:

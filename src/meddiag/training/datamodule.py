@@ -6,9 +6,11 @@ normalisation happen there, on the whole batch (see ``DiagnosisModule``).
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import lightning as L
 import torch
-from torch.utils.data import DataLoader, Dataset, WeightedRandomSampler
+from torch.utils.data import DataLoader, Dataset, Sampler
 
 from meddiag.data.dataset import ImageData, Split
 from meddiag.training.losses import balanced_sample_weights
@@ -27,22 +29,49 @@ class SplitDataset(Dataset):
         return self.images[i], self.labels[i]
 
 
+class EpochSampler(Sampler[int]):
+    """The training order of one epoch, a function of (seed, epoch) alone: a resumed run draws the
+    same images in the same order as an uninterrupted one. ``epoch`` gives the epoch about to run
+    (the trainer's current epoch: Lightning's own ``set_epoch`` count lags by one after resuming from
+    an end-of-epoch checkpoint). ``weights``: draw with replacement, proportionally to them (the
+    balanced sampler); None: a permutation."""
+
+    def __init__(self, n: int, seed: int, weights: torch.Tensor | None = None, epoch: Callable[[], int] = lambda: 0) -> None:
+        self.n, self.seed, self.weights, self.epoch = n, seed, weights, epoch
+
+    def __len__(self) -> int:
+        return self.n
+
+    def __iter__(self):  # noqa: ANN204 - Iterator[int]
+        generator = torch.Generator().manual_seed(epoch_seed(self.seed, self.epoch()))
+        if self.weights is None:
+            return iter(torch.randperm(self.n, generator=generator).tolist())
+        return iter(torch.multinomial(self.weights, self.n, replacement=True, generator=generator).tolist())
+
+
+def epoch_seed(seed: int, epoch: int) -> int:
+    """The random seed of epoch ``epoch`` of a run seeded ``seed``."""
+    return (seed * 1_000_003 + epoch * 7_919 + 1) % (2**63)
+
+
 class ImageDataModule(L.LightningDataModule):
     """``balanced``: training batches drawn with replacement, each image with probability inversely
-    proportional to its class's frequency (an epoch still has as many images as the split)."""
+    proportional to its class's frequency (an epoch still has as many images as the split).
+    The training order depends on ``seed`` and the epoch only (see :class:`EpochSampler`)."""
 
-    def __init__(self, data: ImageData, batch_size: int, num_workers: int = 0, balanced: bool = False) -> None:
+    def __init__(self, data: ImageData, batch_size: int, num_workers: int = 0, balanced: bool = False, seed: int = 0) -> None:
         super().__init__()
-        self.data, self.batch_size, self.num_workers, self.balanced = data, batch_size, num_workers, balanced
+        self.data, self.batch_size, self.num_workers, self.balanced, self.seed = data, batch_size, num_workers, balanced, seed
 
     def _loader(self, split: str, train: bool) -> DataLoader:
         part = self.data.splits[split]
         ds = SplitDataset(part)
         sampler = None
-        if train and self.balanced:
-            sampler = WeightedRandomSampler(balanced_sample_weights(part.labels, self.data.task), len(ds), replacement=True)
+        if train:
+            weights = balanced_sample_weights(part.labels, self.data.task) if self.balanced else None
+            sampler = EpochSampler(len(ds), self.seed, weights, lambda: self.trainer.current_epoch if self.trainer else 0)
         return DataLoader(
-            ds, batch_size=self.batch_size if train else self.batch_size * 2, shuffle=train and sampler is None, sampler=sampler,
+            ds, batch_size=self.batch_size if train else self.batch_size * 2, sampler=sampler,
             # A last batch of one image breaks batch norm; dropping a partial batch loses nothing over epochs.
             drop_last=train and len(ds) > self.batch_size,
             num_workers=self.num_workers, persistent_workers=self.num_workers > 0,

@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import random
 from typing import Any
 
 import lightning as L
+import numpy as np
 import torch
 from torch.optim.swa_utils import AveragedModel
 from torchmetrics import AUROC, Accuracy, MeanMetric
@@ -12,6 +14,7 @@ from torchmetrics import AUROC, Accuracy, MeanMetric
 from meddiag.data.transforms import AugmentConfig, augment_batch, normalize, to_unit_float
 from meddiag.models.checkpoint import META_KEY, ModelCard
 from meddiag.models.inference import logits_to_probs
+from meddiag.training.datamodule import epoch_seed
 from meddiag.training.losses import DiagnosisLoss
 
 
@@ -38,8 +41,9 @@ class DiagnosisModule(L.LightningModule):
     """
 
     def __init__(self, card: dict[str, Any], optim: dict[str, Any], augment: dict[str, Any],
-                 loss: dict[str, Any] | None = None, ema_decay: float = 0.0) -> None:
+                 loss: dict[str, Any] | None = None, ema_decay: float = 0.0, seed: int = 0) -> None:
         super().__init__()
+        self.seed, self._seeded_epoch = seed, -1
         self.save_hyperparameters()
         self.card = ModelCard.model_validate(card)
         self.model = self.card.build_model()
@@ -64,6 +68,19 @@ class DiagnosisModule(L.LightningModule):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.model(x)
+
+    def _seed_epoch(self) -> None:
+        """Augmentation and dropout draw from the global generators: seeding them before an epoch's
+        first training batch is augmented makes the epoch's randomness independent of what ran
+        before it, so a resumed run repeats it exactly. (Not in on_train_epoch_start: Lightning skips
+        that hook for the first epoch after resuming from an end-of-epoch checkpoint.)"""
+        if self._seeded_epoch == self.current_epoch:
+            return
+        self._seeded_epoch = self.current_epoch
+        seed = epoch_seed(self.seed, self.current_epoch) + self.global_rank
+        random.seed(seed)
+        np.random.seed(seed % 2**32)
+        torch.manual_seed(seed)
 
     def setup(self, stage: str) -> None:
         if self.card.spatial_dims == 2:  # channels-last convolutions are faster on CPU and GPU
@@ -91,6 +108,7 @@ class DiagnosisModule(L.LightningModule):
         images, labels = batch
         x = to_unit_float(images)
         if self.trainer is not None and self.trainer.training:
+            self._seed_epoch()
             x = augment_batch(x, self.augment)
         x = normalize(x, self.card.mean, self.card.std)
         if x.ndim == 4:

@@ -1,14 +1,17 @@
-"""``train``: one configuration in, one run folder out.
+"""``train``: one configuration in, one run folder out (its layout: :mod:`meddiag.runfolder`).
 
-The run folder holds ``config.yaml`` (the resolved configuration: ``--config`` of it
-reproduces the run), ``data.json`` (the data as used: classes, split sizes, excluded
-files), ``splits/*.csv`` (the file of each image in each split, for file sources),
-``checkpoints/best.ckpt`` and ``last.ckpt``, and ``history.csv``.
+Fault tolerant: ``checkpoints/last.ckpt`` (the full training state) is written atomically after
+every epoch, so a run killed at any moment loses at most the epoch in progress and ``--resume``
+continues it; every epoch's randomness depends on (seed, epoch) alone, so the resumed run is the
+uninterrupted one. Before any data is read, the run folder must be writable and its disk must have
+room for the checkpoints. When training ends, ``training.json`` records it and ``last.ckpt`` is
+removed (``keep_resume_state`` keeps it); ``best.ckpt`` keeps only what predicting needs.
 """
 
 from __future__ import annotations
 
 import csv
+import io
 import json
 import os
 import re
@@ -29,9 +32,11 @@ from meddiag.models.registry import get_entry, model_options
 from meddiag.training.config import TrainConfig
 from meddiag.training.datamodule import ImageDataModule
 from meddiag.training.history import HistoryWriter
+from meddiag.errors import ConfigError
+from meddiag.models.checkpoint import slim_checkpoint
+from meddiag.runfolder import RunFolder, write_text_atomic
 from meddiag.training.losses import auto_class_weights
 from meddiag.training.module import DiagnosisModule
-from meddiag.errors import ConfigError
 
 
 @dataclass
@@ -55,13 +60,56 @@ def default_run_dir(config: TrainConfig, root: Path = Path("runs")) -> Path:
     return path
 
 
-def load_training_data(config: TrainConfig, progress: bool = True) -> ImageData:
-    """The data of a run, read exactly as the configuration says (same size, fit and split seed)."""
+def load_training_data(config: TrainConfig, progress: bool = True, run: str | Path | None = None) -> ImageData:
+    """The data of a run, read exactly as the configuration says (same size, fit and split seed).
+    With ``run`` (its folder), a MedMNIST file is also found where training read it (``data.json``),
+    so evaluating offline needs no ``MEDDIAG_DATA``."""
     return load_data(
         config.data, image_size=config.image_size, fit=config.fit, window=config.window,
         volume_index=config.volume_index, seed=config.seed,
         val_fraction=config.val_fraction, test_fraction=config.test_fraction, progress=progress,
+        medmnist_root=_recorded_medmnist_root(config, run),
     )
+
+
+def _recorded_medmnist_root(config: TrainConfig, run: str | Path | None) -> Path | None:
+    from meddiag.data.medmnist import data_root, parse_medmnist
+
+    spec = parse_medmnist(config.data)
+    if run is None or spec is None or (data_root() / spec.file_name).exists():
+        return None
+    record = RunFolder.of(run).data_record
+    try:
+        source = Path(json.loads(record.read_text()).get("source") or "")
+    except (OSError, ValueError):
+        return None
+    return source.parent if source.name == spec.file_name and source.is_file() else None
+
+
+def check_writable(run_dir: Path) -> None:
+    """:class:`ConfigError` before any data is read when ``run_dir`` cannot be written."""
+    import tempfile
+
+    try:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        with tempfile.NamedTemporaryFile(dir=run_dir, prefix=".write-test-"):
+            pass
+    except OSError as exc:
+        raise ConfigError(f"cannot write the run folder {run_dir}: {exc.strerror or exc}; choose another --out") from None
+
+
+def check_disk_space(run_dir: Path, model: torch.nn.Module) -> None:
+    """:class:`ConfigError` before the first epoch when the disk of ``run_dir`` lacks room for the
+    checkpoints (rather than failing hours later at the first one). The estimate is generous: the
+    parameters x 4 bytes for the model (twice, while one checkpoint replaces another), the averaged
+    copy and Adam's two moments in last.ckpt, and again for its temporary copy while it is rewritten."""
+    import shutil
+
+    needed_bytes = 10 * 4 * sum(p.numel() for p in model.parameters()) + 2**20
+    free = shutil.disk_usage(run_dir).free
+    if free < needed_bytes:
+        raise ConfigError(f"only {free / 2**20:,.0f} MB free on the disk of {run_dir}; training needs about "
+                          f"{needed_bytes / 2**20:,.0f} MB for its checkpoints: free some space or choose another --out")
 
 
 def train(config: TrainConfig, *, resume: bool = False, progress: bool | None = None, data: ImageData | None = None,
@@ -83,22 +131,30 @@ def train(config: TrainConfig, *, resume: bool = False, progress: bool | None = 
     # run folder made by process 0 and must join it, not refuse it or write it again.
     launched_rank = int(os.environ.get("LOCAL_RANK", "0"))
     run_dir = Path(config.out) if config.out else default_run_dir(config)
-    last = run_dir / "checkpoints" / "last.ckpt"
+    folder = RunFolder(run_dir)
+    last = folder.resume_checkpoint
     if resume:
-        if not last.exists():
-            raise ConfigError(f"cannot resume: {last} does not exist")
+        if not last.exists() and not folder.training_record.exists():
+            raise ConfigError(f"cannot resume: {last} does not exist (a run saves it after its first epoch)")
     elif launched_rank == 0 and run_dir.exists() and any(run_dir.iterdir()):
         raise ConfigError(f"run folder {run_dir} already exists; pass --resume to continue it or choose another --out")
+    if launched_rank == 0:
+        check_writable(run_dir)
 
     L.seed_everything(config.seed, workers=True, verbose=False)
-    data = data if data is not None else load_training_data(config, progress and launched_rank == 0)
+    data = data if data is not None else load_training_data(config, progress and launched_rank == 0, run_dir if resume else None)
     config = config.model_copy(update={
         "image_size": data.image_size, "out": str(run_dir),
         "batch_size": config.batch_size or default_batch_size(len(data.splits["train"].labels), data.spatial_dims),
     })
+    if resume and not last.exists():  # training had finished; only what came after it was cut short
+        record = json.loads(folder.training_record.read_text())
+        if config.epochs > record.get("epochs", config.epochs):
+            raise ConfigError(f"{run_dir} finished its {record['epochs']} epochs and kept no resume state, so it cannot "
+                              "train for more: start a new run (keep_resume_state: true keeps the state of a run)")
+        return TrainResult(run_dir, folder.model_checkpoint, data, config, record.get("train_seconds", 0.0), record.get("val_auc"))
     if launched_rank == 0:
-        run_dir.mkdir(parents=True, exist_ok=True)
-        config.to_yaml(run_dir / "config.yaml")
+        config.to_yaml(folder.config)
         write_data_record(data, run_dir)
 
     card = ModelCard(
@@ -115,25 +171,33 @@ def train(config: TrainConfig, *, resume: bool = False, progress: bool | None = 
         loss={"kind": config.loss, "gamma": config.focal_gamma,
               "weights": auto_class_weights(data.splits["train"].labels, data.num_classes, data.task)
               if config.class_weights == "auto" else None},
-        ema_decay=config.ema_decay,
+        ema_decay=config.ema_decay, seed=config.seed,
     )
+    if launched_rank == 0:
+        check_disk_space(run_dir, module.model)
     # best.ckpt, the model: weights and model card only (what predicting needs), written after each
     # validation (select: last) or when the validation AUC improves (select: best).
     # last.ckpt: full state for --resume.
     checkpoints = ModelCheckpoint(
-        dirpath=run_dir / "checkpoints", filename="best", monitor="val_auc" if config.select == "best" else None, mode="max",
-        save_top_k=1, save_weights_only=True, enable_version_counter=False,
+        dirpath=folder.checkpoints, filename=folder.model_checkpoint.stem, monitor="val_auc" if config.select == "best" else None,
+        mode="max", save_top_k=1, save_weights_only=True, enable_version_counter=False,
     )
-    last_state = ModelCheckpoint(dirpath=run_dir / "checkpoints", save_top_k=0, save_last=True, enable_version_counter=False)
-    callbacks = [checkpoints, last_state, HistoryWriter(run_dir / "history.csv", echo=not progress), *(callbacks or [])]
+    # last.ckpt: the full state, replaced (atomically: Lightning writes through a temporary file)
+    # at the end of every epoch, after that epoch's history row.
+    last_state = ModelCheckpoint(dirpath=folder.checkpoints, filename=last.stem, monitor=None, save_top_k=1,
+                                 save_on_train_epoch_end=True, enable_version_counter=False)
+    callbacks = [checkpoints, last_state, HistoryWriter(folder.history, echo=not progress), *(callbacks or [])]
     if config.early_stopping_patience:
         callbacks.append(EarlyStopping(monitor="val_auc", mode="max", patience=config.early_stopping_patience))
+    precision = resolve_precision(config.precision, config.accelerator, data.spatial_dims)
     trainer = L.Trainer(
         max_epochs=config.epochs, accelerator=config.accelerator, devices=config.devices,
-        precision=resolve_precision(config.precision, config.accelerator, data.spatial_dims), callbacks=callbacks, logger=False, default_root_dir=run_dir,
+        precision=precision, callbacks=callbacks, logger=False, default_root_dir=run_dir,
         enable_progress_bar=progress, enable_model_summary=False, num_sanity_val_steps=0,
         deterministic=False,
     )
+    if trainer.is_global_zero:
+        print(start_line(config, data, trainer, precision, resume), file=sys.stderr, flush=True)
     start = time.perf_counter()
     with warnings.catch_warnings():
         # In-memory uint8 tensors need no loader workers; Lightning's advice does not apply.
@@ -143,13 +207,31 @@ def train(config: TrainConfig, *, resume: bool = False, progress: bool | None = 
         warnings.filterwarnings("ignore", message=".*overridden `on_after_batch_transfer`.*")
         # Raised inside Lightning itself against newer torch; nothing a user can act on.
         warnings.filterwarnings("ignore", message=".*isinstance\\(treespec, LeafSpec\\).*")
-        trainer.fit(module, datamodule=ImageDataModule(data, config.batch_size, config.num_workers, config.sampler == "balanced"),
+        trainer.fit(module, datamodule=ImageDataModule(data, config.batch_size, config.num_workers, config.sampler == "balanced", config.seed),
                     ckpt_path=last if resume else None)
     seconds = time.perf_counter() - start
-    best = Path(checkpoints.best_model_path) if checkpoints.best_model_path else last
+    best = Path(checkpoints.best_model_path) if checkpoints.best_model_path else folder.model_checkpoint
     score = checkpoints.best_model_score if config.select == "best" else trainer.callback_metrics.get("val_auc")
-    return TrainResult(run_dir, best, data, config, seconds, float(score) if score is not None else None,
-                       is_global_zero=trainer.is_global_zero)
+    val_auc = float(score) if score is not None else None
+    if trainer.is_global_zero and not trainer.interrupted:
+        slim_checkpoint(best)
+        write_text_atomic(folder.training_record, json.dumps(
+            {"finished": True, "epochs": trainer.current_epoch, "train_seconds": round(seconds, 1), "val_auc": val_auc}, indent=2))
+        if not config.keep_resume_state:
+            last.unlink(missing_ok=True)
+    return TrainResult(run_dir, best, data, config, seconds, val_auc, is_global_zero=trainer.is_global_zero)
+
+
+def start_line(config: TrainConfig, data: ImageData, trainer: L.Trainer, precision: str, resume: bool) -> str:
+    """What is about to happen, printed before the first epoch (which may take minutes)."""
+    n = {name: len(split) for name, split in data.splits.items()}
+    steps = max(1, n["train"] // config.batch_size)
+    size = "x".join([str(data.image_size)] * data.spatial_dims)
+    device = f"{trainer.accelerator.__class__.__name__.replace('Accelerator', '').lower()} x{trainer.num_devices}"
+    verb = f"resuming {config.model} at epoch {trainer.current_epoch + 1}" if resume else f"training {config.model}"
+    return (f"{verb} on {data.name}: {n['train']} train / {n['val']} val / {n['test']} test images, {size} px, "
+            f"{data.in_channels} channel(s), {len(data.class_names)} classes; {device}, {precision} precision; "
+            f"{config.epochs} epochs of {steps} steps (batch {config.batch_size}) -> {config.out}")
 
 
 MIN_STEPS_PER_EPOCH = 16
@@ -193,13 +275,15 @@ def write_data_record(data: ImageData, run_dir: Path) -> None:
             for name, split in data.splits.items()
         },
         "excluded": [{"path": p, "reason": r} for p, r in data.excluded],
+        "source": data.source,
     }
-    (run_dir / "data.json").write_text(json.dumps(record, indent=2))
+    folder = RunFolder(run_dir)
+    write_text_atomic(folder.data_record, json.dumps(record, indent=2))
     if any(split.paths for split in data.splits.values()):
-        (run_dir / "splits").mkdir(exist_ok=True)
+        folder.splits.mkdir(exist_ok=True)
         for name, split in data.splits.items():
-            with open(run_dir / "splits" / f"{name}.csv", "w", newline="") as fh:
-                writer = csv.writer(fh)
+            with io.StringIO() as fh:
+                writer = csv.writer(fh, lineterminator="\n")
                 writer.writerow(["path", "label"])
                 for path, label in zip(split.paths or [], split.labels.tolist()):
                     if data.task == "multilabel":  # present findings; unrecorded ones marked with '?'
@@ -207,3 +291,4 @@ def write_data_record(data: ImageData, run_dir: Path) -> None:
                         writer.writerow([path, label])
                     else:
                         writer.writerow([path, data.class_names[label]])
+                write_text_atomic(folder.splits / f"{name}.csv", fh.getvalue())
