@@ -41,9 +41,10 @@ def trained_run(tmp_path_factory) -> tuple[Path, Path]:
 def test_train_writes_a_complete_run_folder(trained_run):
     data, run, proc = trained_run
     for name in ["config.yaml", "data.json", "history.csv", "metrics.json", "predictions.csv",
-                 "checkpoints/best.ckpt", "checkpoints/last.ckpt", "splits/train.csv", "splits/val.csv",
+                 "checkpoints/best.ckpt", "training.json", "splits/train.csv", "splits/val.csv",
                  "splits/test.csv", "plots/roc.png", "plots/confusion_matrix.png", "plots/training_curves.png"]:
         assert (run / name).exists(), name
+    assert not (run / "checkpoints" / "last.ckpt").exists()  # the resume state goes once training has finished
     summary = proc.stdout.strip().splitlines()[-1]
     assert summary.startswith("test AUC") and str(run) in summary
     history = list(csv.DictReader(open(run / "history.csv")))
@@ -224,3 +225,24 @@ def test_k_fold_cross_validation_keeps_patients_whole(tmp_path):
             patient = sorted(root.rglob("*.png")).index(Path(path)) // 3
             assert patient_fold.setdefault(patient, fold) == fold, "a patient is in two folds"
     assert len(pooled_files) == len(set(pooled_files)) == cv["n_images_pooled"] == cv["pooled_out_of_fold"]["n_images"]
+
+
+def test_an_invalid_config_in_a_run_folder_is_one_error_line_for_every_command_that_reads_it(trained_run, tmp_path):
+    import shutil
+
+    _, run, _ = trained_run
+    broken = tmp_path / "broken-run"
+    shutil.copytree(run / "checkpoints", broken / "checkpoints")
+    (broken / "config.yaml").write_text("data: x\nepochs: -3\nno_such_setting: 1\n")
+    for args in (["evaluate", str(broken)], ["explain", str(broken), "--sanity"], ["train", "--out", str(broken), "--resume"]):
+        proc = meddiag(*args)
+        assert proc.returncode == 2 and no_traceback(proc), (args, proc.stderr)
+        assert "invalid training configuration in" in proc.stderr and "epochs" in proc.stderr, (args, proc.stderr)
+
+
+def test_explain_writes_into_the_run_folder_by_default_and_says_where(trained_run, tmp_path):
+    data, run, _ = trained_run
+    proc = meddiag("explain", str(run), str(data / "normal" / "img000.png"), cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr
+    assert (run / "explanations" / "img000_gradcam.png").exists() and not (tmp_path / "explanations").exists()
+    assert str(run / "explanations") in proc.stdout

@@ -5,6 +5,7 @@ import json
 import shutil
 
 import numpy as np
+import pytest
 
 from meddiag.data.inspection import inspect_data, render
 
@@ -56,3 +57,16 @@ def test_medmnist_and_cli(shared_medmnist, tmp_path):
     assert report["counts"]["train"] == {"malignant": 147, "normal, benign": 399}
     assert report["sizes"] == {"28x28": 780}
     assert "malignant" in proc.stdout and "unreadable files: 0" in proc.stdout
+
+
+def test_a_folder_one_level_too_high_is_one_class_warned_by_inspect_and_refused_by_train(tmp_path):
+    from conftest import make_image_folder
+    from meddiag.data import load_data
+    from meddiag.data.inspection import inspect_data, render
+    from meddiag.errors import DataError
+
+    make_image_folder(tmp_path / "top" / "dataset", per_class=3)
+    report = inspect_data(str(tmp_path / "top"), progress=False)
+    assert report.warnings and "only one class ('dataset')" in render(report)
+    with pytest.raises(DataError, match="one level too high"):
+        load_data(str(tmp_path / "top"), progress=False)

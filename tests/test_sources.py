@@ -165,3 +165,40 @@ def test_stratified_split_is_seeded_and_grouped():
     groups = [f"p{i // 5}" for i in range(200)]
     keep, carve = stratified_split(labels, 0.2, seed=0, groups=groups)
     assert not {groups[i] for i in keep} & {groups[i] for i in carve}
+
+
+@pytest.mark.parametrize("classes, positive", [
+    (("covid", "normal"), "covid"), (("NORMAL", "PNEUMONIA"), "PNEUMONIA"), (("benign", "melanoma"), "melanoma"),
+    (("0", "1"), "1"), (("no finding", "effusion"), "effusion"),
+])
+def test_the_finding_is_the_positive_class_whatever_its_name_sorts_as(tmp_path, classes, positive):
+    from conftest import make_image_folder
+    from meddiag.data import load_data
+
+    data = load_data(str(make_image_folder(tmp_path / "d", per_class=6, classes=classes)), image_size=16, progress=False)
+    assert data.positive_class == positive and data.class_names[1] == positive
+    train = data.splits["train"]
+    assert all(Path(p).parent.name == data.class_names[int(y)] for p, y in zip(train.paths, train.labels))
+
+
+def test_ambiguous_class_names_warn_and_positive_class_chooses(tmp_path):
+    from conftest import make_image_folder
+    from meddiag.data import load_data
+    from meddiag.errors import ConfigError
+
+    folder = make_image_folder(tmp_path / "d", per_class=6, classes=("site_a", "site_b"))
+    with pytest.warns(UserWarning, match="Pass --positive-class"):
+        assert load_data(str(folder), image_size=16, progress=False).positive_class == "site_b"
+    data = load_data(str(folder), image_size=16, progress=False, positive_class="site_a")
+    assert data.class_names == ["site_b", "site_a"]
+    with pytest.raises(ConfigError, match="has the classes"):
+        load_data(str(folder), image_size=16, progress=False, positive_class="site_c")
+
+
+def test_breastmnist_reports_on_malignant(shared_medmnist):
+    from meddiag.data import load_data
+
+    data = load_data("breastmnist")
+    assert data.class_names == ["normal, benign", "malignant"] and data.positive_class == "malignant"
+    labels = data.splits["test"].labels
+    assert int(labels.sum()) == 42  # the official test split holds 42 malignant images of 156

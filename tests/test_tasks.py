@@ -101,3 +101,30 @@ def test_chestmnist_by_name_is_multilabel(tmp_path, monkeypatch):
     monkeypatch.setattr(medmnist.MedMNISTSpec, "md5", property(lambda self: md5sum(tmp_path / "chestmnist.npz")))
     data = medmnist.load_medmnist(medmnist.parse_medmnist("chestmnist"), root=tmp_path)
     assert data.task == "multilabel" and len(data.class_names) == 14 and data.splits["train"].labels.shape == (20, 14)
+
+
+def test_roc_curves_leave_unrecorded_findings_out_as_the_metrics_do():
+    from meddiag.evaluation.plots import roc_series
+
+    rng = np.random.default_rng(2)
+    y = rng.integers(0, 2, (120, 2)).astype(float)
+    probs = np.clip(y * 0.5 + rng.random((120, 2)) * 0.6, 0, 1)
+    y[:40, 1] = np.nan
+    metrics = classification_metrics(y, probs, "multilabel", ["a", "b"])
+    series = {name: (fpr, tpr, auc) for name, fpr, tpr, auc in roc_series(y, probs, "multilabel", ["a", "b"])}
+    for name in ("a", "b"):
+        fpr, tpr, auc = series[name]
+        assert auc == pytest.approx(metrics["per_class"][name]["auc"])
+        assert np.trapezoid(tpr, fpr) == pytest.approx(auc)  # the curve drawn is the one whose area is reported
+
+
+def test_multilabel_cross_validation_stratifies_by_finding(tmp_path):
+    from test_end_to_end import meddiag
+
+    manifest = _multilabel_manifest(tmp_path / "data", n=60)
+    run = tmp_path / "cv"
+    proc = meddiag("train", str(manifest), "--model", "seed_cnn", "--epochs", "1", "--image-size", "24", "--batch-size", "8",
+                   "--folds", "2", "--out", str(run), "--no-progress")
+    assert proc.returncode == 0 and "Traceback" not in proc.stderr, proc.stderr
+    summary = json.loads((run / "cv_metrics.json").read_text())
+    assert summary["folds"] == 2 and len(summary["fold_runs"]) == 2

@@ -77,6 +77,7 @@ def train(
     early_stopping_patience: Annotated[Optional[int], typer.Option(help="Stop after this many epochs without a better validation AUC; 0 = never. [default: 0]")] = None,
     ema_decay: Annotated[Optional[float], typer.Option(help="Keep an exponential moving average of the weights (per step, warmed up) and use it to validate and predict; 0 = off. [default: 0.99]")] = None,
     operating_point: Annotated[Optional[str], typer.Option(help="Choose the decision threshold on validation: youden, sens90, sens95, spec90 (binary tasks). [default: 0.5]")] = None,
+    positive_class: Annotated[Optional[str], typer.Option(help="Two-class data: the class that is the finding (sensitivity, PPV and thresholds are about it). [default: MedMNIST's; else the class that is not normal/benign/negative...]")] = None,
     calibrate: Annotated[Optional[bool], typer.Option("--calibrate/--no-calibrate", help="Fit temperature scaling on validation; stored in the checkpoint. [default: no]")] = None,
     subgroups: Annotated[Optional[str], typer.Option(help="Manifest columns to report every metric by, e.g. sex,age_group,site.")] = None,
     tta: Annotated[Optional[int], typer.Option(help="Test-time augmentation: also predict this many augmented copies of each image. [default: 0]")] = None,
@@ -105,6 +106,7 @@ def train(
     cfg = TrainConfig.from_sources(
         config, data=data, model=model, epochs=epochs, batch_size=batch_size, lr=lr, image_size=image_size,
         seed=seed, fit=fit, window=window, volume_index=volume_index, class_weights=class_weights, loss=loss, sampler=sampler, select=select, early_stopping_patience=early_stopping_patience, ema_decay=ema_decay, operating_point=operating_point, calibrate=calibrate,
+        positive_class=positive_class,
         subgroups=_columns(subgroups), tta=tta, mc_dropout=mc_dropout, coverage=coverage, out=out, folds=folds, accelerator=accelerator, devices=int(devices) if devices and devices.isdigit() else devices,
     )
     if cfg.folds > 1:
@@ -302,8 +304,11 @@ def export(
     from meddiag.serving.export import export_run
 
     require("serve", "meddiag export", ("onnx", "onnxruntime", "onnxscript"))
-    path = export_run(run, out, format)
+    from meddiag.models.onnx import TOLERANCE
+
+    path, difference = export_run(run, out, format)
     print(f"{path} ({path.stat().st_size / 2**20:.1f} MB), model card {path.with_suffix('.json')}")
+    print(f"parity check passed: ONNX Runtime's logits are within {difference:.1e} of PyTorch's (tolerance {TOLERANCE:.0e})")
 
 
 @app.command()

@@ -74,6 +74,7 @@ class ImageData:
     split_origin: dict[str, str] = field(default_factory=dict)
     excluded: list[tuple[str, str]] = field(default_factory=list)
     source: str = ""  # the file or folder read, as an absolute path ("" when not from one)
+    positive_class: str | None = None  # binary tasks: the finding (always class_names[1]; see meddiag.data.classes)
 
     @property
     def num_classes(self) -> int:

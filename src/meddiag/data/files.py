@@ -23,7 +23,8 @@ from meddiag.data.dicom import dicom_frame_count, is_dicom_file, patient_key, re
 from meddiag.data.volumes import is_nifti_file, read_volumes, volume_to_model_input
 from meddiag.data.images import Fit, dicom_as_2d, read_image, to_model_input
 from meddiag.data.splits import stratification_key, stratified_split
-from meddiag.errors import DataError, failure_reason
+from meddiag.data.classes import positive_class_of, positive_last
+from meddiag.errors import ConfigError, DataError, failure_reason
 
 DEFAULT_FILE_IMAGE_SIZE = 128
 DEFAULT_VOLUME_SIZE = 64
@@ -57,6 +58,7 @@ def load_file_records(
     val_fraction: float = 0.1,
     test_fraction: float = 0.2,
     progress: bool = True,
+    positive_class: str | None = None,
 ) -> ImageData:
     """Read labelled files into memory at ``image_size`` and split them.
 
@@ -72,6 +74,13 @@ def load_file_records(
     class_names = list(records[0].targets) if multilabel else sorted({r.label for r in records})  # type: ignore[arg-type]
     if not multilabel:
         _check_classes(class_names, name)
+    positive = None
+    if len(class_names) == 2 and not multilabel:
+        positive, _ = positive_class_of(class_names, positive_class, name)
+        class_names = positive_last(class_names, positive)
+    elif positive_class is not None:
+        raise ConfigError(f"--positive-class applies to two-class tasks; {name} has {len(class_names)} "
+                          f"{'findings' if multilabel else 'classes'}")
     records, volume, excluded = _one_kind(records, name)
     spatial_dims = 3 if volume else 2
     size = image_size or (DEFAULT_VOLUME_SIZE if spatial_dims == 3 else DEFAULT_FILE_IMAGE_SIZE)
@@ -137,13 +146,15 @@ def load_file_records(
         spatial_dims=spatial_dims,
         split_origin=origin,
         excluded=excluded,
+        positive_class=positive,
     )
 
 
 def _check_classes(class_names: list[str], name: str) -> None:
     if len(class_names) < 2:
         found = f"only the class '{class_names[0]}'" if class_names else "no class"
-        raise DataError(f"{name}: found {found}; a classifier needs images of at least 2 classes")
+        raise DataError(f"{name}: found {found}; a classifier needs images of at least 2 classes "
+                        "(is the folder one level too high? it should hold one folder per class, or train/val/test)")
 
 
 def _one_kind(records: list[FileRecord], name: str) -> tuple[list[FileRecord], bool, list[tuple[str, str]]]:

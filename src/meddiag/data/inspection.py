@@ -55,6 +55,7 @@ class DataInspection:
     unreadable: list[dict[str, str]] = field(default_factory=list)
     duplicate_images: list[dict] = field(default_factory=list)
     patients_across_splits: list[dict] = field(default_factory=list)
+    warnings: list[str] = field(default_factory=list)
 
     @property
     def leakage(self) -> bool:
@@ -174,7 +175,16 @@ def summarise(name: str, facts: list[FileFacts]) -> DataInspection:
         unreadable=[{"path": f.path, "reason": f.error} for f in facts if f.error is not None],
         duplicate_images=duplicates,
         patients_across_splits=patients,
+        warnings=_class_warnings(facts),
     )
+
+
+def _class_warnings(facts: list[FileFacts]) -> list[str]:
+    labels = sorted({f.label for f in facts if f.error is None})
+    if len(labels) == 1:
+        return [f"only one class ('{labels[0]}'): a classifier needs at least 2. Is the folder one level too high? "
+                "It should hold one folder per class (or train/val/test folders of class folders)"]
+    return []
 
 
 def render(report: DataInspection, limit: int = 10) -> str:
@@ -194,6 +204,7 @@ def render(report: DataInspection, limit: int = 10) -> str:
               f"bit depth: {top(report.bit_depths)}"]
     if report.spacings:
         lines.append(f"pixel spacing: {top(report.spacings)}")
+    lines += [f"warning: {w}" for w in report.warnings]
     lines.append(f"unreadable files: {len(report.unreadable)}")
     lines += [f"  {u['path']}: {u['reason']}" for u in report.unreadable[:limit]]
     lines.append(f"identical images in more than one split: {len(report.duplicate_images)}" + ("  LEAKAGE" if report.duplicate_images else ""))

@@ -21,7 +21,7 @@ import torch.nn.functional as F
 
 from meddiag.data.dataset import SPLITS, ImageData, Split, Task
 from meddiag.data.download import download_file, md5sum
-from meddiag.errors import DataError, DownloadError
+from meddiag.errors import ConfigError, DataError, DownloadError
 
 _TASKS: dict[str, Task] = {
     "binary-class": "binary",
@@ -113,17 +113,27 @@ def fetch_medmnist(spec: MedMNISTSpec, root: Path | None = None, *, progress: bo
     return path
 
 
-def load_medmnist(spec: MedMNISTSpec, image_size: int | None = None, root: Path | None = None) -> ImageData:
+def load_medmnist(spec: MedMNISTSpec, image_size: int | None = None, root: Path | None = None,
+                  positive_class: str | None = None) -> ImageData:
     """Read a MedMNIST file into memory with its official splits and class names.
 
     Images stay uint8; if ``image_size`` differs from the file's size they are resized
-    (bilinear, antialiased).
+    (bilinear, antialiased). A two-class set has its finding second (the catalog's ``positive``,
+    or ``positive_class``): BreastMNIST's file labels malignant 0, meddiag labels it 1.
     """
     path = fetch_medmnist(spec, root)
     info = catalog()["datasets"][spec.name]
     task = _TASKS[info["task"]]
     spatial_dims = info["spatial_dims"]
     size = image_size or spec.size
+    class_names, positive = list(info["labels"]), None
+    if task == "binary":
+        positive = positive_class or info.get("positive") or class_names[1]
+        if positive not in class_names:
+            raise ConfigError(f"--positive-class {positive}: {spec.name} has the classes {', '.join(class_names)}")
+    elif positive_class is not None:
+        raise ConfigError(f"--positive-class applies to two-class tasks; {spec.name} has {len(class_names)} classes")
+    swap = positive == class_names[0]
     splits: dict[str, Split] = {}
     with np.load(path) as npz:
         for split in SPLITS:
@@ -133,17 +143,20 @@ def load_medmnist(spec: MedMNISTSpec, image_size: int | None = None, root: Path 
             if size != spec.size:
                 images = _resize_uint8(images, size, spatial_dims)
             labels = labels.float() if task == "multilabel" else labels.reshape(-1)
+            if swap:
+                labels = 1 - labels
             splits[split] = Split(images.contiguous(), labels)
     return ImageData(
         name=spec.name if spec.size == 28 else f"{spec.name}@{spec.size}",
         task=task,
-        class_names=list(info["labels"]),
+        class_names=class_names[::-1] if swap else class_names,
         splits=splits,
         image_size=size,
         in_channels=info["n_channels"],
         spatial_dims=spatial_dims,
         split_origin={s: "given" for s in SPLITS},
         source=str(Path(path).resolve()),
+        positive_class=positive,
     )
 
 

@@ -25,6 +25,7 @@ def load_data(
     test_fraction: float = 0.2,
     progress: bool = True,
     medmnist_root: str | Path | None = None,
+    positive_class: str | None = None,
 ) -> ImageData:
     """Read the data set ``spec`` into memory with train/val/test splits.
 
@@ -33,11 +34,12 @@ def load_data(
     ``image_size`` None keeps a MedMNIST file's own size, and is 128 for files.
     ``window`` is the VOI window for DICOM files (see :func:`meddiag.data.dicom.parse_window`);
     ``volume_index`` the volume taken from 4D NIfTI files; ``medmnist_root`` the folder holding
-    MedMNIST files (default ``$MEDDIAG_DATA``).
+    MedMNIST files (default ``$MEDDIAG_DATA``). ``positive_class``: the finding of a two-class task
+    (see :mod:`meddiag.data.classes`).
     """
     mnist = parse_medmnist(spec)
     if mnist is not None:
-        return load_medmnist(mnist, image_size, Path(medmnist_root) if medmnist_root else None)
+        return load_medmnist(mnist, image_size, Path(medmnist_root) if medmnist_root else None, positive_class)
     path = Path(spec).expanduser()
     if not path.exists():
         hint = "" if any(c in spec for c in "/\\.") else f" (MedMNIST names: {', '.join(medmnist_names())})"
@@ -50,7 +52,7 @@ def load_data(
         raise DataError(f"{spec}: expected a folder of class folders or a .csv manifest")
     data = load_file_records(
         records, str(path), image_size=image_size, fit=fit, window=window, volume_index=volume_index, seed=seed,
-        val_fraction=val_fraction, test_fraction=test_fraction, progress=progress,
+        val_fraction=val_fraction, test_fraction=test_fraction, progress=progress, positive_class=positive_class,
     )
     data.source = str(path.resolve())
     return data

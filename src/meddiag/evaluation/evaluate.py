@@ -53,10 +53,13 @@ def evaluate_run(run_dir: str | Path, data: str | ImageData | None = None, split
     elif own_data:
         if config is None:
             raise MeddiagError(f"{folder.config} not found: to evaluate a checkpoint outside its run folder, give --data")
-        dataset = load_training_data(config, progress)
+        if config.positive_class is None and card.task == "binary":  # a run made before the positive class was explicit
+            config = config.model_copy(update={"positive_class": card.class_names[1]})
+        dataset = load_training_data(config, progress, home)
     else:
         dataset = load_data(data, image_size=card.image_size, fit=card.fit, window=card.window,
-                            volume_index=card.volume_index, progress=progress)
+                            volume_index=card.volume_index, progress=progress,
+                            positive_class=card.positive_class if card.task == "binary" else None)
     if split not in dataset.splits:
         raise DataError(f"no split '{split}' in {dataset.name}; choose one of {', '.join(dataset.splits)}")
     if dataset.class_names != card.class_names:

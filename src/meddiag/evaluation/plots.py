@@ -14,28 +14,33 @@ from matplotlib.ticker import MaxNLocator  # noqa: E402
 import numpy as np  # noqa: E402
 
 from meddiag.evaluation.metrics import roc_auc  # noqa: E402
+from meddiag.evaluation.stats import roc_curve  # noqa: E402
 
 
-def roc_points(y_true: np.ndarray, score: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """(false positive rate, true positive rate) at every distinct threshold, from (0, 0) to (1, 1)."""
-    y_true = np.asarray(y_true).astype(bool)
-    order = np.argsort(-np.asarray(score), kind="mergesort")
-    s, t = np.asarray(score)[order], y_true[order]
-    last_of_run = np.r_[np.flatnonzero(np.diff(s)), s.size - 1]
-    tps, fps = np.cumsum(t)[last_of_run], np.cumsum(~t)[last_of_run]
-    return np.r_[0.0, fps / max(1, (~y_true).sum())], np.r_[0.0, tps / max(1, y_true.sum())]
+def roc_series(labels: np.ndarray, probs: np.ndarray, task: str, class_names: list[str]) -> list[tuple[str, np.ndarray, np.ndarray, float]]:
+    """(class name, fpr, tpr, AUC) of each curve :func:`plot_roc` draws: the positive class
+    (binary), else one-vs-rest per class or finding; classes without both outcomes are left out."""
+    series = []
+    for i in [1] if task == "binary" else range(len(class_names)):
+        if task == "multilabel":
+            recorded = ~np.isnan(labels[:, i])
+            truth, score = labels[recorded, i] > 0.5, probs[recorded, i]
+        else:
+            truth, score = labels == i, probs[:, i]
+        if truth.all() or not truth.any():
+            continue
+        fpr, tpr, _ = roc_curve(truth, score)
+        series.append((class_names[i], fpr, tpr, roc_auc(truth, score)))
+    return series
 
 
 def plot_roc(labels: np.ndarray, probs: np.ndarray, task: str, class_names: list[str], path: Path) -> Path:
-    """ROC curve of the positive class (binary) or one-vs-rest per class, with AUCs in the legend."""
+    """ROC curve of the positive class (binary) or one-vs-rest per class, with AUCs in the legend.
+    Multi-label findings not recorded for an image (NaN) leave that image out of the finding's
+    curve, as they are left out of its AUC in the report."""
     fig, ax = plt.subplots(figsize=(5, 5), dpi=120)
-    classes = [1] if task == "binary" else range(len(class_names))
-    for i in classes:
-        truth = labels[:, i] if task == "multilabel" else labels == i
-        if truth.all() or not truth.any():
-            continue
-        fpr, tpr = roc_points(truth, probs[:, i])
-        ax.plot(fpr, tpr, lw=1.5, label=f"{class_names[i]} (AUC {roc_auc(truth, probs[:, i]):.3f})")
+    for name, fpr, tpr, auc in roc_series(labels, probs, task, class_names):
+        ax.plot(fpr, tpr, lw=1.5, label=f"{name} (AUC {auc:.3f})")
     ax.plot([0, 1], [0, 1], ls="--", c="grey", lw=1)
     ax.set(xlabel="1 - specificity (false positive rate)", ylabel="sensitivity (true positive rate)",
            xlim=(0, 1), ylim=(0, 1.01), title="ROC curve")

@@ -328,7 +328,8 @@ def write_report(out_dir: Path, run_dir: Path, card, *, split: str = "test", sub
     report = {
         "title": f"{card.model_name} on {card.data_name or 'its data'}: {split} split of {_source_name(out_dir, run_dir)}",
         "split": split,
-        "model": {"model": card.model_name, "task": card.task, "classes": ", ".join(card.class_names),
+        "model": {"model": card.model_name, "task": card.task, "classes": " | ".join(f"'{c}'" for c in card.class_names),
+                  **({"positive class (the finding)": card.class_names[1]} if card.task == "binary" else {}),
                   "input": f"{card.image_size}px, {card.spatial_dims}D, {card.in_channels} channel(s)",
                   "decision threshold": card.threshold, "operating point": card.operating_point or "fixed threshold",
                   "temperature": card.temperature, "trained on": card.data_name, "meddiag": card.meddiag_version},

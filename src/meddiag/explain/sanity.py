@@ -148,7 +148,9 @@ def run_sanity_check(run: Path, model: nn.Module, card: ModelCard, method: str =
 
     folder = RunFolder.of(run)
     config = TrainConfig.from_file(folder.config)
-    test = load_training_data(config, progress=False).splits["test"]
+    if config.positive_class is None and card.task == "binary":  # a run made before the positive class was explicit
+        config = config.model_copy(update={"positive_class": card.class_names[1]})
+    test = load_training_data(config, progress=False, run=folder.root).splits["test"]
     labels = test.labels.numpy()
     if labels.ndim == 1:  # balanced over classes, in their order in the split
         per_class = [np.flatnonzero(labels == c)[: max(1, n_images // len(card.class_names))] for c in range(len(card.class_names))]

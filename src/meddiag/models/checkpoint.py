@@ -46,6 +46,7 @@ class ModelCard(BaseModel):
     mc_dropout: int = Field(0, ge=0, description="MC-dropout passes averaged (networks with dropout)")
     coverage: float | None = Field(None, description="target share of cases answered; the rest are referred (abstain)")
     abstain_threshold: float | None = Field(None, description="abstain when the normalised predictive entropy exceeds this (chosen on validation)")
+    positive_class: str | None = Field(None, description="two-class tasks: the finding, always class_names[1] (None in older checkpoints: class_names[1] too)")
     data_name: str = ""
     meddiag_version: str = meddiag.__version__
 

@@ -31,7 +31,7 @@ class Ensemble(nn.Module):
         return torch.log(probs / (1 - probs)) if self.task == "multilabel" else torch.log(probs)
 
 
-@register_model("ensemble", spatial_dims=(2, 3), target_layer="", description="average of trained meddiag models (meddiag ensemble)")
+@register_model("ensemble", spatial_dims=(2, 3), target_layer="", description="the averaged probabilities of trained runs; made by 'meddiag ensemble RUN RUN ... --out DIR', not by train")
 def ensemble(in_channels: int, num_classes: int, spatial_dims: int = 2, image_size: int = 224,
              members: list[dict] | None = None) -> nn.Module:
     from meddiag.models.checkpoint import ModelCard

@@ -238,6 +238,7 @@ def describe_model(predictor: Predictor, run: Path | None) -> dict:
     c = predictor.card
     card: dict[str, Any] = {
         "name": c.model_name, "task": c.task, "classes": c.class_names,
+        "positive_class": c.class_names[1] if c.task == "binary" else None,
         "input": {"size": c.image_size, "spatial_dims": c.spatial_dims, "channels": c.in_channels, "fit": c.fit,
                   "window": c.window, "volume_index": c.volume_index},
         "decision": {"threshold": c.threshold, "operating_point": c.operating_point or "fixed", "temperature": c.temperature,

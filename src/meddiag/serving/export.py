@@ -11,7 +11,7 @@ from torch import nn
 from meddiag.errors import ModelError
 from meddiag.runfolder import RunFolder, model_checkpoint
 from meddiag.models.checkpoint import ModelCard, load_checkpoint
-from meddiag.models.onnx import WEIGHTS_KEY, OnnxModel, export_onnx, weights_fingerprint
+from meddiag.models.onnx import WEIGHTS_KEY, OnnxModel, check_export, export_onnx, weights_fingerprint
 
 log = logging.getLogger("meddiag")
 FORMATS = ("onnx",)
@@ -25,15 +25,17 @@ def default_export_path(checkpoint: Path) -> Path:
     return checkpoint.with_suffix(".onnx")
 
 
-def export_run(run: str | Path, out: str | Path | None = None, fmt: str = "onnx") -> Path:
-    """Export the best checkpoint of ``run`` (a run folder or a checkpoint file) to ``out``
-    (default ``RUN/export/model.onnx``); the model card is written beside it as ``.json``."""
+def export_run(run: str | Path, out: str | Path | None = None, fmt: str = "onnx") -> tuple[Path, float]:
+    """Export the model of ``run`` (a run folder or a checkpoint file) to ``out`` (default
+    ``RUN/export/model.onnx``), the model card beside it as ``.json``. Returns the file and the
+    largest logit difference between ONNX Runtime and PyTorch found by the parity check."""
     if fmt not in FORMATS:
         raise ModelError(f"unknown export format '{fmt}': choose {', '.join(FORMATS)}")
     run = Path(run)
     checkpoint = model_checkpoint(run)
     model, card = load_checkpoint(checkpoint)
-    return export_onnx(model, card, Path(out) if out else default_export_path(checkpoint))
+    path = export_onnx(model, card, Path(out) if out else default_export_path(checkpoint), check=False)
+    return path, check_export(model, card, path)
 
 
 def onnx_network(checkpoint: Path, model: nn.Module, card: ModelCard) -> OnnxModel:

@@ -31,6 +31,7 @@ class TrainConfig(BaseModel):
     fit: Literal["pad", "stretch"] = "pad"
     window: str | None = Field(None, description="DICOM VOI window: lung, mediastinum, bone, brain, abdomen, soft_tissue, or 'C,W'; None = each file's own")
     volume_index: int | None = Field(None, ge=0, description="4D NIfTI files: which 3D volume to use (0-based)")
+    positive_class: str | None = Field(None, description="two-class tasks: the class that is the finding (disease); None: the MedMNIST catalog's, or the class that is not 'normal'/'benign'/..., else the second alphabetically (with a warning)")
     mean: float = 0.5
     std: float = Field(0.5, gt=0)
     augment: AugmentConfig = Field(default_factory=AugmentConfig)

@@ -68,7 +68,7 @@ def load_training_data(config: TrainConfig, progress: bool = True, run: str | Pa
         config.data, image_size=config.image_size, fit=config.fit, window=config.window,
         volume_index=config.volume_index, seed=config.seed,
         val_fraction=config.val_fraction, test_fraction=config.test_fraction, progress=progress,
-        medmnist_root=_recorded_medmnist_root(config, run),
+        medmnist_root=_recorded_medmnist_root(config, run), positive_class=config.positive_class,
     )
 
 
@@ -144,7 +144,7 @@ def train(config: TrainConfig, *, resume: bool = False, progress: bool | None = 
     L.seed_everything(config.seed, workers=True, verbose=False)
     data = data if data is not None else load_training_data(config, progress and launched_rank == 0, run_dir if resume else None)
     config = config.model_copy(update={
-        "image_size": data.image_size, "out": str(run_dir),
+        "image_size": data.image_size, "out": str(run_dir), "positive_class": data.positive_class,
         "batch_size": config.batch_size or default_batch_size(len(data.splits["train"].labels), data.spatial_dims),
     })
     if resume and not last.exists():  # training had finished; only what came after it was cut short
@@ -162,7 +162,7 @@ def train(config: TrainConfig, *, resume: bool = False, progress: bool | None = 
         in_channels=data.in_channels, spatial_dims=data.spatial_dims, mean=config.mean, std=config.std,
         fit=config.fit, window=config.window, volume_index=config.volume_index, threshold=config.threshold,
         tta=config.tta, mc_dropout=config.mc_dropout,
-        data_name=data.name,
+        data_name=data.name, positive_class=data.positive_class,
     )
     module = DiagnosisModule(
         card=card.model_dump(),
@@ -230,7 +230,8 @@ def start_line(config: TrainConfig, data: ImageData, trainer: L.Trainer, precisi
     device = f"{trainer.accelerator.__class__.__name__.replace('Accelerator', '').lower()} x{trainer.num_devices}"
     verb = f"resuming {config.model} at epoch {trainer.current_epoch + 1}" if resume else f"training {config.model}"
     return (f"{verb} on {data.name}: {n['train']} train / {n['val']} val / {n['test']} test images, {size} px, "
-            f"{data.in_channels} channel(s), {len(data.class_names)} classes; {device}, {precision} precision; "
+            f"{data.in_channels} channel(s), {len(data.class_names)} classes"
+            f"{f' (positive: {data.positive_class})' if data.positive_class else ''}; {device}, {precision} precision; "
             f"{config.epochs} epochs of {steps} steps (batch {config.batch_size}) -> {config.out}")
 
 
@@ -274,6 +275,7 @@ def write_data_record(data: ImageData, run_dir: Path) -> None:
                    "per_class": dict(zip(data.class_names, split.class_counts(data.num_classes)))}
             for name, split in data.splits.items()
         },
+        "positive_class": data.positive_class,
         "excluded": [{"path": p, "reason": r} for p, r in data.excluded],
         "source": data.source,
     }
