@@ -2,7 +2,9 @@
 
 :func:`make_corpus` writes the files into a folder and returns what each one is: ``"bad"`` (must be
 refused, each by name with a reason), ``"nonfinite"`` (NaN/inf pixels: must be refused, never
-diagnosed) or ``"valid"`` (an unusual but genuine image: must be diagnosed).
+diagnosed) or ``"volume"`` (a genuine volume: refused by a 2D model), ``"valid"`` (an unusual but genuine
+image: must be diagnosed) or ``"bad_or_valid"`` (damage a decoder may or may not notice: either
+outcome, as long as the file is diagnosed or named).
 """
 
 from __future__ import annotations
@@ -62,7 +64,7 @@ def _with_element(dicom: bytes, tag: int, vr: bytes, value: bytes) -> bytes:
 
 
 def make_corpus(root: Path, seed: int = 0) -> dict[Path, str]:
-    """Write the corpus under ``root``; returns {path: "bad" | "nonfinite" | "valid"}."""
+    """Write the corpus under ``root``; returns {path: "bad" | "nonfinite" | "volume" | "valid" | "bad_or_valid"}."""
     import pydicom
 
     rng = np.random.default_rng(seed)
@@ -150,7 +152,7 @@ def make_corpus(root: Path, seed: int = 0) -> dict[Path, str]:
     few_inf[3, 4] = np.inf
     put("few_inf.tif", _encoded(Image.fromarray(few_inf, "F"), "TIFF"), "nonfinite")
     # NIfTI volumes given to a 2D model, and a NIfTI of NaN
-    put("volume.nii.gz", nii, "bad")
+    put("volume.nii.gz", nii, "volume")  # readable, but not by a 2D model
     put("nan_volume.nii", _nifti(np.full((8, 8, 8), np.nan, np.float32)), "bad")
 
     # valid oddities

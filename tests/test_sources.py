@@ -2,6 +2,7 @@
 
 import csv
 import warnings
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -59,7 +60,7 @@ def test_pneumoniamnist_official_splits_and_class_names(shared_medmnist):
 def test_medmnist_resized_on_request(shared_medmnist):
     data = load_data("breastmnist", image_size=32)
     assert data.splits["test"].images.shape[1:] == (1, 32, 32)
-    assert data.class_names == ["malignant", "normal, benign"]
+    assert data.class_names == ["normal, benign", "malignant"]  # the finding second (the file labels it 0)
 
 
 def test_class_folder_layout_carves_stratified_val_and_test(image_folder):

@@ -180,11 +180,19 @@ def summarise(name: str, facts: list[FileFacts]) -> DataInspection:
 
 
 def _class_warnings(facts: list[FileFacts]) -> list[str]:
-    labels = sorted({f.label for f in facts if f.error is None})
+    good = [f for f in facts if f.error is None]
+    labels = sorted({f.label for f in good})
+    out = []
     if len(labels) == 1:
-        return [f"only one class ('{labels[0]}'): a classifier needs at least 2. Is the folder one level too high? "
-                "It should hold one folder per class (or train/val/test folders of class folders)"]
-    return []
+        out.append(f"only one class ('{labels[0]}'): a classifier needs at least 2. Is the folder one level too high? "
+                   "It should hold one folder per class (or train/val/test folders of class folders)")
+    volumes = [f for f in good if f.bit_depth == "volume"]
+    if volumes and len(volumes) < len(good):
+        minority = volumes if len(volumes) * 2 < len(good) else [f for f in good if f.bit_depth != "volume"]
+        kind = "volumes" if minority is volumes else "2D images"
+        out.append(f"{len(volumes)} volumes and {len(good) - len(volumes)} 2D images: a model takes one or the other, so "
+                   f"training would exclude the {len(minority)} {kind} (e.g. {minority[0].path})")
+    return out
 
 
 def render(report: DataInspection, limit: int = 10) -> str:
