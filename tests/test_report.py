@@ -191,3 +191,26 @@ def test_temperature_in_the_card_changes_probabilities_not_decisions():
     logits = torch.tensor([[2.0, 0.0, -1.0]])
     hot, cool = logits_to_probs(logits, "multiclass"), logits_to_probs(logits, "multiclass", temperature=2.0)
     assert cool.max() < hot.max() and cool.argmax() == hot.argmax()
+
+
+def test_an_operating_point_that_misses_its_target_on_test_is_flagged_and_rendered():
+    from meddiag.evaluation import html
+    from meddiag.evaluation.report import INTENDED_USE
+
+    rng = np.random.default_rng(4)
+    val = _table(400, rng, separation=3.0)
+    test = _table(400, rng, separation=0.8)  # a shifted test set: the validation threshold no longer holds
+    report = compute_report(test, val, task="binary", class_names=CLASSES, n_resamples=200)
+    points = report["operating_points"]["disease"]
+    spec = points["spec90"]
+    if spec["specificity_ci"][1] < 0.90:
+        assert spec["target_missed"] and "misses the target 0.90" in spec["target_missed"]
+    sens = points["sens90"]
+    assert (sens["target_missed"] is not None) == (sens["sensitivity_ci"][1] < 0.90)
+    assert any(p.get("target_missed") for p in points.values()), points  # the shift is large enough to miss one
+    assert points["youden"]["target_missed"] is None  # Youden has no target
+    page = html.render({**report, "title": "t", "generated": "2026-12-01 10:00 UTC", "meddiag_version": "0.1.0",
+                        "intended_use": INTENDED_USE, "model": {"model": "m"}, "data": None,
+                        "explanation_sanity": None, "split": "test"}, {})
+    assert "missed:" in page and "Generated 2026-12-01 10:00 UTC" in page and "not a diagnosis on its own" in page
+    assert "<th>truly +</th><td>TP" in page and "<th>property</th><th>value</th>" in page

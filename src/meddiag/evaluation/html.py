@@ -15,6 +15,8 @@ table{border-collapse:collapse;margin:.6em 0 1.2em;font-size:.9em}th,td{border:1
 th{background:#f3f3f3}td:first-child,th:first-child{text-align:left}.note{color:#555;font-size:.9em}
 .flag{color:#b00020;font-weight:600}figure{display:inline-block;margin:.5em 1em .5em 0}img{max-width:520px;border:1px solid #eee}
 .wide img{max-width:1050px}nav a{margin-right:1em}
+.use{border:1px solid #e0b000;background:#fff8e0;padding:.5em .8em;margin:.8em 0}
+table.cm{margin:0;font-size:.85em}table.cm td,table.cm th{padding:.1em .4em;border:1px solid #ddd}
 """
 
 SECTIONS = [("model", "Model"), ("data", "Data flow"), ("discrimination", "Discrimination"),
@@ -53,9 +55,11 @@ def table(header: list[str], rows: list[list[str]]) -> str:
 
 def render(report: dict, plots: dict[str, Path]) -> str:
     """The HTML page of a report dict (as ``report.json`` holds it) and its figure files."""
-    parts = [f"<h1>meddiag evaluation report</h1><p class='note'>{html.escape(report['title'])}</p>",
+    generated = f"Generated {html.escape(report['generated'])} by meddiag {html.escape(report['meddiag_version'])}. " if report.get("generated") else ""
+    parts = [f"<h1>meddiag evaluation report</h1><p class='note'>{html.escape(report['title'])}. {generated}</p>",
+             f"<p class='use'><strong>Intended use.</strong> {html.escape(report.get('intended_use', ''))}</p>" if report.get("intended_use") else "",
              "<nav>" + "".join(f"<a href='#{k}'>{t}</a>" for k, t in SECTIONS) + "</nav>"]
-    parts += [_model(report), _data(report), _discrimination(report, plots), _operating_points(report),
+    parts += [_model(report), _data(report, plots), _discrimination(report, plots), _operating_points(report),
               _calibration(report, plots), _decision(report, plots), _subgroups(report), _failures(report, plots),
               _selective(report, plots), _explanations(report)]
     return ("<!DOCTYPE html><html lang='en'><head><meta charset='utf-8'><title>meddiag report</title>"
@@ -70,10 +74,10 @@ def _section(key: str, body: str) -> str:
 def _model(r: dict) -> str:
     m = r["model"]
     rows = [[html.escape(k), num(v)] for k, v in m.items()]
-    return _section("model", table(["", ""], rows))
+    return _section("model", table(["property", "value"], rows))
 
 
-def _data(r: dict) -> str:
+def _data(r: dict, plots: dict[str, Path]) -> str:
     d = r.get("data") or {}
     classes = d.get("class_names", [])
     rows = []
@@ -88,6 +92,7 @@ def _data(r: dict) -> str:
             body += f"<p class='note'>… and {len(excluded) - 200} more (all in data.json).</p>"
     else:
         body += "<p>No file was excluded.</p>"
+    body += figure(plots.get("training", Path("-")), "Training curves (loss, validation AUC and accuracy per epoch)", wide=True)
     body += f"<p class='note'>Evaluated on {r['n_test']} {html.escape(r.get('split', 'test'))} images; operating points chosen on {r['n_val']} validation images.</p>"
     return _section("data", body)
 
@@ -109,20 +114,29 @@ def _discrimination(r: dict, plots: dict[str, Path]) -> str:
 
 def _operating_points(r: dict) -> str:
     body = ("<p class='note'>Thresholds are chosen on the validation split and reported on the test split. "
-            "Sensitivity, specificity, PPV and NPV with Wilson 95% intervals; F1 with a bootstrap interval.</p>")
+            "Sensitivity, specificity, PPV and NPV with Wilson 95% intervals; F1 with a bootstrap interval. A target "
+            "<span class='flag'>missed</span> on test means its whole 95% interval lies below it.</p>")
     for cls, points in r["operating_points"].items():
         rows = []
         for name, p in points.items():
             if "error" in p:
                 rows.append([html.escape(name), html.escape(p["error"])] + [""] * 7)
                 continue
-            rows.append([f"{html.escape(name)}<br><span class='note'>{html.escape(p['rule'])}</span>", num(p.get("threshold"), 4),
+            missed = f"<br><span class='flag'>missed: {html.escape(p['target_missed'])}</span>" if p.get("target_missed") else ""
+            rows.append([f"{html.escape(name)}<br><span class='note'>{html.escape(p['rule'])}</span>{missed}", num(p.get("threshold"), 4),
                          with_ci(p["sensitivity"], p["sensitivity_ci"]), with_ci(p["specificity"], p["specificity_ci"]),
                          with_ci(p["ppv"], p["ppv_ci"]), with_ci(p["npv"], p["npv_ci"]), with_ci(p["f1"], p["f1_ci"]),
-                         f"TP {p['tp']} FP {p['fp']}<br>FN {p['fn']} TN {p['tn']}"])
+                         _two_by_two(p)])
         body += f"<h3>{html.escape(cls)}</h3>" + table(
             ["operating point", "threshold", "sensitivity", "specificity", "PPV", "NPV", "F1", "2x2 table"], rows)
     return _section("operating-points", body)
+
+
+def _two_by_two(p: dict) -> str:
+    """The 2x2 table of one operating point, truth in rows, decision in columns."""
+    return ("<table class='cm'><tr><th></th><th>called +</th><th>called −</th></tr>"
+            f"<tr><th>truly +</th><td>TP {p['tp']}</td><td>FN {p['fn']}</td></tr>"
+            f"<tr><th>truly −</th><td>FP {p['fp']}</td><td>TN {p['tn']}</td></tr></table>")
 
 
 def _calibration(r: dict, plots: dict[str, Path]) -> str:
@@ -136,6 +150,11 @@ def _calibration(r: dict, plots: dict[str, Path]) -> str:
     body += f"<p class='note'>Of {html.escape(c['model'].get('of', ''))}. ECE over 15 equal-mass bins; slope and intercept of a logistic recalibration (perfect: 1 and 0; slope &lt; 1: overconfident).</p>"
     if "temperature" in c:
         body += f"<p>Temperature scaling fitted on validation: T = {num(c['temperature'])}.</p>"
+    slope = c["model"].get("slope")
+    if "temperature" not in c and isinstance(slope, float) and math.isfinite(slope) and not 0.8 <= slope <= 1.25:
+        body += (f"<p class='flag'>Calibration slope {slope:.2f}: the probabilities are "
+                 f"{'over' if slope < 1 else 'under'}confident. <code>meddiag train --calibrate</code> fits temperature "
+                 "scaling on validation and stores it in the checkpoint.</p>")
     per_class = c["model"].get("per_class")
     if per_class:
         body += table(["class", "ECE", "Brier", "slope", "intercept"],

@@ -20,18 +20,23 @@ from __future__ import annotations
 import json
 import math
 from collections.abc import Sequence
+from datetime import datetime, timezone
 from pathlib import Path
 
 import numpy as np
 
-from meddiag.runfolder import PLOTS, PREDICTIONS, REPORT_HTML, REPORT_JSON, RunFolder, write_text_atomic
+import meddiag
 from meddiag.evaluation import stats
 from meddiag.evaluation.metrics import json_safe, predict_labels, roc_auc
 from meddiag.evaluation.table import PredictionTable
 from meddiag.models.uncertainty import normalised_entropy
+from meddiag.runfolder import PLOTS, PREDICTIONS, REPORT_HTML, REPORT_JSON, RunFolder, write_text_atomic
 
 DEFAULT_RESAMPLES = 1000
 RULES = tuple(stats.OPERATING_POINTS)
+
+INTENDED_USE = ("For research use. A decision aid for qualified readers, not a diagnosis on its own: these figures "
+                "describe one model on one data set, and do not establish its safety or effectiveness for clinical use.")
 
 
 def focus_classes(task: str, class_names: Sequence[str]) -> list[int]:
@@ -103,6 +108,7 @@ def operating_points(test: PredictionTable, val: PredictionTable | None, task: s
                     continue
                 points[rule] = _point(y, score >= t, groups, n_resamples, seed) | {
                     "threshold": t, "chosen_on": "val", "rule": stats.OPERATING_POINTS[rule]}
+                points[rule]["target_missed"] = target_missed(rule, points[rule])
         if task == "multiclass":
             decided = (own == c)[m]
             rule_text = "the checkpoint's decision: the most probable class"
@@ -113,6 +119,20 @@ def operating_points(test: PredictionTable, val: PredictionTable | None, task: s
             "threshold": threshold if task != "multiclass" else None, "rule": rule_text}
         out[class_names[c]] = points
     return out
+
+
+def target_missed(rule: str, point: dict) -> str | None:
+    """For a sensNN / specNN rule, why its target was missed on test beyond chance (the whole 95%
+    interval below the target), else None. A threshold chosen on validation can miss on test."""
+    kind, target = rule[:4], rule[4:]
+    if kind not in ("sens", "spec") or not target.isdigit():
+        return None
+    name = "sensitivity" if kind == "sens" else "specificity"
+    value, ci = point.get(name), point.get(f"{name}_ci")
+    goal = int(target) / 100
+    if ci is None or value is None or not ci[1] < goal:
+        return None
+    return f"{name} {value:.3f} on test (95% CI {ci[0]:.3f}-{ci[1]:.3f}) misses the target {goal:.2f} chosen on validation"
 
 
 def _point(y: np.ndarray, decided: np.ndarray, groups: list[str] | None, n_resamples: int, seed: int) -> dict:
@@ -327,6 +347,9 @@ def write_report(out_dir: Path, run_dir: Path, card, *, split: str = "test", sub
     data_file = folder.data_record
     report = {
         "title": f"{card.model_name} on {card.data_name or 'its data'}: {split} split of {_source_name(out_dir, run_dir)}",
+        "generated": datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
+        "meddiag_version": meddiag.__version__,
+        "intended_use": INTENDED_USE,
         "split": split,
         "model": {"model": card.model_name, "task": card.task, "classes": " | ".join(f"'{c}'" for c in card.class_names),
                   **({"positive class (the finding)": card.class_names[1]} if card.task == "binary" else {}),
@@ -341,7 +364,7 @@ def write_report(out_dir: Path, run_dir: Path, card, *, split: str = "test", sub
     figures = out_dir / PLOTS
     truth = test.truth_matrix()
     classes = focus_classes(card.task, card.class_names)
-    found = {"roc": figures / "roc.png", "confusion": figures / "confusion_matrix.png", "failures": figures / "failures.png",
+    found = {"training": folder.training_curves, "roc": figures / "roc.png", "confusion": figures / "confusion_matrix.png", "failures": figures / "failures.png",
              "pr": plots.plot_precision_recall(truth, test.probs, classes, card.class_names, figures / "precision_recall.png")}
     cal = report["calibration"]
     curves = {name: cal[key]["bins"] for name, key in (("model", "model"), ("before temperature scaling", "before_temperature"))
