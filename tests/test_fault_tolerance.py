@@ -109,3 +109,27 @@ def test_a_disk_without_room_for_the_checkpoints_is_refused_before_training(tmp_
     with pytest.raises(ConfigError, match="MB free on the disk of"):
         train(config, progress=False)
     assert not (tmp_path / "run" / "history.csv").exists()
+
+
+def test_a_killed_tune_study_resumes_and_retries_the_killed_trial(tmp_path):
+    from meddiag.training.tune import GRACE_S
+
+    data = make_image_folder(tmp_path / "images", per_class=40)
+    out = tmp_path / "study"
+    command = [sys.executable, "-m", "meddiag", "tune", str(data), "--models", "seed_cnn", "--image-sizes", "24",
+               "--epochs", "4", "--out", str(out)]
+    proc = subprocess.Popen([*command, "--trials", "3"], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=one_thread_env())
+    deadline = time.time() + 300
+    while not history_epochs(out / "trial-000") and proc.poll() is None and time.time() < deadline:
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    time.sleep(GRACE_S + 2)  # the killed trial's heartbeat goes stale
+    resumed = subprocess.run([*command, "--trials", "1"], capture_output=True, text=True, env=one_thread_env(), timeout=600)
+    assert resumed.returncode == 0 and "Traceback" not in resumed.stderr, resumed.stderr
+    with open(out / "trials.csv") as fh:
+        rows = list(csv.DictReader(fh))
+    assert [r["state"] for r in rows] == ["fail", "complete"], rows
+    params = [{k: v for k, v in r.items() if k not in ("trial", "state", "val_auc", "epochs", "minutes")} for r in rows]
+    assert params[0] == params[1]  # the killed configuration was tried again
+    assert (out / "best.yaml").exists()

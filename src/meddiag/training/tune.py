@@ -3,7 +3,10 @@ augmentation strength and image size, chosen by experiment on the validation spl
 
 - Seeded TPE sampler (the same seed proposes the same first trials), median pruning on the
   validation AUC reported after every epoch, and SQLite storage (``OUT/study.db``): running the
-  same command again resumes the study and adds trials.
+  same command again resumes the study and adds trials. A trial whose process was killed stops
+  sending its heartbeat; when the study resumes more than :data:`GRACE_S` seconds later, that trial
+  is marked failed and its configuration is tried again (Optuna's stale-trial retry). One study is
+  meant for one process at a time.
 - Each trial is a normal training run (``OUT/trial-NNN/``) that never looks at the test split.
 - ``OUT/best.yaml`` is the best trial's configuration; ``meddiag train --config OUT/best.yaml``
   trains it (and evaluates on test, once). ``OUT/trials.csv`` lists every trial.
@@ -30,6 +33,7 @@ from meddiag.training.run import load_training_data, train
 log = logging.getLogger("meddiag")
 SEED_CNN_WIDTHS = (8, 16, 32, 64)  # first convolution's filters; the next two have 2x and 4x
 SEED_CNN_DENSE = (64, 128, 256, 512)
+HEARTBEAT_S, GRACE_S = 5, 15  # a running trial's heartbeat; a trial silent this long was killed
 
 
 @dataclass
@@ -113,8 +117,11 @@ def tune(base: TrainConfig, out: str | Path, trials: int, timeout: float | None 
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     optuna.logging.set_verbosity(optuna.logging.WARNING)
+    storage = optuna.storages.RDBStorage(
+        f"sqlite:///{out / 'study.db'}", heartbeat_interval=HEARTBEAT_S, grace_period=GRACE_S,
+        failed_trial_callback=optuna.storages.RetryFailedTrialCallback(max_retry=1))
     study = optuna.create_study(
-        study_name="meddiag", storage=f"sqlite:///{out / 'study.db'}", load_if_exists=True, direction="maximize",
+        study_name="meddiag", storage=storage, load_if_exists=True, direction="maximize",
         sampler=optuna.samplers.TPESampler(seed=seed + len_trials(out)),
         pruner=optuna.pruners.MedianPruner(n_startup_trials=3, n_warmup_steps=1),
     )
