@@ -104,7 +104,7 @@ def make_corpus(root: Path, seed: int = 0) -> dict[Path, str]:
         put(f"truncated_end.{ext}", data[:-16], "bad_or_valid")
     # bit flips in the header (the first bytes) and in the data
     for ext, data in (("png", png), ("jpg", jpeg), ("dcm", dcm), ("tif", tiff)):
-        for i, positions in enumerate(([1, 2, 3], [12, 13, 20, 21], [140, 150, 160, 170])):
+        for i, positions in enumerate(([1, 2, 3], [12, 13, 20, 21], [140, 150, 160, 170], [300, 330, 360, 390, 420])):
             put(f"header_flip{i}.{ext}", _flip_bits(data, positions), "bad_or_valid")
         for i in range(3):
             put(f"data_flip{i}.{ext}", _flip_bits(data, list(rng.integers(len(data) // 2, len(data), 40))), "bad_or_valid")

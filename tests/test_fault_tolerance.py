@@ -133,3 +133,15 @@ def test_a_killed_tune_study_resumes_and_retries_the_killed_trial(tmp_path):
     params = [{k: v for k, v in r.items() if k not in ("trial", "state", "val_auc", "epochs", "minutes")} for r in rows]
     assert params[0] == params[1]  # the killed configuration was tried again
     assert (out / "best.yaml").exists()
+
+
+def test_run_files_are_written_whole_with_the_usual_permissions(tmp_path):
+    from meddiag.runfolder import write_text_atomic
+
+    old = os.umask(0o022)
+    try:
+        path = write_text_atomic(tmp_path / "sub" / "report.json", "{}")
+    finally:
+        os.umask(old)
+    assert path.read_text() == "{}" and (path.stat().st_mode & 0o777) == 0o644
+    assert [p.name for p in path.parent.iterdir()] == ["report.json"]  # no temporary file left behind

@@ -154,6 +154,8 @@ def read_dicom_dataset(path: Path, stop_before_pixels: bool = False):  # noqa: A
             head = fh.read(132)
     except OSError as exc:
         raise ImageReadError(path, f"cannot be opened ({exc.strerror or exc.__class__.__name__})") from None
+    if not head:
+        raise ImageReadError(path, "the file is empty")
     part10 = head[128:132] == b"DICM"
     if not part10 and not _starts_with_element(head):
         raise ImageReadError(path, "not a DICOM file (no DICM marker and no valid header)")

@@ -51,10 +51,12 @@ def read_image(path: str | Path, window: str | tuple[float, float] | None = None
     path = Path(path)
     if not path.is_file():
         raise ImageReadError(path, "no such file")
+    if path.stat().st_size == 0:
+        raise ImageReadError(path, "the file is empty")
     if is_dicom_file(path):
         return dicom_as_2d(read_dicom(path, window), path)
     if is_nifti_file(path):
-        raise WrongKindError(path, "a NIfTI volume; this model reads 2D images")
+        raise WrongKindError(path, "a NIfTI file (by its name), so a volume; this model reads 2D images")
     try:
         with Image.open(path) as img:
             img.load()
