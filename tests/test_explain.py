@@ -159,3 +159,12 @@ def test_sanity_command_writes_json_and_the_report_shows_it(lesion_run):
     assert proc.returncode == 0, proc.stderr
     page = (run / "report.html").read_text()
     assert "id='explanations'" in page and "Spearman" in page
+
+
+def test_the_report_shows_where_the_model_looked_on_its_surest_true_positives(small_run):
+    from PIL import Image
+
+    figure = small_run / "plots" / "example_heatmaps.png"
+    assert figure.exists() and Image.open(figure).size[0] > 400
+    page = (small_run / "report.html").read_text()
+    assert "surest show the finding" in page and page.count("data:image/png;base64") >= 5

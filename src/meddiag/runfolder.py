@@ -57,6 +57,7 @@ class RunFolder:
     history = property(lambda self: self.root / "history.csv")
     val_predictions = property(lambda self: self.root / "predictions_val.csv")
     training_curves = property(lambda self: self.root / PLOTS / "training_curves.png")
+    example_heatmaps = property(lambda self: self.root / PLOTS / "example_heatmaps.png")  # made after training
     sanity = property(lambda self: self.root / "sanity.json")
     ensemble = property(lambda self: self.root / "ensemble.json")
     export_onnx = property(lambda self: self.root / "export" / "model.onnx")

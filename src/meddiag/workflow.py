@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import statistics
+import warnings
 from dataclasses import dataclass, replace
 from pathlib import Path
 
@@ -11,10 +12,11 @@ import numpy as np
 
 from meddiag.data.dataset import Split
 from meddiag.data.splits import stratification_key, stratified_group_folds
-from meddiag.evaluation.decision import tune_decision
 from meddiag.errors import ConfigError
+from meddiag.evaluation.decision import tune_decision
 from meddiag.evaluation.evaluate import evaluate_run, evaluate_split
 from meddiag.evaluation.metrics import classification_metrics, json_safe
+from meddiag.explain.examples import write_example_heatmaps
 from meddiag.models.checkpoint import load_checkpoint, save_checkpoint
 from meddiag.models.ensemble import check_members
 from meddiag.runfolder import RunFolder, model_checkpoint, write_text_atomic
@@ -40,6 +42,11 @@ def train_and_evaluate(config: TrainConfig, *, resume: bool = False, progress: b
     if not result.is_global_zero:  # one process evaluates and writes; the others are done
         return TrainEvalResult(result, None)
     settle_decision(result.best_checkpoint, result.data.splits["val"], config)
+    model, card = load_checkpoint(result.best_checkpoint)
+    try:
+        write_example_heatmaps(model, card, result.data.splits["test"], RunFolder(result.run_dir).example_heatmaps)
+    except Exception as exc:  # noqa: BLE001 - a figure of the report must never cost a trained run its evaluation
+        warnings.warn(f"the report's example heatmaps could not be drawn: {exc.__class__.__name__}: {exc}", stacklevel=2)
     metrics = evaluate_run(result.run_dir, data=result.data, split="test", progress=bool(progress))
     return TrainEvalResult(result, metrics)
 

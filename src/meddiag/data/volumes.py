@@ -86,7 +86,7 @@ def volume_to_model_input(volume: Volume, image_size: int, channels: int = 1,
     return np.repeat(out, channels, axis=0) if channels > 1 else out
 
 
-@reads_one_file
+@reads_one_file(quote=False)  # a series folder's errors may come from pydicom, whose messages can quote header values
 def read_volumes(path: str | Path, volume_index: int | None = None) -> list[Volume]:
     """The volumes at ``path``: a NIfTI file is one (``volume_index`` picks one of a 4D file's);
     a multi-frame DICOM file is one; a folder of DICOM files is one per series."""

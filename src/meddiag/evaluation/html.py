@@ -61,7 +61,7 @@ def render(report: dict, plots: dict[str, Path]) -> str:
              "<nav>" + "".join(f"<a href='#{k}'>{t}</a>" for k, t in SECTIONS) + "</nav>"]
     parts += [_model(report), _data(report, plots), _discrimination(report, plots), _operating_points(report),
               _calibration(report, plots), _decision(report, plots), _subgroups(report), _failures(report, plots),
-              _selective(report, plots), _explanations(report)]
+              _selective(report, plots), _explanations(report, plots)]
     return ("<!DOCTYPE html><html lang='en'><head><meta charset='utf-8'><title>meddiag report</title>"
             f"<style>{_CSS}</style></head><body>{''.join(parts)}</body></html>")
 
@@ -203,18 +203,20 @@ def _failures(r: dict, plots: dict[str, Path]) -> str:
     return _section("failures", body or "<p>No mistakes to show.</p>")
 
 
-def _explanations(r: dict) -> str:
+def _explanations(r: dict, plots: dict[str, Path]) -> str:
+    examples = figure(plots.get("examples", Path("-")), "Where the model looked on the test images it is surest show the "
+                                                        "finding (Grad-CAM; made when the run was trained)", wide=True)
     s = r.get("explanation_sanity")
     if not s:
-        return _section("explanations", "<p>Not checked yet: <code>meddiag explain RUN --sanity</code> tests the heatmaps "
-                                        "(model randomisation, deletion) and adds the result here.</p>")
+        return _section("explanations", examples + "<p>Not checked yet: <code>meddiag explain RUN --sanity</code> tests the "
+                                        "heatmaps (model randomisation, deletion) and adds the result here.</p>")
     ra, de = s["randomisation"], s["deletion"]
     verdict = lambda ok: "passes" if ok else "<span class='flag'>fails</span>"  # noqa: E731
     rows = [["model randomisation (Adebayo et al. 2018)", f"Spearman {num(ra['spearman_fully_random'])} with the fully randomised model",
              html.escape(s["criteria"]["randomisation"]), verdict(ra["passes"])],
             ["deletion (Petsiuk et al. 2018)", f"area {num(de['deletion_auc'])} vs random maps {num(de['random_deletion_auc'])}",
              html.escape(s["criteria"]["deletion"]), verdict(de["passes"])]]
-    body = f"<p>{html.escape(s['method'])} maps of {s['n_images']} test images.</p>" + table(["check", "result", "criterion", ""], rows)
+    body = examples + f"<p>{html.escape(s['method'])} maps of {s['n_images']} test images.</p>" + table(["check", "result", "criterion", ""], rows)
     body += table(["randomised down to", "Spearman"], [[html.escape(x["randomised_down_to"]), num(x["spearman"])] for x in ra["stages"]])
     return _section("explanations", body)
 

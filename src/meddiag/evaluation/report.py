@@ -364,7 +364,7 @@ def write_report(out_dir: Path, run_dir: Path, card, *, split: str = "test", sub
     figures = out_dir / PLOTS
     truth = test.truth_matrix()
     classes = focus_classes(card.task, card.class_names)
-    found = {"training": folder.training_curves, "roc": figures / "roc.png", "confusion": figures / "confusion_matrix.png", "failures": figures / "failures.png",
+    found = {"training": folder.training_curves, "examples": folder.example_heatmaps, "roc": figures / "roc.png", "confusion": figures / "confusion_matrix.png", "failures": figures / "failures.png",
              "pr": plots.plot_precision_recall(truth, test.probs, classes, card.class_names, figures / "precision_recall.png")}
     cal = report["calibration"]
     curves = {name: cal[key]["bins"] for name, key in (("model", "model"), ("before temperature scaling", "before_temperature"))
