@@ -170,3 +170,28 @@ def test_any_mutation_of_a_valid_file_reads_or_fails_with_a_named_reason(tmp_pat
         assert exc.reason and exc.path == str(path)
     else:
         assert arr.dtype == np.uint8 and arr.size > 0
+
+
+def test_a_3d_model_names_every_file_it_cannot_diagnose_and_diagnoses_the_volume(corpus, tmp_path):
+    from fastapi.testclient import TestClient
+
+    from meddiag.models.checkpoint import ModelCard, save_checkpoint
+    from meddiag.serving.app import ServeOptions, create_app
+    from meddiag.serving.predictor import Predictor
+
+    card = ModelCard(model_name="seed_cnn", class_names=["normal", "lesion"], task="binary", image_size=24,
+                     in_channels=1, spatial_dims=3, model_kwargs={"widths": [4, 8, 8], "dense": 8})
+    checkpoint = save_checkpoint(tmp_path / "run" / "checkpoints" / "best.ckpt", card.build_model(), card)
+    predictor = Predictor(checkpoint)
+    # each file given by name (a folder of single-frame DICOM files would be read as one series)
+    predictions, failures = predictor.predict(list(corpus))
+    predicted, named = {p.path for p in predictions}, {f.path for f in failures}
+    volume = next(p for p, k in corpus.items() if k == "volume")
+    assert predicted == {str(volume)}, predicted
+    assert named == {str(p) for p in corpus if p != volume}
+    assert all(f.reason for f in failures)
+    assert next(f for f in failures if f.path.endswith("nan_volume.nii")).reason.count("NaN or infinite") == 1
+    with TestClient(create_app(predictor, None, ServeOptions()), raise_server_exceptions=False) as client:
+        for path, kind in corpus.items():
+            r = client.post("/v1/predict", files=[("files", (path.name, path.read_bytes(), "application/octet-stream"))])
+            assert r.status_code in ((200,) if path == volume else (400, 413, 415)), (path.name, r.status_code, r.text[:200])
