@@ -191,6 +191,12 @@ def test_a_3d_model_names_every_file_it_cannot_diagnose_and_diagnoses_the_volume
     assert named == {str(p) for p in corpus if p != volume}
     assert all(f.reason for f in failures)
     assert next(f for f in failures if f.path.endswith("nan_volume.nii")).reason.count("NaN or infinite") == 1
+    # given as a folder, its single-frame DICOM files are one series, refused for its bad slices (named);
+    # the NIfTI volume beside them is still diagnosed on its own
+    predictions, failures = predictor.predict([volume.parent])
+    assert [p.path for p in predictions] == [str(volume)]
+    series = next(f for f in failures if f.path == str(volume.parent))
+    assert series.reason.split(": ")[0].endswith(".dcm") or "no DICOM" in series.reason, series.reason
     with TestClient(create_app(predictor, None, ServeOptions()), raise_server_exceptions=False) as client:
         for path, kind in corpus.items():
             r = client.post("/v1/predict", files=[("files", (path.name, path.read_bytes(), "application/octet-stream"))])

@@ -7,6 +7,7 @@ what to do about it. The command line prints these without a traceback.
 from __future__ import annotations
 
 import functools
+import os
 from collections.abc import Callable
 from typing import Any, TypeVar
 
@@ -60,6 +61,16 @@ def failure_reason(exc: BaseException, quote: bool = True) -> str:
         return "cannot be decoded (its structure nests too deeply)"
     first = (str(exc).strip().splitlines() or [""])[0][:160] if quote else ""
     return f"cannot be decoded ({exc.__class__.__name__}{': ' + first if first else ''})"
+
+
+def source_failure(exc: BaseException, source: object) -> str:
+    """:func:`failure_reason` for reading ``source``; when the file at fault is another one inside it
+    (a slice of a series folder), its name leads the reason."""
+    reason = failure_reason(exc, quote=False)
+    inner = getattr(exc, "path", None)
+    if isinstance(exc, ImageReadError) and inner and inner != str(source):
+        return f"{os.path.basename(inner)}: {reason}"
+    return reason
 
 
 def reads_one_file(func: Callable[..., T] | None = None, *, quote: bool = True) -> Any:

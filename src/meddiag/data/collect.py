@@ -12,6 +12,7 @@ from meddiag.data.dicom import dicom_frame_count, is_dicom_file
 from meddiag.data.files import is_volume_source
 from meddiag.data.folder import class_items
 from meddiag.data.images import is_image_file
+from meddiag.data.volumes import is_nifti_file
 from meddiag.errors import ImageReadError, failure_reason
 
 
@@ -31,8 +32,12 @@ def collect_volume_sources(paths: list[str | Path]) -> tuple[list[Path], list[Fa
         path = Path(raw)
         if not path.exists():
             failures.append(Failure(str(path), "no such file or folder"))
-        elif path.is_file() or _holds_series(path):
+        elif path.is_file():
             sources.append(path)
+        elif _holds_series(path):
+            # the folder's single-frame DICOM files are one series; its NIfTI and multi-frame files are volumes of their own
+            sources.append(path)
+            sources += [f for f in sorted(path.iterdir()) if f.is_file() and not f.name.startswith(".") and _own_volume(f)]
         else:
             found = class_items(path)
             for item in found:
@@ -50,6 +55,13 @@ def collect_volume_sources(paths: list[str | Path]) -> tuple[list[Path], list[Fa
             if not found:
                 failures.append(Failure(str(path), "folder contains no volumes (NIfTI files, multi-frame DICOM files or DICOM series folders)"))
     return sources, failures
+
+
+def _own_volume(path: Path) -> bool:
+    try:
+        return is_nifti_file(path) or (is_dicom_file(path) and dicom_frame_count(path) > 1)
+    except ImageReadError:
+        return False
 
 
 def _holds_series(folder: Path) -> bool:

@@ -24,7 +24,7 @@ from meddiag.data.volumes import is_nifti_file, read_volumes, volume_to_model_in
 from meddiag.data.images import Fit, dicom_as_2d, read_image, to_model_input
 from meddiag.data.splits import stratification_key, stratified_split
 from meddiag.data.classes import positive_class_of, positive_last
-from meddiag.errors import ConfigError, DataError, failure_reason
+from meddiag.errors import ConfigError, DataError, failure_reason, source_failure
 
 DEFAULT_FILE_IMAGE_SIZE = 128
 DEFAULT_VOLUME_SIZE = 64
@@ -214,7 +214,7 @@ def _read_all(records: list[FileRecord], volume: bool, size: int, fit: Fit, wind
                 arr = read_image(rec.path, window)
             return to_model_input(arr, size, 3 if arr.ndim == 3 else 1, fit)
         except Exception as exc:  # noqa: BLE001 - one file's failure, whatever raised it, excludes that file only
-            return failure_reason(exc)
+            return source_failure(exc, rec.path)
 
     results: list[np.ndarray | str] = []
     with ThreadPoolExecutor(_workers()) as pool, Progress(disable=not progress, transient=True) as bar:

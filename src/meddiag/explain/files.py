@@ -12,7 +12,7 @@ from torch import nn
 from meddiag.data.collect import Failure, collect_sources
 from meddiag.data.images import IMAGE_EXTENSIONS
 from meddiag.data.volumes import NIFTI_SUFFIXES
-from meddiag.errors import DataError, failure_reason
+from meddiag.errors import DataError, source_failure
 from meddiag.explain.render import overlay_figure, volume_figure
 from meddiag.explain.saliency import explained_classes, method_label, probabilities, saliency_maps
 from meddiag.models.checkpoint import ModelCard
@@ -67,9 +67,10 @@ def explain_files(model: nn.Module, card: ModelCard, paths: list[str | Path], ou
         try:
             items = read_inputs(source, card)
         except Exception as exc:  # noqa: BLE001 - whatever one file raises, it alone fails
-            failures.append(Failure(str(source), failure_reason(exc)))
+            failures.append(Failure(str(source), source_failure(exc, source)))
             continue
-        failures += [Failure(p, r) for item in items for p, r in item.excluded]
+        taken = {str(s) for s in sources}
+        failures += [Failure(p, r) for item in items for p, r in item.excluded if p not in taken]
         for item in items:
             x = torch.tensor(item.array[None])
             probs = probabilities(model, x, card)[0]

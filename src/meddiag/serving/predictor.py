@@ -17,7 +17,7 @@ import numpy as np
 import torch
 
 from meddiag.data.collect import Failure, collect_sources
-from meddiag.errors import ModelError, failure_reason
+from meddiag.errors import ModelError, source_failure
 from meddiag.evaluation.metrics import predict_labels
 from meddiag.models.checkpoint import load_checkpoint
 from meddiag.models.inference import predict_proba
@@ -91,16 +91,17 @@ class Predictor:
         Returns the predictions and, separately, each file that failed with its reason.
         """
         sources, failures = collect_sources(paths, self.card.spatial_dims)
+        taken = {str(s) for s in sources}  # a series folder's NIfTI and multi-frame files are volumes of their own
         predictions: list[Prediction] = []
         pending: list[ModelInput] = []
         for i, source in enumerate(sources):
             try:
                 items = self.read(source)
             except Exception as exc:  # noqa: BLE001 - whatever one file raises, it alone fails
-                failures.append(Failure(str(source), failure_reason(exc)))
+                failures.append(Failure(str(source), source_failure(exc, source)))
                 items = []
             for item in items:
-                failures += [Failure(p, r) for p, r in item.excluded]
+                failures += [Failure(p, r) for p, r in item.excluded if p not in taken]
             pending += items
             if len(pending) >= self.batch_size or (i == len(sources) - 1 and pending):
                 predictions += self.predict_inputs(pending)
