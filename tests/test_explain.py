@@ -66,11 +66,14 @@ def test_gradcam_peak_falls_on_the_lesion_and_not_for_a_randomised_model(lesion_
     assert _peak_near_signal(maps) >= 0.8
     import copy
 
-    random_model = copy.deepcopy(model)
-    for _, block in blocks(random_model):
-        _reinitialise(block)
-    random_maps = saliency_maps(random_model, card, images, "gradcam", [lesion] * len(images))
-    assert _peak_near_signal(random_maps) <= 0.4
+    hits = []
+    for seed in range(3):  # seeded, and over several random models: one draw alone decides nothing
+        torch.manual_seed(seed)
+        random_model = copy.deepcopy(model)
+        for _, block in blocks(random_model):
+            _reinitialise(block)
+        hits.append(_peak_near_signal(saliency_maps(random_model, card, images, "gradcam", [lesion] * len(images))))
+    assert np.mean(hits) <= 0.4, hits
 
 
 @pytest.mark.parametrize("method", ["gradcampp", "hirescam", "occlusion"])

@@ -119,3 +119,20 @@ def test_the_model_kept_is_the_final_average_unless_the_best_epoch_is_asked_for(
         else:
             assert result.val_auc == pytest.approx(max(val_auc))
             assert same == (val_auc.index(max(val_auc)) == 3)
+
+
+def test_resuming_a_run_that_stopped_early_evaluates_it_rather_than_refusing(tmp_path):
+    import json
+
+    from conftest import make_image_folder
+    from meddiag.training.config import TrainConfig
+    from meddiag.training.run import train
+
+    data = make_image_folder(tmp_path / "images", per_class=20)
+    config = TrainConfig(data=str(data), model="seed_cnn", epochs=12, image_size=28, early_stopping_patience=1,
+                         select="best", out=str(tmp_path / "run"))
+    first = train(config, progress=False)
+    record = json.loads((tmp_path / "run" / "training.json").read_text())
+    assert record["epochs"] < 12 and record["max_epochs"] == 12  # the validation AUC saturates on this easy set
+    again = train(config, resume=True, progress=False)
+    assert again.best_checkpoint == first.best_checkpoint and again.val_auc == pytest.approx(first.val_auc)

@@ -27,14 +27,13 @@ from lightning.pytorch.callbacks import EarlyStopping, ModelCheckpoint
 
 from meddiag.data.dataset import ImageData
 from meddiag.data.sources import load_data
-from meddiag.models.checkpoint import ModelCard
+from meddiag.errors import ConfigError
+from meddiag.models.checkpoint import ModelCard, slim_checkpoint
 from meddiag.models.registry import get_entry, model_options
+from meddiag.runfolder import RunFolder, write_text_atomic
 from meddiag.training.config import TrainConfig
 from meddiag.training.datamodule import ImageDataModule
 from meddiag.training.history import HistoryWriter
-from meddiag.errors import ConfigError
-from meddiag.models.checkpoint import slim_checkpoint
-from meddiag.runfolder import RunFolder, write_text_atomic
 from meddiag.training.losses import auto_class_weights
 from meddiag.training.module import DiagnosisModule
 
@@ -149,7 +148,7 @@ def train(config: TrainConfig, *, resume: bool = False, progress: bool | None = 
     })
     if resume and not last.exists():  # training had finished; only what came after it was cut short
         record = json.loads(folder.training_record.read_text())
-        if config.epochs > record.get("epochs", config.epochs):
+        if config.epochs > record.get("max_epochs", record.get("epochs", config.epochs)):  # early stopping ends sooner
             raise ConfigError(f"{run_dir} finished its {record['epochs']} epochs and kept no resume state, so it cannot "
                               "train for more: start a new run (keep_resume_state: true keeps the state of a run)")
         return TrainResult(run_dir, folder.model_checkpoint, data, config, record.get("train_seconds", 0.0), record.get("val_auc"))
@@ -216,7 +215,8 @@ def train(config: TrainConfig, *, resume: bool = False, progress: bool | None = 
     if trainer.is_global_zero and not trainer.interrupted:
         slim_checkpoint(best)
         write_text_atomic(folder.training_record, json.dumps(
-            {"finished": True, "epochs": trainer.current_epoch, "train_seconds": round(seconds, 1), "val_auc": val_auc}, indent=2))
+            {"finished": True, "epochs": trainer.current_epoch, "max_epochs": config.epochs, "train_seconds": round(seconds, 1),
+             "val_auc": val_auc}, indent=2))
         if not config.keep_resume_state:
             last.unlink(missing_ok=True)
     return TrainResult(run_dir, best, data, config, seconds, val_auc, is_global_zero=trainer.is_global_zero)
