@@ -246,3 +246,22 @@ def test_explain_writes_into_the_run_folder_by_default_and_says_where(trained_ru
     assert proc.returncode == 0, proc.stderr
     assert (run / "explanations" / "img000_gradcam.png").exists() and not (tmp_path / "explanations").exists()
     assert str(run / "explanations") in proc.stdout
+
+
+def test_a_run_finds_its_medmnist_file_again_without_meddiag_data(tmp_path, shared_medmnist):
+    import shutil
+
+    data_dir = tmp_path / "where-it-was"
+    data_dir.mkdir()
+    shutil.copy(shared_medmnist / "breastmnist.npz", data_dir / "breastmnist.npz")
+    run = tmp_path / "run"
+    proc = meddiag("train", "breastmnist", "--model", "seed_cnn", "--epochs", "1", "--out", str(run), "--no-progress",
+                   env={"MEDDIAG_DATA": str(data_dir)})
+    assert proc.returncode == 0, proc.stderr
+    assert json.loads((run / "data.json").read_text())["source"] == str((data_dir / "breastmnist.npz").resolve())
+    again = meddiag("evaluate", str(run), env={"MEDDIAG_DATA": str(tmp_path / "empty")})  # offline, another data folder
+    assert again.returncode == 0 and "test AUC" in again.stdout, again.stderr
+    (data_dir / "breastmnist.npz").unlink()
+    gone = meddiag("evaluate", str(run), env={"MEDDIAG_DATA": str(tmp_path / "empty"),
+                                              "MEDDIAG_MEDMNIST_MIRROR": "http://127.0.0.1:9"})  # no download leaves the machine
+    assert gone.returncode == 2 and "MEDDIAG_DATA" in gone.stderr and no_traceback(gone), gone.stderr
