@@ -18,12 +18,12 @@ import numpy as np
 import torch
 from rich.progress import Progress
 
+from meddiag.data.classes import positive_class_of, positive_last
 from meddiag.data.dataset import SPLITS, ImageData, Split
 from meddiag.data.dicom import dicom_frame_count, is_dicom_file, patient_key, read_dicom, read_dicom_identity
-from meddiag.data.volumes import is_nifti_file, read_volumes, volume_to_model_input
 from meddiag.data.images import Fit, dicom_as_2d, read_image, to_model_input
 from meddiag.data.splits import stratification_key, stratified_split
-from meddiag.data.classes import positive_class_of, positive_last
+from meddiag.data.volumes import is_nifti_file, read_volumes, volume_to_model_input
 from meddiag.errors import ConfigError, DataError, failure_reason, source_failure
 
 DEFAULT_FILE_IMAGE_SIZE = 128

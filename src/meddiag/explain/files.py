@@ -63,13 +63,13 @@ def explain_files(model: nn.Module, card: ModelCard, paths: list[str | Path], ou
     used: set[str] = set()
     results: list[Explanation] = []
     sources, failures = collect_sources(paths, card.spatial_dims)
+    taken = {str(s) for s in sources}  # a series folder's NIfTI and multi-frame files are volumes of their own
     for source in sources:
         try:
             items = read_inputs(source, card)
         except Exception as exc:  # noqa: BLE001 - whatever one file raises, it alone fails
             failures.append(Failure(str(source), source_failure(exc, source)))
             continue
-        taken = {str(s) for s in sources}
         failures += [Failure(p, r) for item in items for p, r in item.excluded if p not in taken]
         for item in items:
             x = torch.tensor(item.array[None])

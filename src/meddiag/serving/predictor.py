@@ -106,9 +106,12 @@ class Predictor:
             if len(pending) >= self.batch_size or (i == len(sources) - 1 and pending):
                 predictions += self.predict_inputs(pending)
                 pending = []
-        finite = [p for p in predictions if all(math.isfinite(v) for v in p.probabilities.values())]
-        failures += [Failure(p.path, "the model returned NaN or infinite probabilities for this input; no diagnosis")
-                     for p in predictions if p not in finite]
+        finite: list[Prediction] = []
+        for p in predictions:
+            if all(math.isfinite(v) for v in p.probabilities.values()):
+                finite.append(p)
+            else:
+                failures.append(Failure(p.path, "the model returned NaN or infinite probabilities for this input; no diagnosis"))
         return finite, failures
 
     def predict_inputs(self, items: list[ModelInput]) -> list[Prediction]:
