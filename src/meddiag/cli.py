@@ -83,6 +83,13 @@ def train(
     tta: Annotated[Optional[int], typer.Option(help="Test-time augmentation: also predict this many augmented copies of each image. [default: 0]")] = None,
     mc_dropout: Annotated[Optional[int], typer.Option(help="MC-dropout passes at prediction (networks with dropout). [default: 0]")] = None,
     coverage: Annotated[Optional[float], typer.Option(help="Abstain on the most uncertain cases, answering this share (e.g. 0.9; chosen on validation).")] = None,
+    covariates: Annotated[Optional[str], typer.Option(help="Manifest columns of patient data the model takes beside the image, e.g. age,sex,localization; force a type with age:num or site:cat. Missing values are allowed.")] = None,
+    tabular: Annotated[Optional[Path], typer.Option(help="A second CSV of patient data (e.g. genomic markers), joined by --join; patients it lacks have that block missing.")] = None,
+    join: Annotated[Optional[str], typer.Option(help="The column joining --tabular to the manifest: patient_id, path, or any manifest column. [default: patient_id]")] = None,
+    tabular_columns: Annotated[Optional[str], typer.Option(help="Columns of --tabular to use, as glob patterns, e.g. 'gene_*,mut_*'. [default: all but the join key]")] = None,
+    fusion: Annotated[Optional[str], typer.Option(help="How image and covariates are joined: late (CNN features + covariate encoder -> head) or film (covariates scale and shift the last convolutional block). [default: late]")] = None,
+    covariate_dropout: Annotated[Optional[float], typer.Option(help="Training: probability that a case loses all its covariates, and each block, so the model also works without them. [default: 0.25]")] = None,
+    missing_values: Annotated[Optional[str], typer.Option(help="Covariate values that mean missing, comma-separated. [default: blank, nan, na, n/a, unknown]")] = None,
     out: Annotated[Optional[str], typer.Option(help="Run folder. [default: runs/<data>-<model>]")] = None,
     config: Annotated[Optional[Path], typer.Option(help="YAML configuration (e.g. a run's config.yaml); options given here override it.")] = None,
     resume: Annotated[bool, typer.Option(help="Continue the run in --out from its last checkpoint.")] = False,
@@ -108,6 +115,9 @@ def train(
         seed=seed, fit=fit, window=window, volume_index=volume_index, class_weights=class_weights, loss=loss, sampler=sampler, select=select, early_stopping_patience=early_stopping_patience, ema_decay=ema_decay, operating_point=operating_point, calibrate=calibrate,
         positive_class=positive_class,
         subgroups=_columns(subgroups), tta=tta, mc_dropout=mc_dropout, coverage=coverage, out=out, folds=folds, accelerator=accelerator, devices=int(devices) if devices and devices.isdigit() else devices,
+        covariates=_list(covariates), tabular=str(tabular) if tabular else None, join=join, tabular_columns=_list(tabular_columns),
+        fusion=fusion, covariate_dropout=covariate_dropout,
+        missing_values=[v.strip() for v in missing_values.split(",")] if missing_values is not None else None,
     )
     if cfg.folds > 1:
         if resume:
@@ -188,8 +198,25 @@ def report(
     print(f"report -> {html_path}")
 
 
+def _patient_data(card: Any, covariates: Path | None, tabular: Path | None) -> Any:
+    """The --covariates (and --tabular) of predict and explain, checked against the model."""
+    from meddiag.data.covariates import PatientData
+
+    if covariates is None and tabular is None:
+        return None
+    if card.covariates is None:
+        raise MeddiagError("this model takes no covariates (it was trained on images alone); leave out --covariates/--tabular")
+    if covariates is None:
+        raise MeddiagError("--tabular needs --covariates: a CSV with a 'path' column and the join key of each image")
+    return PatientData.from_csv(covariates, tabular, card.covariates.join if tabular else None)
+
+
 def _columns(text: str | None) -> list[str] | None:
     return [c.strip().lower() for c in text.split(",") if c.strip()] if text else None
+
+
+def _list(text: str | None) -> list[str] | None:
+    return [c.strip() for c in text.split(",") if c.strip()] if text else None
 
 
 @app.command()
@@ -200,6 +227,8 @@ def predict(
     output: Annotated[Optional[Path], typer.Option(help="Write predictions to this CSV instead of the screen.")] = None,
     explain: Annotated[Optional[Path], typer.Option(help="Also write a Grad-CAM heatmap figure per image into this folder.")] = None,
     backend: Annotated[str, typer.Option(help="torch, or onnx (ONNX Runtime; exports the run on first use).")] = "torch",
+    covariates: Annotated[Optional[Path], typer.Option(help="CSV of the cases' patient data: a 'path' column naming each image and the model's covariate columns; missing rows and values are allowed.")] = None,
+    tabular: Annotated[Optional[Path], typer.Option(help="The joined table (e.g. genomics.csv) for a model trained with --tabular; rows found by the model's join key in --covariates.")] = None,
 ) -> None:
     """Diagnose images: the predicted class and each class's probability, per file.
 
@@ -211,7 +240,12 @@ def predict(
     if backend == "onnx":
         require("serve", "--backend onnx", ("onnx", "onnxruntime", "onnxscript"))
     predictor = Predictor.from_run(run, backend=backend)
-    predictions, failures = predictor.predict(list(paths))
+    patients = _patient_data(predictor.card, covariates, tabular)
+    predictions, failures = predictor.predict(list(paths), patients)
+    if patients is not None and patients.unused_rows():
+        unused = patients.unused_rows()
+        warnings.warn(f"{len(unused)} row(s) of {covariates} match no predicted image (e.g. {unused[0]}); their data was not used",
+                      stacklevel=1)
     names = predictor.card.class_names
     if output:
         write_predictions_csv(output, predictions, names)
@@ -221,7 +255,7 @@ def predict(
     if explain:
         from meddiag.explain import explain_files
 
-        explained, _ = explain_files(predictor.model, predictor.card, [p.path for p in predictions], explain)
+        explained, _ = explain_files(predictor.model, predictor.card, [p.path for p in predictions], explain, patients=patients)
         print(f"{len(explained)} heatmaps -> {explain}", file=sys.stderr if not output else sys.stdout)
     for f in failures:
         print(f"error: {f.path}: {f.reason}", file=sys.stderr)
@@ -260,6 +294,8 @@ def explain(
     images: Annotated[int, typer.Option(help="Test images the sanity check uses.", min=2)] = 32,
     class_name: Annotated[Optional[str], typer.Option("--class", help="Explain this class. [default: the predicted one]")] = None,
     out: Annotated[Optional[Path], typer.Option(help="Folder for the heatmap figures. [default: RUN/explanations]")] = None,
+    covariates: Annotated[Optional[Path], typer.Option(help="CSV of the cases' patient data ('path' column + covariates), for a model that takes them.")] = None,
+    tabular: Annotated[Optional[Path], typer.Option(help="The joined table, for a model trained with --tabular.")] = None,
 ) -> None:
     """Show where the model looked: for each image a PNG of the original beside its heatmap, captioned
     with the prediction (volumes: the three planes through the map's peak)."""
@@ -282,9 +318,11 @@ def explain(
             raise MeddiagError("give images to explain (or --sanity to check the maps on the run's test images)")
         return
     out = out or (RunFolder(run).explanations if run.is_dir() else run.parent / "explanations")
-    results, failures = explain_files(model, card, list(paths), out, method, class_name)
+    results, failures = explain_files(model, card, list(paths), out, method, class_name, _patient_data(card, covariates, tabular))
     for r in results:
         print(f"{r.source}: predicted {r.predicted}; {r.explained} {r.probability:.3f} -> {r.figure}")
+        if r.attributions:
+            print("  covariates: " + ", ".join(f"{a['covariate']} {a['attribution']:+.3f}" for a in r.attributions[:8]))
     for f in failures:
         print(f"error: {f.path}: {f.reason}", file=sys.stderr)
     if failures:

@@ -11,6 +11,7 @@
       training.json          written when training has finished: epochs, seconds, validation AUC
       history.csv            per-epoch losses and validation metrics
       predictions.csv, metrics.json, report.html, report.json, plots/   the test evaluation
+      fusion.json            (models with covariates) did the patient data help: the report's fusion section
       predictions_val.csv    validation predictions (operating points are chosen on them)
       eval-<split>/          other evaluations, each with the evaluation files above
       sanity.json, ensemble.json, export/model.onnx, explanations/
@@ -33,6 +34,7 @@ METRICS = "metrics.json"
 REPORT_HTML = "report.html"
 REPORT_JSON = "report.json"
 PLOTS = "plots"
+FUSION = "fusion.json"  # models with covariates: fused vs image only vs covariates only, robustness, importance
 
 
 class RunFolder:

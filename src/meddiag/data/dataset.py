@@ -4,9 +4,12 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import Literal
+from typing import TYPE_CHECKING, Literal
 
 import torch
+
+if TYPE_CHECKING:
+    from meddiag.data.covariates import CovariateTable
 
 Task = Literal["binary", "multiclass", "multilabel"]
 SPLITS = ("train", "val", "test")
@@ -27,6 +30,8 @@ class Split:
     groups: list[str] | None = None  # a one-way patient key per image, where patients are known
     # Per-image attributes from a manifest's other columns (e.g. sex, age_group, site), for subgroup analysis.
     meta: dict[str, list[str]] = field(default_factory=dict)
+    # The patients' covariates (typed, not yet encoded; see meddiag.data.covariates), one row per image.
+    covariates: CovariateTable | None = None
 
     def subset(self, index: Sequence[int]) -> Split:
         """The images at ``index``, with their labels, paths, groups and attributes."""
@@ -35,7 +40,8 @@ class Split:
         paths = [self.paths[i] for i in rows] if self.paths is not None else None
         groups = [self.groups[i] for i in rows] if self.groups is not None else None
         meta = {k: [v[i] for i in rows] for k, v in self.meta.items()}
-        return Split(self.images[idx], self.labels[idx], paths, groups, meta)
+        covariates = self.covariates.take(rows) if self.covariates is not None else None
+        return Split(self.images[idx], self.labels[idx], paths, groups, meta, covariates)
 
     @staticmethod
     def concat(parts: list[Split]) -> Split:
@@ -44,7 +50,12 @@ class Split:
         groups = [g for part in parts for g in part.groups] if all(part.groups is not None for part in parts) else None
         keys = set.intersection(*(set(part.meta) for part in parts)) if parts else set()
         meta = {k: [v for part in parts for v in part.meta[k]] for k in sorted(keys)}
-        return Split(torch.cat([p.images for p in parts]), torch.cat([p.labels for p in parts]), paths, groups, meta)
+        covariates = None
+        if parts and all(part.covariates is not None for part in parts):
+            from meddiag.data.covariates import CovariateTable
+
+            covariates = CovariateTable.concat([part.covariates for part in parts])  # type: ignore[misc]
+        return Split(torch.cat([p.images for p in parts]), torch.cat([p.labels for p in parts]), paths, groups, meta, covariates)
 
     def __len__(self) -> int:
         return int(self.images.shape[0])
@@ -75,6 +86,7 @@ class ImageData:
     excluded: list[tuple[str, str]] = field(default_factory=list)
     source: str = ""  # the file or folder read, as an absolute path ("" when not from one)
     positive_class: str | None = None  # binary tasks: the finding (always class_names[1]; see meddiag.data.classes)
+    covariate_join: dict = field(default_factory=dict)  # the joined table's summary (file, key, images matched/absent)
 
     @property
     def num_classes(self) -> int:

@@ -19,6 +19,7 @@ import torch
 from rich.progress import Progress
 
 from meddiag.data.classes import positive_class_of, positive_last
+from meddiag.data.covariates import CovariateTable
 from meddiag.data.dataset import SPLITS, ImageData, Split
 from meddiag.data.dicom import dicom_frame_count, is_dicom_file, patient_key, read_dicom, read_dicom_identity
 from meddiag.data.images import Fit, dicom_as_2d, read_image, to_model_input
@@ -44,6 +45,8 @@ class FileRecord:
     patient_id: str | None = None
     meta: dict[str, str] = field(default_factory=dict)  # other manifest columns (sex, site, ...)
     targets: dict[str, float] | None = None  # multi-label: 1/0 per finding, NaN where not recorded
+    line: int = 0  # the manifest line it came from (0: not from a manifest)
+    covariate_row: int | None = None  # its row of the covariate table read with it
 
 
 def load_file_records(
@@ -59,6 +62,7 @@ def load_file_records(
     test_fraction: float = 0.2,
     progress: bool = True,
     positive_class: str | None = None,
+    covariates: CovariateTable | None = None,
 ) -> ImageData:
     """Read labelled files into memory at ``image_size`` and split them.
 
@@ -132,6 +136,7 @@ def load_file_records(
             paths=[str(kept[i][0].path) for i in idx],
             groups=[patient_key(patients[i]) if patients[i] else f"#{kept[i][0].path}" for i in idx] if has_patients else None,
             meta={k: [kept[i][0].meta.get(k, "") for i in idx] for k in meta_keys},
+            covariates=covariates.take([kept[i][0].covariate_row for i in idx]) if covariates is not None else None,  # type: ignore[misc]
         )
     missing = [c for c, n in zip(class_names, splits["train"].class_counts(len(class_names))) if n == 0]
     if missing:

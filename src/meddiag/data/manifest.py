@@ -57,7 +57,7 @@ def read_manifest(csv_path: str | Path) -> list[FileRecord]:
         path = Path(path_text)
         meta = {c: (row[original] or "").strip() for c, original in columns.items() if c not in _KNOWN and c not in findings}
         targets = {c: _TARGETS[(row[columns[c]] or "").strip().lower()] for c in findings} if findings else None
-        records.append(FileRecord(path if path.is_absolute() else csv_path.parent / path, label, split, patient, meta, targets))
+        records.append(FileRecord(path if path.is_absolute() else csv_path.parent / path, label, split, patient, meta, targets, line))
     if not records:
         raise DataError(f"{csv_path} lists no images")
     return records

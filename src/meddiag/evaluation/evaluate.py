@@ -14,14 +14,16 @@ from meddiag.data.channels import match_channels
 from meddiag.data.dataset import ImageData, Split
 from meddiag.data.sources import load_data
 from meddiag.errors import DataError, MeddiagError
+from meddiag.evaluation.fusion import fusion_analysis
 from meddiag.evaluation.metrics import classification_metrics, json_safe
 from meddiag.evaluation.plots import plot_confusion_matrix, plot_gallery, plot_roc, plot_training_curves
 from meddiag.evaluation.report import DEFAULT_RESAMPLES, failure_cases, write_report
 from meddiag.evaluation.table import PredictionTable
 from meddiag.models.checkpoint import ModelCard, load_checkpoint
+from meddiag.models.fusion import covariate_tensor
 from meddiag.models.inference import predict_proba
 from meddiag.models.uncertainty import predict_with_uncertainty
-from meddiag.runfolder import METRICS, PLOTS, PREDICTIONS, REPORT_HTML, RunFolder, model_checkpoint, write_text_atomic
+from meddiag.runfolder import FUSION, METRICS, PLOTS, PREDICTIONS, REPORT_HTML, RunFolder, model_checkpoint, write_text_atomic
 from meddiag.training.config import TrainConfig
 from meddiag.training.history import read_history
 from meddiag.training.run import load_training_data
@@ -88,6 +90,13 @@ def evaluate_run(run_dir: str | Path, data: str | ImageData | None = None, split
         plot_training_curves(history, folder.training_curves)
     failures = failure_cases(table, card.task, card.class_names, card.threshold)
     _plot_failures(part, failures, plots / "failures.png")
+    fusion_file = out_dir / FUSION
+    fusion_file.unlink(missing_ok=True)
+    if card.covariates is not None and part.covariates is not None:
+        train_split = dataset.splits.get("train") if own_data else None
+        fusion = fusion_analysis(lambda c: split_probabilities(model, card, part, c), card, part, train_split,
+                                 n_resamples=n_resamples)
+        write_text_atomic(fusion_file, json.dumps(json_safe(fusion), indent=2))
     report = write_report(out_dir, home, card, split=split, subgroups=subgroups, n_resamples=n_resamples, seed=0)
     metrics.update(split=split, data=dataset.name, checkpoint=str(checkpoint),
                    model=card.model_name, meddiag_version=meddiag.__version__,
@@ -154,13 +163,19 @@ def _plot_failures(part: Split, failures: dict, path: Path) -> None:
 
 
 def evaluate_split(model: torch.nn.Module, card: ModelCard, part: Split) -> tuple[dict, np.ndarray]:
-    """Metrics of ``model`` on one in-memory split, and its probabilities (N, K)."""
+    """Metrics of ``model`` on one in-memory split (with its covariates, for a model that takes them),
+    and its probabilities (N, K)."""
+    probs = split_probabilities(model, card, part, covariate_tensor(card.covariates, part.covariates))
+    return classification_metrics(part.labels.numpy(), probs, card.task, card.class_names, card.threshold), probs
+
+
+def split_probabilities(model: torch.nn.Module, card: ModelCard, part: Split, covariates: torch.Tensor | None) -> np.ndarray:
+    """(N, K) probabilities of ``part``'s images with the (N, F) encoded ``covariates`` (None: none known),
+    with the test-time augmentation / MC-dropout passes the card asks for."""
     images = match_channels(part.images, card.in_channels)
     if card.tta or card.mc_dropout:
-        probs = predict_with_uncertainty(model, card, images)["mean"]
-    else:
-        probs = predict_proba(model, images, card.task, card.mean, card.std, temperature=card.temperature).numpy()
-    return classification_metrics(part.labels.numpy(), probs, card.task, card.class_names, card.threshold), probs
+        return predict_with_uncertainty(model, card, images, covariates=covariates)["mean"]
+    return predict_proba(model, images, card.task, card.mean, card.std, temperature=card.temperature, covariates=covariates).numpy()
 
 
 def summary_line(metrics: dict) -> str:

@@ -21,7 +21,7 @@ table.cm{margin:0;font-size:.85em}table.cm td,table.cm th{padding:.1em .4em;bord
 
 SECTIONS = [("model", "Model"), ("data", "Data flow"), ("discrimination", "Discrimination"),
             ("operating-points", "Operating points"), ("calibration", "Calibration"),
-            ("decision-curve", "Clinical utility"), ("subgroups", "Subgroups"), ("failures", "Failure analysis"),
+            ("decision-curve", "Clinical utility"), ("fusion", "Patient data"), ("subgroups", "Subgroups"), ("failures", "Failure analysis"),
             ("selective-prediction", "Knowing when not to answer"), ("explanations", "Are the heatmaps meaningful?")]
 
 
@@ -60,7 +60,7 @@ def render(report: dict, plots: dict[str, Path]) -> str:
              f"<p class='use'><strong>Intended use.</strong> {html.escape(report.get('intended_use', ''))}</p>" if report.get("intended_use") else "",
              "<nav>" + "".join(f"<a href='#{k}'>{t}</a>" for k, t in SECTIONS) + "</nav>"]
     parts += [_model(report), _data(report, plots), _discrimination(report, plots), _operating_points(report),
-              _calibration(report, plots), _decision(report, plots), _subgroups(report), _failures(report, plots),
+              _calibration(report, plots), _decision(report, plots), _fusion(report, plots), _subgroups(report), _failures(report, plots),
               _selective(report, plots), _explanations(report, plots)]
     return ("<!DOCTYPE html><html lang='en'><head><meta charset='utf-8'><title>meddiag report</title>"
             f"<style>{_CSS}</style></head><body>{''.join(parts)}</body></html>")
@@ -168,6 +168,38 @@ def _decision(r: dict, plots: dict[str, Path]) -> str:
         return _section("decision-curve", "<p>Decision curves are drawn for binary tasks.</p>")
     return _section("decision-curve", "<p class='note'>Net benefit = TP/N − FP/N × pt/(1 − pt) (Vickers &amp; Elkin 2006).</p>"
                     + figure(plots.get("decision", Path("-")), "Decision curve", wide=True))
+
+
+def _fusion(r: dict, plots: dict[str, Path]) -> str:
+    f = r.get("fusion")
+    shortcuts = ((r.get("data") or {}).get("covariates") or {}).get("shortcut_warnings") or []
+    if not f:
+        return _section("fusion", "<p>The model sees the image only (<code>--covariates age,sex,...</code> adds patient data "
+                                  "from manifest columns; <code>--tabular</code> a joined table).</p>")
+    body = "".join(f"<p class='flag'>{html.escape(w['message'])}</p>" for w in shortcuts)
+    diffs = f["differences"]
+    rows = []
+    for name, m in f["models"].items():
+        d = diffs.get(name)
+        cells = [html.escape(name), num(m["auc"]), num(m["balanced_acc"])]
+        if d:
+            cells += [_difference(d["auc"]), _difference(d["balanced_acc"])]
+        else:
+            cells += ["", ""]
+        rows.append(cells)
+    body += table(["model", "AUC", "balanced accuracy", "fused minus this: AUC (95% CI)", "balanced accuracy (95% CI)"], rows)
+    body += (f"<p class='note'>The same {f['n']} test cases for every row. Image only: the fused model with every covariate "
+             "withheld (as for a patient whose data is unknown). Covariates only: gradient-boosted trees on the training "
+             f"split's covariates. Paired bootstrap, {f['n_resamples']} resamples of {html.escape(f['resampled'])}; "
+             "<span class='flag'>bold red</span>: the interval excludes zero.</p>")
+    body += table(["test covariates withheld", "AUC"], [[f"{100 * x['withheld']:.0f}%", num(x["auc"])] for x in f["robustness"]])
+    body += figure(plots.get("fusion", Path("-")), "Robustness to missing covariates; importance of each covariate", wide=True)
+    return _section("fusion", body)
+
+
+def _difference(d: dict) -> str:
+    text = with_ci(d["difference"], d["ci"])
+    return f"<span class='flag'>{text}</span>" if d.get("excludes_zero") else text
 
 
 def _subgroups(r: dict) -> str:

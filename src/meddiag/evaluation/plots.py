@@ -137,6 +137,25 @@ def plot_risk_coverage(selective: dict, path: Path) -> Path:
     return save_figure(fig, path)
 
 
+def plot_fusion(fusion: dict, path: Path, top: int = 15) -> Path:
+    """Left: the fused model's AUC as more test covariates are withheld, against the covariates-only
+    model; right: each covariate block's importance (AUC lost when it alone is withheld)."""
+    fig, (left, right) = plt.subplots(1, 2, figsize=(10, 4), dpi=120)
+    curve = fusion["robustness"]
+    left.plot([100 * r["withheld"] for r in curve], [r["auc"] for r in curve], marker="o", lw=1.8, label="fused model")
+    for name, m in fusion["models"].items():
+        if name.startswith("covariates only") and m.get("auc") is not None:
+            left.axhline(m["auc"], c="grey", ls="--", lw=1, label=name)
+    left.set(xlabel="test covariates withheld (%)", ylabel="AUC", title="Robustness to missing covariates")
+    left.legend(fontsize=8)
+    rows = [r for r in fusion["importance"] if r.get("auc_lost") is not None][:top][::-1]
+    right.barh([r["covariate"] for r in rows], [r["auc_lost"] for r in rows], color="#4a7bb7")
+    right.axvline(0, c="black", lw=0.8)
+    right.set(xlabel="AUC lost when withheld from every test case", title="Covariate importance")
+    fig.tight_layout()
+    return save_figure(fig, path)
+
+
 def plot_gallery(images: list[np.ndarray], captions: list[str], path: Path, title: str, columns: int = 4) -> Path:
     """A grid of uint8 images (H, W) or (H, W, 3), each with its caption."""
     rows = max(1, math.ceil(len(images) / columns))

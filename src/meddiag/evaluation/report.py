@@ -30,7 +30,7 @@ from meddiag.evaluation import stats
 from meddiag.evaluation.metrics import json_safe, predict_labels, roc_auc
 from meddiag.evaluation.table import PredictionTable
 from meddiag.models.uncertainty import normalised_entropy
-from meddiag.runfolder import PLOTS, PREDICTIONS, REPORT_HTML, REPORT_JSON, RunFolder, write_text_atomic
+from meddiag.runfolder import FUSION, PLOTS, PREDICTIONS, REPORT_HTML, REPORT_JSON, RunFolder, write_text_atomic
 
 DEFAULT_RESAMPLES = 1000
 RULES = tuple(stats.OPERATING_POINTS)
@@ -359,6 +359,11 @@ def write_report(out_dir: Path, run_dir: Path, card, *, split: str = "test", sub
         "data": json.loads(data_file.read_text()) if data_file.exists() else None,
         **report,
     }
+    fusion_file = out_dir / FUSION  # written by evaluate for a model that takes covariates
+    report["fusion"] = json.loads(fusion_file.read_text()) if fusion_file.exists() else None
+    if card.covariates is not None:
+        report["model"]["covariates"] = ", ".join(f"{n} ({k})" for n, k in card.covariates.kinds().items())[:2000]
+        report["model"]["fusion"] = card.fusion
     sanity_file = folder.sanity  # written by `meddiag explain --sanity`
     report["explanation_sanity"] = json.loads(sanity_file.read_text()) if sanity_file.exists() else None
     figures = out_dir / PLOTS
@@ -374,6 +379,8 @@ def write_report(out_dir: Path, run_dir: Path, card, *, split: str = "test", sub
     if report["decision_curve"]:
         found["decision"] = plots.plot_decision_curve(report["decision_curve"], figures / "decision_curve.png")
     found["risk_coverage"] = plots.plot_risk_coverage(report["selective_prediction"], figures / "risk_coverage.png")
+    if report["fusion"]:
+        found["fusion"] = plots.plot_fusion(report["fusion"], figures / "fusion.png")
     report = json_safe(report)
     write_text_atomic(out_dir / REPORT_JSON, json.dumps(report, indent=2))
     write_text_atomic(out_dir / REPORT_HTML, html.render(report, found))

@@ -13,6 +13,7 @@ from meddiag.evaluation.plots import plot_gallery
 from meddiag.explain.render import overlay_image, volume_figure
 from meddiag.explain.saliency import method_label, probabilities, saliency_maps
 from meddiag.models.checkpoint import ModelCard
+from meddiag.models.fusion import covariate_tensor
 
 
 def write_example_heatmaps(model: nn.Module, card: ModelCard, split: Split, path: Path, n: int = 4,
@@ -23,9 +24,14 @@ def write_example_heatmaps(model: nn.Module, card: ModelCard, split: Split, path
     volume. None when no image qualifies (e.g. a multi-label task, or no positive case)."""
     if card.task == "multilabel" or len(split) == 0:
         return None
+    if card.model_name == "tabular":  # no image branch, no heatmap
+        return None
     labels = split.labels.numpy()
+    covariates = covariate_tensor(card.covariates, split.covariates)
     with torch.inference_mode():
-        probs = np.concatenate([probabilities(model, split.images[i:i + 64], card) for i in range(0, len(split), 64)])
+        probs = np.concatenate([probabilities(model, split.images[i:i + 64], card,
+                                              covariates[i:i + 64] if covariates is not None else None)
+                                for i in range(0, len(split), 64)])
     target = np.ones_like(labels) if card.task == "binary" else labels
     score = probs[np.arange(len(labels)), target]
     candidates = np.flatnonzero(labels == target)
@@ -33,7 +39,8 @@ def write_example_heatmaps(model: nn.Module, card: ModelCard, split: Split, path
         return None
     chosen = candidates[np.argsort(-score[candidates], kind="stable")][: (n if card.spatial_dims == 2 else 1)]
     x = split.images[torch.as_tensor(chosen)]
-    heat = saliency_maps(model, card, x, method, [int(target[i]) for i in chosen])
+    heat = saliency_maps(model, card, x, method, [int(target[i]) for i in chosen],
+                         covariates=covariates[torch.as_tensor(chosen)] if covariates is not None else None)
     label = method_label(method, card.model_name)
     if card.spatial_dims == 3:
         return volume_figure(x[0, 0].numpy(), heat[0], f"{label} of {card.class_names[target[chosen[0]]]} "

@@ -14,7 +14,9 @@ from meddiag.data.images import IMAGE_EXTENSIONS
 from meddiag.data.volumes import NIFTI_SUFFIXES
 from meddiag.errors import DataError, source_failure
 from meddiag.explain.render import overlay_figure, volume_figure
-from meddiag.explain.saliency import explained_classes, method_label, probabilities, saliency_maps
+from meddiag.data.covariates import PatientData
+from meddiag.explain.covariates import attribution_text, covariate_attributions
+from meddiag.explain.saliency import explained_classes, method_label, model_input, probabilities, saliency_maps
 from meddiag.models.checkpoint import ModelCard
 from meddiag.models.inputs import read_inputs
 
@@ -26,6 +28,7 @@ class Explanation:
     explained: str
     predicted: str
     probability: float  # of the explained class
+    attributions: list[dict] | None = None  # models with covariates: each one's integrated gradient, largest first
 
 
 def caption(card: ModelCard, probs: np.ndarray, explained: int, method: str) -> tuple[str, str]:
@@ -54,8 +57,9 @@ def figure_name(source: Path, method: str, used: set[str]) -> str:
 
 
 def explain_files(model: nn.Module, card: ModelCard, paths: list[str | Path], out_dir: Path, method: str = "gradcam",
-                  class_name: str | None = None) -> tuple[list[Explanation], list[Failure]]:
-    """Write a heatmap figure for every image (or, for 3D models, every volume) under ``paths``."""
+                  class_name: str | None = None, patients: PatientData | None = None) -> tuple[list[Explanation], list[Failure]]:
+    """Write a heatmap figure for every image (or, for 3D models, every volume) under ``paths``; for a
+    model with covariates (``patients``: the cases' data) also each covariate's attribution."""
     if class_name is not None and class_name not in card.class_names:
         raise DataError(f"--class {class_name}: the model's classes are {', '.join(card.class_names)}")
     requested = card.class_names.index(class_name) if class_name is not None else None
@@ -73,14 +77,31 @@ def explain_files(model: nn.Module, card: ModelCard, paths: list[str | Path], ou
         failures += [Failure(p, r) for item in items for p, r in item.excluded if p not in taken]
         for item in items:
             x = torch.tensor(item.array[None])
-            probs = probabilities(model, x, card)[0]
+            covariates = None
+            if card.covariates is not None:
+                try:
+                    table = patients.table_for(card.covariates, source) if patients is not None else card.covariates.empty_table(1)
+                except DataError as exc:
+                    failures.append(Failure(str(source), str(exc)))
+                    continue
+                covariates = torch.from_numpy(card.covariates.encode(table, patients.source if patients else None))
+            probs = probabilities(model, x, card, covariates)[0]
             explained = requested if requested is not None else explained_classes(probs[None], card)[0]
-            heat = saliency_maps(model, card, x, method, [explained])[0]
+            attributions = None
+            if covariates is not None:
+                attributions = covariate_attributions(model, card, model_input(x, card), covariates, explained)
             text, predicted = caption(card, probs, explained, method)
+            if attributions:
+                text += f"\ncovariates: {attribution_text(attributions)}"
+            if card.model_name == "tabular":  # no image branch: the figure shows the image and the attributions
+                heat = np.zeros(item.array.shape[1:], dtype=np.float32)
+            else:
+                heat = saliency_maps(model, card, x, method, [explained], covariates=covariates)[0]
             path = out_dir / figure_name(source, method, used)
             if item.original is None:
                 volume_figure(item.array[0], heat, f"{source.name}: {text}", path)
             else:
                 overlay_figure(item.original, heat, f"{source.name}: {text}", path, card.fit)
-            results.append(Explanation(str(source), path, card.class_names[explained], predicted, float(probs[explained])))
+            results.append(Explanation(str(source), path, card.class_names[explained], predicted, float(probs[explained]),
+                                       attributions))
     return results, failures

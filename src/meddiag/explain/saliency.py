@@ -28,6 +28,7 @@ from meddiag.data.transforms import normalize, to_unit_float
 from meddiag.errors import ModelError
 from meddiag.evaluation.metrics import predict_labels
 from meddiag.models.checkpoint import ModelCard
+from meddiag.models.fusion import WithCovariates, call, image_part, takes_covariates
 from meddiag.models.inference import logits_to_probs
 from meddiag.models.registry import get_entry
 
@@ -79,27 +80,40 @@ def explained_classes(probs: np.ndarray, card: ModelCard, requested: int | None 
 
 
 @torch.no_grad()
-def probabilities(model: nn.Module, images: torch.Tensor, card: ModelCard) -> np.ndarray:
+def probabilities(model: nn.Module, images: torch.Tensor, card: ModelCard, covariates: torch.Tensor | None = None) -> np.ndarray:
+    """(N, K) probabilities of uint8 ``images`` (with the (N, F) encoded ``covariates`` of a fused model)."""
     model.eval()
-    return logits_to_probs(model(model_input(images, card)), card.task, card.temperature).numpy()
+    return logits_to_probs(call(model, model_input(images, card), covariates), card.task, card.temperature).numpy()
 
 
 def saliency_maps(model: nn.Module, card: ModelCard, images: torch.Tensor, method: str = "gradcam",
-                  classes: Sequence[int] | None = None, target_layer: str | None = None) -> np.ndarray:
+                  classes: Sequence[int] | None = None, target_layer: str | None = None,
+                  covariates: torch.Tensor | None = None) -> np.ndarray:
     """Maps (N, *spatial) float32 in [0, 1] for uint8 ``images`` (N, C, *spatial), each for its
-    entry of ``classes`` (default: the model's decision)."""
+    entry of ``classes`` (default: the model's decision). A model fused with covariates is explained
+    with each image's (N, F) encoded ``covariates`` held fixed (None: none known)."""
     if method not in METHODS:
         raise ModelError(f"unknown explanation method '{method}'; choose {', '.join(METHODS)}")
+    if card.model_name == "tabular":
+        raise ModelError("the tabular model does not look at the image, so it has no heatmap (its covariate "
+                         "attributions say what it used)")
     net = explainable_copy(model)
     if classes is None:
-        classes = explained_classes(probabilities(net, images, card), card)
+        classes = explained_classes(probabilities(net, images, card, covariates), card)
     if card.model_name == "ensemble" and method != "occlusion":  # the members' maps, averaged
         members = [ModelCard.model_validate(m) for m in card.model_kwargs["members"]]
-        maps = [saliency_maps(m, c, images, method, classes) for m, c in zip(net.members, members)]
+        maps = [saliency_maps(m, c, images, method, classes, covariates=covariates if c.covariates else None)
+                for m, c in zip(net.members, members)]
         return np.mean(maps, axis=0).astype(np.float32)
+
+    def bound(i: int | None) -> nn.Module:  # a one-input network: the image, with case i's covariates
+        if not takes_covariates(net):
+            return net
+        return WithCovariates(net, covariates[i : i + 1] if covariates is not None and i is not None else None).eval()
+
     maps = []
     if method == "occlusion":
-        maps = [_occlusion(net, card, images[i : i + 1], int(c)) for i, c in enumerate(classes)]
+        maps = [_occlusion(bound(i), card, images[i : i + 1], int(c)) for i, c in enumerate(classes)]
     else:
         from monai.visualize import GradCAM, GradCAMpp
 
@@ -108,12 +122,19 @@ def saliency_maps(model: nn.Module, card: ModelCard, images: torch.Tensor, metho
             method = "hirescam"
         cam_type = {"gradcam": GradCAM, "gradcampp": GradCAMpp, "hirescam": _hirescam_type()}[method]
         layer = target_layer or entry.target_layer
-        if card.task != "multilabel":
-            net, layer = _Centred(net).eval(), f"net.{layer}"
-        mapping = receptive_field_centres(net, layer, tuple(images.shape[1:]))
-        cam = cam_type(nn_module=net, target_layers=layer, postprocessing=unit_scale,
-                       upsampler=lambda size: (lambda m: place_on_input(m, mapping, size)))
+        if takes_covariates(net):
+            layer = "model." + image_part(net)[1] + layer
+        centred = card.task != "multilabel"
+        if centred:
+            layer = f"net.{layer}"
+
+        def network(i: int | None) -> nn.Module:
+            return _Centred(bound(i)).eval() if centred else bound(i)
+
+        mapping = receptive_field_centres(network(None), layer, tuple(images.shape[1:]))
         for i, c in enumerate(classes):  # one at a time: MONAI's Grad-CAM++ mis-broadcasts batches
+            cam = cam_type(nn_module=network(i), target_layers=layer, postprocessing=unit_scale,
+                           upsampler=lambda size: (lambda m: place_on_input(m, mapping, size)))
             maps.append(cam(model_input(images[i : i + 1], card), class_idx=int(c))[0, 0].detach().numpy())
     return np.nan_to_num(np.stack(maps).astype(np.float32))
 

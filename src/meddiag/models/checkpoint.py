@@ -16,6 +16,7 @@ from pydantic import BaseModel, ConfigDict, Field
 from torch import nn
 
 import meddiag
+from meddiag.data.covariates import CovariateSchema
 from meddiag.errors import ModelError
 from meddiag.models.registry import create_model
 
@@ -47,6 +48,8 @@ class ModelCard(BaseModel):
     coverage: float | None = Field(None, description="target share of cases answered; the rest are referred (abstain)")
     abstain_threshold: float | None = Field(None, description="abstain when the normalised predictive entropy exceeds this (chosen on validation)")
     positive_class: str | None = Field(None, description="two-class tasks: the finding, always class_names[1] (None in older checkpoints: class_names[1] too)")
+    covariates: CovariateSchema | None = Field(None, description="the patient data the model takes beside the image, and how it is encoded (None: image only)")
+    fusion: Literal["late", "film"] | None = Field(None, description="how image and covariates are joined (models with covariates)")
     data_name: str = ""
     meddiag_version: str = meddiag.__version__
 
@@ -55,7 +58,15 @@ class ModelCard(BaseModel):
         return len(self.class_names)
 
     def build_model(self) -> nn.Module:
-        return create_model(self.model_name, self.in_channels, self.num_classes, self.spatial_dims, self.image_size, **self.model_kwargs)
+        net = create_model(self.model_name, self.in_channels, self.num_classes, self.spatial_dims, self.image_size, **self.model_kwargs)
+        if self.covariates is None or self.model_name == "ensemble":
+            if self.model_name == "tabular":
+                raise ModelError("the tabular model needs covariates: give --covariates (manifest columns) or --tabular")
+            return net
+        from meddiag.models.fusion import fuse
+
+        return fuse(net, self.model_name, self.covariates.missing_row(), self.num_classes, self.fusion or "late",
+                    self.in_channels, self.spatial_dims, self.image_size)
 
 
 def save_checkpoint(path: str | Path, model: nn.Module, card: ModelCard) -> Path:

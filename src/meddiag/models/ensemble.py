@@ -11,11 +11,13 @@ import torch
 from torch import nn
 
 from meddiag.errors import ModelError
+from meddiag.models.fusion import call, takes_covariates
 from meddiag.models.inference import logits_to_probs
 from meddiag.models.registry import register_model
 
 # Members must agree on these to be averaged (same classes, same input, same preparation).
-MUST_AGREE = ("class_names", "task", "image_size", "in_channels", "spatial_dims", "mean", "std", "fit", "window", "volume_index")
+MUST_AGREE = ("class_names", "task", "image_size", "in_channels", "spatial_dims", "mean", "std", "fit", "window", "volume_index",
+              "covariates")
 
 
 class Ensemble(nn.Module):
@@ -24,9 +26,11 @@ class Ensemble(nn.Module):
         self.members = nn.ModuleList(members)
         self.task = task
         self.temperatures = temperatures
+        self.takes_covariates = any(takes_covariates(m) for m in members)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        probs = torch.stack([logits_to_probs(m(x).float(), self.task, t) for m, t in zip(self.members, self.temperatures)]).mean(0)
+    def forward(self, x: torch.Tensor, covariates: torch.Tensor | None = None) -> torch.Tensor:
+        probs = torch.stack([logits_to_probs(call(m, x, covariates).float(), self.task, t)
+                             for m, t in zip(self.members, self.temperatures)]).mean(0)
         probs = probs.clamp(1e-7, 1 - 1e-7)
         return torch.log(probs / (1 - probs)) if self.task == "multilabel" else torch.log(probs)
 

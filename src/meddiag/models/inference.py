@@ -6,6 +6,7 @@ import torch
 from torch import nn
 
 from meddiag.data.transforms import normalize, to_unit_float
+from meddiag.models.fusion import call
 
 
 def logits_to_probs(logits: torch.Tensor, task: str, temperature: float = 1.0) -> torch.Tensor:
@@ -24,14 +25,16 @@ def model_device(model: nn.Module) -> torch.device:
 
 @torch.inference_mode()
 def predict_proba(model: nn.Module, images: torch.Tensor, task: str, mean: float, std: float, batch_size: int = 256,
-                  temperature: float = 1.0) -> torch.Tensor:
-    """Class probabilities (N, K) float32 for uint8 images (N, C, *spatial), on the model's device."""
+                  temperature: float = 1.0, covariates: torch.Tensor | None = None) -> torch.Tensor:
+    """Class probabilities (N, K) float32 for uint8 images (N, C, *spatial), on the model's device.
+    ``covariates``: (N, F) encoded patient data for a model that takes them (None: none known)."""
     device = model_device(model)
     model.eval()
     out = []
-    for chunk in images.split(batch_size):
-        x = normalize(to_unit_float(chunk.to(device)), mean, std)
-        out.append(logits_to_probs(model(x).float(), task, temperature).cpu())
+    for start in range(0, len(images), batch_size):
+        x = normalize(to_unit_float(images[start : start + batch_size].to(device)), mean, std)
+        c = covariates[start : start + batch_size].to(device) if covariates is not None else None
+        out.append(logits_to_probs(call(model, x, c).float(), task, temperature).cpu())
     if not out:
         return torch.empty(0, 0)
     return torch.cat(out)

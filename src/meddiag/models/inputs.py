@@ -27,6 +27,7 @@ class ModelInput:
     sop_instance_uid: str = ""  # DICOM: the object diagnosed (an object id, not PHI)
     series_instance_uid: str = ""
     excluded: list[tuple[str, str]] = field(default_factory=list)  # (path, reason): files left out of a series
+    covariates: tuple[np.ndarray, list[str]] | None = None  # models with covariates: (F,) encoded, and the names missing
 
 
 @reads_one_file

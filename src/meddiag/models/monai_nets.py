@@ -30,17 +30,17 @@ def _resnet(block: str, layers: list[int], in_channels: int, num_classes: int, s
     )
 
 
-@register_model("resnet18", spatial_dims=(2, 3), target_layer="layer4", description="ResNet-18 (MONAI), 11M parameters")
+@register_model("resnet18", spatial_dims=(2, 3), target_layer="layer4", head="fc", description="ResNet-18 (MONAI), 11M parameters")
 def resnet18(in_channels: int, num_classes: int, spatial_dims: int = 2, image_size: int = 224) -> nn.Module:
     return _resnet("basic", [2, 2, 2, 2], in_channels, num_classes, spatial_dims, image_size)
 
 
-@register_model("resnet50", spatial_dims=(2, 3), target_layer="layer4", description="ResNet-50 (MONAI), 23M parameters")
+@register_model("resnet50", spatial_dims=(2, 3), target_layer="layer4", head="fc", description="ResNet-50 (MONAI), 23M parameters")
 def resnet50(in_channels: int, num_classes: int, spatial_dims: int = 2, image_size: int = 224) -> nn.Module:
     return _resnet("bottleneck", [3, 4, 6, 3], in_channels, num_classes, spatial_dims, image_size)
 
 
-@register_model("densenet121", spatial_dims=(2, 3), target_layer="features.norm5", description="DenseNet-121 (MONAI), 7M parameters")
+@register_model("densenet121", spatial_dims=(2, 3), target_layer="features.norm5", head="class_layers.out", description="DenseNet-121 (MONAI), 7M parameters")
 def densenet121(in_channels: int, num_classes: int, spatial_dims: int = 2, image_size: int = 224) -> nn.Module:
     net = DenseNet121(spatial_dims=spatial_dims, in_channels=in_channels, out_channels=num_classes)
     if cifar_stem(spatial_dims, image_size):
@@ -50,7 +50,7 @@ def densenet121(in_channels: int, num_classes: int, spatial_dims: int = 2, image
     return net
 
 
-@register_model("efficientnet_b0", spatial_dims=(2, 3), target_layer="_bn1", description="EfficientNet-B0 (MONAI), 4M parameters")
+@register_model("efficientnet_b0", spatial_dims=(2, 3), target_layer="_bn1", head="_fc", description="EfficientNet-B0 (MONAI), 4M parameters")
 def efficientnet_b0(in_channels: int, num_classes: int, spatial_dims: int = 2, image_size: int = 224) -> nn.Module:
     net = EfficientNetBN("efficientnet-b0", pretrained=False, progress=False, spatial_dims=spatial_dims,
                          in_channels=in_channels, num_classes=num_classes)

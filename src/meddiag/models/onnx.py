@@ -27,10 +27,12 @@ from torch import nn
 
 from meddiag.errors import ModelError
 from meddiag.models.checkpoint import ModelCard
+from meddiag.models.fusion import call
 
 CARD_KEY = "meddiag_card"
 WEIGHTS_KEY = "meddiag_weights_sha256"
 INPUT_NAME, OUTPUT_NAME = "image", "logits"
+COVARIATES_NAME = "covariates"  # models with covariates: the second input, (N, F) float32 as the card's schema encodes
 TOLERANCE = 1e-4  # largest |ONNX - PyTorch| logit difference an export may have
 
 
@@ -58,10 +60,15 @@ def export_onnx(model: nn.Module, card: ModelCard, path: str | Path, check: bool
     path.parent.mkdir(parents=True, exist_ok=True)
     net = _exportable(model)
     spatial = (card.image_size,) * card.spatial_dims
-    example = torch.zeros(2, card.in_channels, *spatial)
+    example: tuple[torch.Tensor, ...] = (torch.zeros(2, card.in_channels, *spatial),)
+    names = [INPUT_NAME]
+    if card.covariates is not None:
+        example += (torch.zeros(2, card.covariates.n_features),)
+        names.append(COVARIATES_NAME)
+    batch = torch.export.Dim("batch")
     with _quiet_exporter():
-        program = torch.onnx.export(net, (example,), dynamo=True, input_names=[INPUT_NAME], output_names=[OUTPUT_NAME],
-                                    dynamic_shapes=({0: torch.export.Dim("batch")},), verbose=False)
+        program = torch.onnx.export(net, example, dynamo=True, input_names=names, output_names=[OUTPUT_NAME],
+                                    dynamic_shapes=tuple({0: batch} for _ in example), verbose=False)
     proto = program.model_proto
     for key, value in ((CARD_KEY, card.model_dump_json()), (WEIGHTS_KEY, weights_fingerprint(net))):
         entry = proto.metadata_props.add()
@@ -82,15 +89,17 @@ def check_export(model: nn.Module, card: ModelCard, path: Path, n: int = 3) -> f
     onnx_model, _ = load_onnx(path)
     g = torch.Generator().manual_seed(0)
     x = torch.randn(n, card.in_channels, *(card.image_size,) * card.spatial_dims, generator=g)
+    c = torch.randn(n, card.covariates.n_features, generator=g) if card.covariates is not None else None
     with torch.inference_mode():
-        diff = float((onnx_model(x) - model.float().eval()(x)).abs().max())
+        diff = float((call(onnx_model, x, c) - call(model.float().eval(), x, c)).abs().max())
     if not diff <= TOLERANCE:
         raise ModelError(f"{path}: ONNX Runtime's output differs from PyTorch's by {diff:.2e} (> {TOLERANCE:.0e})")
     return diff
 
 
 class OnnxModel(nn.Module):
-    """An ONNX Runtime session behaving as an eval-mode network: float32 (N, C, ...) -> logits."""
+    """An ONNX Runtime session behaving as an eval-mode network: float32 (N, C, ...) -> logits; for a
+    model with covariates ``forward(x, covariates=None)`` (None: the all-missing encoding)."""
 
     def __init__(self, path: str | Path, threads: int | None = None) -> None:
         super().__init__()
@@ -108,10 +117,24 @@ class OnnxModel(nn.Module):
         self.path = Path(path)
         self.metadata = dict(self.session.get_modelmeta().custom_metadata_map)
         self.input_name = self.session.get_inputs()[0].name
+        self.takes_covariates = len(self.session.get_inputs()) > 1
+        self.missing_row: np.ndarray | None = None
+        if self.takes_covariates and CARD_KEY in self.metadata:
+            schema = ModelCard.model_validate_json(self.metadata[CARD_KEY]).covariates
+            self.missing_row = schema.missing_row() if schema is not None else None
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, covariates: torch.Tensor | None = None) -> torch.Tensor:
         array = np.ascontiguousarray(x.detach().cpu().float().numpy())
-        return torch.from_numpy(self.session.run(None, {self.input_name: array})[0])
+        feeds = {self.input_name: array}
+        if self.takes_covariates:
+            if covariates is None:
+                if self.missing_row is None:
+                    raise ModelError(f"{self.path} takes covariates, and its card does not say how to encode missing ones")
+                c = np.repeat(self.missing_row[None], len(array), axis=0)
+            else:
+                c = covariates.detach().cpu().float().numpy()
+            feeds[COVARIATES_NAME] = np.ascontiguousarray(c, dtype=np.float32)
+        return torch.from_numpy(self.session.run(None, feeds)[0])
 
 
 def load_onnx(path: str | Path, threads: int | None = None) -> tuple[OnnxModel, ModelCard]:

@@ -24,19 +24,20 @@ class ModelEntry:
     target_layer: str
     description: str
     pooled_head: bool = True  # ends in global average pooling (Grad-CAM's assumption); False: flatten -> dense
+    head: str = ""  # the final linear layer (logits); late fusion feeds the features before it, with the covariates', to a new one
 
 
 _REGISTRY: dict[str, ModelEntry] = {}
 
 
 def register_model(name: str, *, spatial_dims: tuple[int, ...] = (2,), target_layer: str, description: str,
-                   pooled_head: bool = True) -> Callable[[Builder], Builder]:
+                   pooled_head: bool = True, head: str = "") -> Callable[[Builder], Builder]:
     """Decorator registering ``builder(in_channels, num_classes, spatial_dims, image_size, **kwargs)``."""
 
     def wrap(builder: Builder) -> Builder:
         if name in _REGISTRY:
             raise ValueError(f"model {name!r} is registered twice")
-        _REGISTRY[name] = ModelEntry(name, builder, spatial_dims, target_layer, description, pooled_head)
+        _REGISTRY[name] = ModelEntry(name, builder, spatial_dims, target_layer, description, pooled_head, head)
         return builder
 
     return wrap

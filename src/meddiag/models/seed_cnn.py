@@ -16,7 +16,7 @@ def seed_cnn_feature_size(image_size: int) -> int:
     return size
 
 
-@register_model("seed_cnn", spatial_dims=(2, 3), target_layer="features.7", pooled_head=False,
+@register_model("seed_cnn", spatial_dims=(2, 3), target_layer="features.7", pooled_head=False, head="classifier.3",
                 description="classic Conv32-Pool-Conv64-Pool-Conv128-Dense512 network, 'valid' padding")
 def seed_cnn(in_channels: int, num_classes: int, spatial_dims: int = 2, image_size: int = 224,
              widths: tuple[int, int, int] = (32, 64, 128), dense: int = 512) -> nn.Module:

@@ -20,6 +20,7 @@ from torch import nn
 from meddiag.data.transforms import AugmentConfig, augment_batch, normalize, to_unit_float
 from meddiag.errors import ModelError
 from meddiag.models.checkpoint import ModelCard
+from meddiag.models.fusion import call
 from meddiag.models.inference import logits_to_probs, model_device
 
 DROPOUT_TYPES = (nn.Dropout, nn.Dropout1d, nn.Dropout2d, nn.Dropout3d, nn.AlphaDropout)
@@ -31,9 +32,9 @@ def has_dropout(model: nn.Module) -> bool:
 
 @torch.no_grad()
 def predictive_samples(model: nn.Module, card: ModelCard, images: torch.Tensor, tta: int = 0, mc_dropout: int = 0,
-                       seed: int = 0, batch_size: int = 256) -> np.ndarray:
+                       seed: int = 0, batch_size: int = 256, covariates: torch.Tensor | None = None) -> np.ndarray:
     """(S, N, K) probabilities: the plain prediction first, then ``tta`` augmented and ``mc_dropout``
-    dropout passes."""
+    dropout passes (``covariates``: (N, F) encoded patient data, the same in every pass)."""
     if mc_dropout and not has_dropout(model):
         raise ModelError(f"{card.model_name} has no dropout layers: MC-dropout needs a network with dropout "
                          "(use test-time augmentation instead)")
@@ -41,25 +42,26 @@ def predictive_samples(model: nn.Module, card: ModelCard, images: torch.Tensor, 
     generator = torch.Generator(device=device).manual_seed(seed)
     augment = AugmentConfig()
     out = []
-    for chunk in images.split(batch_size):
-        x = to_unit_float(chunk.to(device))
+    for start in range(0, len(images), batch_size):
+        x = to_unit_float(images[start : start + batch_size].to(device))
+        c = covariates[start : start + batch_size].to(device) if covariates is not None else None
         model.eval()
-        passes = [_probs(model, normalize(x, card.mean, card.std), card)]
+        passes = [_probs(model, normalize(x, card.mean, card.std), card, c)]
         for _ in range(tta):
-            passes.append(_probs(model, normalize(augment_batch(x, augment, generator), card.mean, card.std), card))
+            passes.append(_probs(model, normalize(augment_batch(x, augment, generator), card.mean, card.std), card, c))
         if mc_dropout:
             for m in model.modules():
                 if isinstance(m, DROPOUT_TYPES):
                     m.train()
             for _ in range(mc_dropout):
-                passes.append(_probs(model, normalize(x, card.mean, card.std), card))
+                passes.append(_probs(model, normalize(x, card.mean, card.std), card, c))
             model.eval()
         out.append(torch.stack(passes))
     return torch.cat(out, dim=1).numpy()
 
 
-def _probs(model: nn.Module, x: torch.Tensor, card: ModelCard) -> torch.Tensor:
-    return logits_to_probs(model(x).float(), card.task, card.temperature).cpu()
+def _probs(model: nn.Module, x: torch.Tensor, card: ModelCard, covariates: torch.Tensor | None = None) -> torch.Tensor:
+    return logits_to_probs(call(model, x, covariates).float(), card.task, card.temperature).cpu()
 
 
 def normalised_entropy(probs: np.ndarray, task: str) -> np.ndarray:
@@ -81,7 +83,9 @@ def summarise(samples: np.ndarray, task: str) -> dict[str, np.ndarray]:
     return {"mean": mean, "entropy": normalised_entropy(mean, task), "spread": spread}
 
 
-def predict_with_uncertainty(model: nn.Module, card: ModelCard, images: torch.Tensor, batch_size: int = 256) -> dict[str, np.ndarray]:
+def predict_with_uncertainty(model: nn.Module, card: ModelCard, images: torch.Tensor, batch_size: int = 256,
+                             covariates: torch.Tensor | None = None) -> dict[str, np.ndarray]:
     """:func:`summarise` of the passes the model card asks for (its ``tta`` and ``mc_dropout``; a
     single plain pass when both are 0)."""
-    return summarise(predictive_samples(model, card, images, card.tta, card.mc_dropout, batch_size=batch_size), card.task)
+    samples = predictive_samples(model, card, images, card.tta, card.mc_dropout, batch_size=batch_size, covariates=covariates)
+    return summarise(samples, card.task)

@@ -28,20 +28,22 @@ from typing import Any, Literal
 
 import numpy as np
 import torch
-from fastapi import Depends, FastAPI, File, HTTPException, Query, Request, UploadFile
+from fastapi import Depends, FastAPI, File, Form, HTTPException, Query, Request, UploadFile
 from fastapi.responses import HTMLResponse, JSONResponse, Response
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 from PIL import Image
 from starlette.concurrency import run_in_threadpool
 
 import meddiag
-from meddiag.errors import ImageReadError, WrongKindError, failure_reason
+from meddiag.data.covariates import PatientData
+from meddiag.errors import DataError, ImageReadError, WrongKindError, failure_reason
 from meddiag.explain.render import overlay_image, volume_figure
-from meddiag.explain.saliency import METHODS, explained_classes, method_label, saliency_maps
+from meddiag.explain.covariates import covariate_attributions
+from meddiag.explain.saliency import METHODS, explained_classes, method_label, model_input, saliency_maps
 from meddiag.models.inputs import ModelInput
 from meddiag.runfolder import METRICS, REPORT_JSON, RunFolder
 from meddiag.serving.batching import MicroBatcher
-from meddiag.serving.predictor import Prediction, Predictor
+from meddiag.serving.predictor import Prediction, Predictor, stacked_covariates
 from meddiag.serving.uploads import KINDS, SUPPORTED, VOLUME_KINDS, UnsupportedUpload, display_name, sniff, stored_upload
 
 log = logging.getLogger("meddiag.serve")
@@ -75,13 +77,16 @@ def create_app(predictor: Predictor, run: str | Path | None = None, options: Ser
     predictor.max_pixels = opts.max_pixels
     card = predictor.card
     model_card = describe_model(predictor, Path(run) if run else None)
-    batcher = MicroBatcher(lambda arrays: predictor.predict_distribution(torch.from_numpy(arrays)), opts.max_batch, opts.batch_wait_ms / 1000)
+    def run_model(arrays: np.ndarray, covariates: np.ndarray | None = None) -> dict[str, np.ndarray]:
+        return predictor.predict_distribution(torch.from_numpy(arrays), torch.from_numpy(covariates) if covariates is not None else None)
+
+    batcher = MicroBatcher(run_model, opts.max_batch, opts.batch_wait_ms / 1000)
     state = {"ready": False}
 
     @asynccontextmanager
     async def lifespan(app: FastAPI):  # noqa: ANN202 - FastAPI's lifespan protocol
         dummy = np.zeros((1, card.in_channels, *(card.image_size,) * card.spatial_dims), np.uint8)
-        await batcher.submit(dummy)  # warm-up: the first pass pays one-off costs, not a user
+        await batcher.submit(dummy, *([card.covariates.missing_row()[None]] if card.covariates else []))  # warm-up: the first pass pays one-off costs, not a user
         batcher.stats.__init__()
         state["ready"] = True
         log.info("model %s ready (%s backend)", card.model_name, predictor.backend)
@@ -126,21 +131,31 @@ def create_app(predictor: Predictor, run: str | Path | None = None, options: Ser
                          413: {"description": "request larger than the upload limit"},
                          415: {"description": "not a format (or dimension) this model reads"}})
     async def predict(
+        request: Request,
         files: list[UploadFile] = File(..., description=f"{SUPPORTED} files; for a 3D model, NIfTI or multi-frame DICOM"),
         explain: Literal["gradcam", "hirescam", "gradcampp", "occlusion"] | None = Query(
             None, description="add a heatmap of where the model looked (PNG, base64)"),
         image: bool = Query(False, description="add the image as the model read it (PNG, base64; 2D only)"),
+        covariates: str | None = Form(None, description="models with covariates: the patients' data as JSON, an object for "
+                                      "every file or a list with one per file (e.g. {\"age\": 63, \"sex\": \"female\"}); "
+                                      "form fields named after a covariate (age=63) work too; all optional"),
     ) -> dict:
         start = time.perf_counter()
         if len(files) > opts.max_files:
             raise HTTPException(400, f"{len(files)} files in one request; the limit is {opts.max_files}")
+        patients = await _request_covariates(request, card, len(files))
         uploads = [(i, display_name(f.filename, i), await f.read()) for i, f in enumerate(files)]
         items: list[tuple[int, str, ModelInput]] = []
         for index, name, data in uploads:
             for item in await run_in_threadpool(_read_upload, predictor, index, name, data):
+                try:
+                    item.covariates = predictor.case_covariates(patients[index] if patients else None, name)
+                except DataError as exc:
+                    raise UploadProblem(400, index, name, str(exc)) from None
                 items.append((index, name, item))
         arrays = np.stack([it.array for _, _, it in items])
-        dist = await batcher.submit(arrays)
+        covariates = stacked_covariates([it for _, _, it in items])
+        dist = await batcher.submit(arrays, *([covariates.numpy()] if covariates is not None else []))
         predictions = predictor.predictions_from([it for _, _, it in items], dist)
         results = [_result(index, name, p, card) for (index, name, _), p in zip(items, predictions)]
         if explain or image:
@@ -165,6 +180,34 @@ def create_app(predictor: Predictor, run: str | Path | None = None, options: Ser
         return _swagger_asset(name)
 
     return app
+
+
+async def _request_covariates(request: Request, card: Any, n_files: int) -> list[PatientData] | None:
+    """The patient data sent with the files, one per file (None: none sent, or an image-only model).
+
+    Form fields named after the model's covariates (``age=63``, ``sex=female``) apply to every file; a
+    ``covariates`` field holds JSON: an object (for every file) or a list of objects, one per file."""
+    if card.covariates is None:
+        return None
+    form = await request.form()
+    names = set(card.covariates.names)
+    fields = {k.lower(): v for k, v in form.items() if isinstance(v, str) and k.lower() in names}
+    given = form.get("covariates")
+    per_file: list[dict] = [dict(fields) for _ in range(n_files)]
+    if isinstance(given, str) and given.strip():
+        try:
+            parsed = json.loads(given)
+        except ValueError as exc:
+            raise HTTPException(400, f"the covariates field is not valid JSON: {exc}") from None
+        if isinstance(parsed, dict):
+            parsed = [parsed] * n_files
+        if not isinstance(parsed, list) or len(parsed) != n_files or not all(isinstance(p, dict) for p in parsed):
+            raise HTTPException(400, f"covariates must be a JSON object, or a list of {n_files} objects (one per file)")
+        per_file = [{**fields, **{str(k).lower(): v for k, v in p.items()}} for p in parsed]
+    unknown = sorted({k for p in per_file for k in p} - names)
+    if unknown:
+        raise HTTPException(400, f"unknown covariate(s) {', '.join(unknown[:10])}; this model knows {', '.join(sorted(names)[:30])}")
+    return [PatientData.single(p, "the covariates sent") for p in per_file]
 
 
 def _read_upload(predictor: Predictor, index: int, name: str, data: bytes) -> list[ModelInput]:
@@ -199,6 +242,8 @@ def _result(index: int, name: str, p: Prediction, card: Any) -> dict:
         out["abstain"] = p.abstain
     if p.sop_instance_uid:
         out["sop_instance_uid"], out["series_instance_uid"] = p.sop_instance_uid, p.series_instance_uid
+    if p.missing_covariates is not None:
+        out["missing_covariates"] = p.missing_covariates
     return out
 
 
@@ -212,10 +257,13 @@ def _pictures(predictor: Predictor, items: list[ModelInput], probs: np.ndarray, 
             picture = Image.fromarray(item.original)
             picture.thumbnail((size, size), Image.Resampling.BILINEAR)
             extra["image_png"] = _png(np.asarray(picture))
-        if method:
+        if method and card.model_name != "tabular":
             x = torch.tensor(item.array[None])
-            heat = saliency_maps(predictor.model, card, x, method, [explained])[0]
+            covariates = torch.from_numpy(item.covariates[0][None]) if item.covariates is not None else None
+            heat = saliency_maps(predictor.model, card, x, method, [explained], covariates=covariates)[0]
             extra["heatmap"] = {"method": method_label(method, card.model_name), "class": card.class_names[explained]}
+            if covariates is not None:
+                extra["covariate_attributions"] = covariate_attributions(predictor.model, card, model_input(x, card), covariates, explained)
             if item.original is not None:
                 extra["heatmap_png"] = _png(overlay_image(item.original, heat, card.fit, max_side=size))
             else:
@@ -245,6 +293,7 @@ def describe_model(predictor: Predictor, run: Path | None) -> dict:
                      "tta": c.tta, "mc_dropout": c.mc_dropout, "coverage": c.coverage, "abstain_threshold": c.abstain_threshold},
         "explain_methods": list(METHODS), "backend": predictor.backend, "meddiag_version": meddiag.__version__,
         "trained_with_meddiag": c.meddiag_version, "training_data": None, "test_metrics": None,
+        "covariates": _covariate_fields(c),
         "intended_use": "decision support for qualified readers; not a stand-alone diagnosis",
     }
     if run is None or not run.is_dir():
@@ -265,6 +314,19 @@ def describe_model(predictor: Predictor, run: Path | None) -> dict:
             test["calibration"] = {k: v for k, v in (report.get("calibration") or {}).get("model", {}).items() if k != "bins"}
         card["test_metrics"] = test
     return card
+
+
+def _covariate_fields(card: Any) -> dict | None:
+    """What a client may send beside the image: each manifest covariate with its type and, for a
+    category, the values the model knows; a joined table's columns are counted, not listed."""
+    schema = card.covariates
+    if schema is None:
+        return None
+    fields = [{"name": c.name, "type": "number", "median": c.median} for c in schema.numeric if c.block != schema.tabular_block]
+    fields += [{"name": c.name, "type": "category", "levels": c.levels} for c in schema.categorical if c.block != schema.tabular_block]
+    table = [n for n, b in schema.name_blocks() if b == schema.tabular_block] if schema.tabular_block else []
+    return {"fields": fields, "fusion": card.fusion, "joined_table": {"columns": len(table), "key": schema.join} if table else None,
+            "missing_values": schema.missing_values, "all_optional": True}
 
 
 def _json(path: Path) -> dict | None:

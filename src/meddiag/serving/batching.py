@@ -20,8 +20,11 @@ import numpy as np
 
 @dataclass
 class _Job:
-    arrays: np.ndarray
+    arrays: tuple[np.ndarray, ...]  # row-aligned inputs (the images; and their covariates, for a fused model)
     future: asyncio.Future
+
+    def __len__(self) -> int:
+        return len(self.arrays[0])
 
 
 @dataclass
@@ -38,12 +41,12 @@ class BatchStats:
 
 
 class MicroBatcher:
-    """``await batcher.submit(arrays)`` -> ``fn(arrays)`` for those rows, batched with others.
+    """``await batcher.submit(arrays, ...)`` -> ``fn(arrays, ...)`` for those rows, batched with others.
 
-    ``fn`` maps an (N, ...) array to a dict of arrays with N rows each. It runs on ``executor``
-    (one thread by default, so passes never overlap)."""
+    ``fn`` maps one or more row-aligned (N, ...) arrays (images; their covariates) to a dict of arrays
+    with N rows each. It runs on ``executor`` (one thread by default, so passes never overlap)."""
 
-    def __init__(self, fn: Callable[[np.ndarray], dict[str, np.ndarray]], max_batch: int = 32, max_wait: float = 0.005,
+    def __init__(self, fn: Callable[..., dict[str, np.ndarray]], max_batch: int = 32, max_wait: float = 0.005,
                  executor: ThreadPoolExecutor | None = None) -> None:
         self.fn, self.max_batch, self.max_wait = fn, max(1, max_batch), max(0.0, max_wait)
         self.executor = executor or ThreadPoolExecutor(1, thread_name_prefix="meddiag-model")
@@ -51,7 +54,7 @@ class MicroBatcher:
         self._queue: asyncio.Queue[_Job] | None = None
         self._worker: asyncio.Task | None = None
 
-    async def submit(self, arrays: np.ndarray) -> dict[str, np.ndarray]:
+    async def submit(self, *arrays: np.ndarray) -> dict[str, np.ndarray]:
         if self._queue is None:
             self._queue = asyncio.Queue()
             self._worker = asyncio.get_running_loop().create_task(self._run())
@@ -71,7 +74,7 @@ class MicroBatcher:
         loop = asyncio.get_running_loop()
         while True:
             jobs = [await self._queue.get()]
-            size = len(jobs[0].arrays)
+            size = len(jobs[0])
             deadline = loop.time() + self.max_wait
             while size < self.max_batch:
                 try:
@@ -80,20 +83,20 @@ class MicroBatcher:
                 except (asyncio.QueueEmpty, asyncio.TimeoutError):
                     break
                 jobs.append(job)
-                size += len(job.arrays)
-            batch = np.concatenate([j.arrays for j in jobs]) if len(jobs) > 1 else jobs[0].arrays
+                size += len(job)
+            batch = tuple(np.concatenate(parts) for parts in zip(*(j.arrays for j in jobs))) if len(jobs) > 1 else jobs[0].arrays
             start = time.perf_counter()
             try:
-                out = await loop.run_in_executor(self.executor, self.fn, batch)
+                out = await loop.run_in_executor(self.executor, self.fn, *batch)
             except Exception as exc:  # noqa: BLE001 - handed to every waiting request
                 for j in jobs:
                     if not j.future.done():
                         j.future.set_exception(exc)
                 continue
-            self._record(len(batch), time.perf_counter() - start)
+            self._record(len(batch[0]), time.perf_counter() - start)
             offset = 0
             for j in jobs:
-                n = len(j.arrays)
+                n = len(j)
                 if not j.future.done():
                     j.future.set_result({k: v[offset : offset + n] for k, v in out.items()})
                 offset += n

@@ -17,7 +17,8 @@ import numpy as np
 import torch
 
 from meddiag.data.collect import Failure, collect_sources
-from meddiag.errors import ModelError, source_failure
+from meddiag.data.covariates import PatientData
+from meddiag.errors import DataError, ModelError, source_failure
 from meddiag.evaluation.metrics import predict_labels
 from meddiag.models.checkpoint import load_checkpoint
 from meddiag.models.inference import predict_proba
@@ -37,6 +38,7 @@ class Prediction:
     uncertainty: float = 0.0  # normalised predictive entropy, 0 (certain) to 1
     spread: float | None = None  # std over TTA / MC-dropout passes of the predicted class's probability
     abstain: bool | None = None  # True: refer to a human (uncertainty above the model's threshold)
+    missing_covariates: list[str] | None = None  # models with covariates: those this case lacked (None: image-only model)
 
 
 class Predictor:
@@ -67,26 +69,37 @@ class Predictor:
     def from_run(cls, run: str | Path, **kwargs: object) -> Predictor:
         return cls(model_checkpoint(run), **kwargs)  # type: ignore[arg-type]
 
-    def predict_arrays(self, images: torch.Tensor) -> np.ndarray:
+    def predict_arrays(self, images: torch.Tensor, covariates: torch.Tensor | None = None) -> np.ndarray:
         """Probabilities (N, K) for uint8 model input (N, C, H, W) or (N, C, D, H, W)."""
-        return self.predict_distribution(images)["mean"]
+        return self.predict_distribution(images, covariates)["mean"]
 
-    def predict_distribution(self, images: torch.Tensor) -> dict[str, np.ndarray]:
+    def predict_distribution(self, images: torch.Tensor, covariates: torch.Tensor | None = None) -> dict[str, np.ndarray]:
         """``mean`` probabilities (N, K), normalised ``entropy`` (N,) and ``spread`` (N,), with the
-        test-time augmentation / MC-dropout passes the model card asks for."""
+        test-time augmentation / MC-dropout passes the model card asks for. ``covariates``: (N, F)
+        encoded patient data (see :meth:`encode_covariates`; None: none known)."""
         c = self.card
         if c.tta or c.mc_dropout:
-            return predict_with_uncertainty(self.network, c, images, self.batch_size)
-        probs = predict_proba(self.network, images, c.task, c.mean, c.std, self.batch_size, c.temperature).numpy()
+            return predict_with_uncertainty(self.network, c, images, self.batch_size, covariates=covariates)
+        probs = predict_proba(self.network, images, c.task, c.mean, c.std, self.batch_size, c.temperature, covariates).numpy()
         return {"mean": probs, "entropy": normalised_entropy(probs, c.task), "spread": np.zeros(len(probs))}
+
+    def case_covariates(self, patients: PatientData | None, source: str | Path) -> tuple[np.ndarray, list[str]] | None:
+        """(F,) encoded covariates of the case in ``source`` and the names it lacks (None: an image-only
+        model). Raises DataError (naming file, line, column) for a value that cannot be right."""
+        schema = self.card.covariates
+        if schema is None:
+            return None
+        table = patients.table_for(schema, source) if patients is not None else schema.empty_table(1)
+        return schema.encode(table, warn=patients.source if patients is not None else None)[0], schema.missing_names(table)[0]
 
     def read(self, path: str | Path) -> list[ModelInput]:
         """The model inputs of one file (or DICOM series folder); raises ``ImageReadError``."""
         return read_inputs(path, self.card, self.max_pixels)
 
-    def predict(self, paths: list[str | Path]) -> tuple[list[Prediction], list[Failure]]:
+    def predict(self, paths: list[str | Path], patients: PatientData | None = None) -> tuple[list[Prediction], list[Failure]]:
         """Predict every image file in ``paths`` (files or folders); for 3D models every volume
-        (NIfTI files, multi-frame DICOM files, and folders holding a DICOM series).
+        (NIfTI files, multi-frame DICOM files, and folders holding a DICOM series). ``patients``: the
+        cases' covariates, for a model that takes them (cases without a row have them all missing).
 
         Returns the predictions and, separately, each file that failed with its reason.
         """
@@ -102,7 +115,12 @@ class Predictor:
                 items = []
             for item in items:
                 failures += [Failure(p, r) for p, r in item.excluded if p not in taken]
-            pending += items
+                try:
+                    item.covariates = self.case_covariates(patients, source)
+                except DataError as exc:  # a bad value fails this case only
+                    failures.append(Failure(str(source), str(exc)))
+                    continue
+                pending.append(item)
             if len(pending) >= self.batch_size or (i == len(sources) - 1 and pending):
                 predictions += self.predict_inputs(pending)
                 pending = []
@@ -118,7 +136,7 @@ class Predictor:
         """One :class:`Prediction` per input, predicted together."""
         if not items:
             return []
-        dist = self.predict_distribution(torch.from_numpy(np.stack([it.array for it in items])))
+        dist = self.predict_distribution(torch.from_numpy(np.stack([it.array for it in items])), stacked_covariates(items))
         return self.predictions_from(items, dist)
 
     def predictions_from(self, items: list[ModelInput], dist: dict[str, np.ndarray]) -> list[Prediction]:
@@ -126,6 +144,8 @@ class Predictor:
         rows = self._rows([Path(it.source) for it in items], dist)
         for row, item in zip(rows, items):
             row.sop_instance_uid, row.series_instance_uid = item.sop_instance_uid, item.series_instance_uid
+            if item.covariates is not None:
+                row.missing_covariates = item.covariates[1]
         return rows
 
     def _rows(self, paths: list[Path], dist: dict[str, np.ndarray]) -> list[Prediction]:
@@ -143,12 +163,20 @@ class Predictor:
         return rows
 
 
+def stacked_covariates(items: list[ModelInput]) -> torch.Tensor | None:
+    """(N, F) encoded covariates of ``items`` (None when the model takes none)."""
+    if not items or items[0].covariates is None:
+        return None
+    return torch.from_numpy(np.stack([it.covariates[0] for it in items]))  # type: ignore[index]
+
+
 def write_predictions_csv(out: str | Path | TextIO, predictions: list[Prediction], class_names: list[str]) -> None:
     """``path,prediction,prob_<class>...,uncertainty,spread,abstain,sop_instance_uid,series_instance_uid``,
     one row per image, to a file path or an open text stream. ``uncertainty``: normalised predictive
     entropy (0-1, 4 significant digits, so that a confident model's tiny values stay comparable with
     its abstention threshold); ``spread``: over TTA/MC-dropout passes (empty without); ``abstain``: 1 to refer the
-    case to a human (empty when the model has no abstention rule); UIDs empty for non-DICOM files."""
+    case to a human (empty when the model has no abstention rule); UIDs empty for non-DICOM files; for a model
+    with covariates, ``missing_covariates``: those the case lacked, separated by ';'."""
     if not isinstance(out, (str, Path)):
         _write_rows(out, predictions, class_names)
         return
@@ -158,9 +186,11 @@ def write_predictions_csv(out: str | Path | TextIO, predictions: list[Prediction
 
 def _write_rows(fh: TextIO, predictions: list[Prediction], class_names: list[str]) -> None:
     writer = csv.writer(fh, lineterminator="\n")
+    covariates = any(p.missing_covariates is not None for p in predictions)
     writer.writerow(["path", "prediction", *[f"prob_{c}" for c in class_names], "uncertainty", "spread", "abstain",
-                     "sop_instance_uid", "series_instance_uid"])
+                     "sop_instance_uid", "series_instance_uid", *(["missing_covariates"] if covariates else [])])
     for p in predictions:
         writer.writerow([p.path, p.predicted, *[f"{p.probabilities[c]:.6f}" for c in class_names], f"{p.uncertainty:.4g}",
                          "" if p.spread is None else f"{p.spread:.4g}", "" if p.abstain is None else int(p.abstain),
-                         p.sop_instance_uid, p.series_instance_uid])
+                         p.sop_instance_uid, p.series_instance_uid,
+                         *([";".join(p.missing_covariates or [])] if covariates else [])])

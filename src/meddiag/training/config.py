@@ -8,6 +8,7 @@ from typing import Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
+from meddiag.data.covariates import DEFAULT_MISSING, TabularSpec, parse_columns
 from meddiag.data.dicom import parse_window
 from meddiag.data.transforms import AugmentConfig
 from meddiag.errors import ConfigError
@@ -53,6 +54,13 @@ class TrainConfig(BaseModel):
     mc_dropout: int = Field(0, ge=0, description="MC-dropout passes at prediction (networks with dropout)")
     coverage: float | None = Field(None, gt=0, le=1, description="abstain on the most uncertain cases: answer this share (threshold chosen on validation)")
     subgroups: list[str] = Field(default_factory=list, description="manifest columns to report every metric by (e.g. sex, site)")
+    covariates: list[str] = Field(default_factory=list, description="manifest columns the model takes beside the image (e.g. age, sex:cat, site); a type after ':' (num or cat) overrides the inferred one")
+    tabular: str | None = Field(None, description="a second CSV of patient data (e.g. genomic markers) joined to the manifest by `join`; images whose key it lacks have its block missing")
+    join: str = Field("patient_id", description="the column joining `tabular` to the manifest (patient_id, path, or any manifest column)")
+    tabular_columns: list[str] = Field(default_factory=list, description="columns of `tabular` to use, as glob patterns (e.g. 'gene_*'); empty: all but the join key")
+    fusion: Literal["late", "film"] = Field("late", description="late: CNN features and encoded covariates concatenated before the head; film: covariates scale and shift the last convolutional block's channels")
+    covariate_dropout: float = Field(0.25, ge=0, lt=1, description="training: the probability that a case loses all its covariates, and that it loses each block, so that the model also works without them")
+    missing_values: list[str] = Field(default_factory=lambda: list(DEFAULT_MISSING), description="covariate values that mean missing (compared case-insensitively)")
     accelerator: str = "auto"
     devices: int | str = "auto"
     precision: str = Field("auto", description="auto: bf16-mixed where the hardware computes bf16 natively, else 32-true")
@@ -72,6 +80,27 @@ class TrainConfig(BaseModel):
     def _known_window(cls, value: str | None) -> str | None:
         parse_window(value)  # raises ValueError with the accepted forms
         return value
+
+    @field_validator("covariates")
+    @classmethod
+    def _known_types(cls, value: list[str]) -> list[str]:
+        try:
+            parse_columns(value)
+        except Exception as exc:  # noqa: BLE001 - ConfigError's message is the reason
+            raise ValueError(str(exc)) from None
+        return value
+
+    @property
+    def uses_covariates(self) -> bool:
+        return bool(self.covariates or self.tabular)
+
+    def tabular_spec(self) -> TabularSpec | None:
+        """Where the run's covariates come from (None: the model sees images only)."""
+        if not self.uses_covariates:
+            return None
+        return TabularSpec(columns=parse_columns(self.covariates), tabular=Path(self.tabular) if self.tabular else None,
+                           join=self.join.strip().lower(), tabular_columns=self.tabular_columns,
+                           missing=tuple(v.strip().lower() for v in self.missing_values))
 
     @classmethod
     def from_sources(cls, config_file: str | Path | None = None, **overrides: Any) -> TrainConfig:

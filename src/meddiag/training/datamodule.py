@@ -12,21 +12,27 @@ import lightning as L
 import torch
 from torch.utils.data import DataLoader, Dataset, Sampler
 
+from meddiag.data.covariates import CovariateSchema
 from meddiag.data.dataset import ImageData, Split
+from meddiag.models.fusion import covariate_tensor
 from meddiag.training.losses import balanced_sample_weights
 
 
 class SplitDataset(Dataset):
-    """(uint8 image (C, *spatial), label) pairs of one in-memory split."""
+    """(uint8 image (C, *spatial), label) pairs of one in-memory split; with ``covariates`` (N, F)
+    float32 encoded patient data, (image, covariates, label) triples."""
 
-    def __init__(self, split: Split) -> None:
-        self.images, self.labels = split.images, split.labels
+    def __init__(self, split: Split, covariates: torch.Tensor | None = None) -> None:
+        self.images, self.labels, self.covariates = split.images, split.labels, covariates
 
     def __len__(self) -> int:
         return len(self.images)
 
-    def __getitem__(self, i: int) -> tuple[torch.Tensor, torch.Tensor]:
+    def __getitem__(self, i: int) -> tuple[torch.Tensor, ...]:
+        if self.covariates is not None:
+            return self.images[i], self.covariates[i], self.labels[i]
         return self.images[i], self.labels[i]
+
 
 
 class EpochSampler(Sampler[int]):
@@ -59,13 +65,15 @@ class ImageDataModule(L.LightningDataModule):
     proportional to its class's frequency (an epoch still has as many images as the split).
     The training order depends on ``seed`` and the epoch only (see :class:`EpochSampler`)."""
 
-    def __init__(self, data: ImageData, batch_size: int, num_workers: int = 0, balanced: bool = False, seed: int = 0) -> None:
+    def __init__(self, data: ImageData, batch_size: int, num_workers: int = 0, balanced: bool = False, seed: int = 0,
+                 covariates: CovariateSchema | None = None) -> None:
         super().__init__()
         self.data, self.batch_size, self.num_workers, self.balanced, self.seed = data, batch_size, num_workers, balanced, seed
+        self.covariates = covariates
 
     def _loader(self, split: str, train: bool) -> DataLoader:
         part = self.data.splits[split]
-        ds = SplitDataset(part)
+        ds = SplitDataset(part, covariate_tensor(self.covariates, part.covariates))
         sampler = None
         if train:
             weights = balanced_sample_weights(part.labels, self.data.task) if self.balanced else None

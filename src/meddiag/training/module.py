@@ -13,6 +13,7 @@ from torchmetrics import AUROC, Accuracy, MeanMetric
 
 from meddiag.data.transforms import AugmentConfig, augment_batch, normalize, to_unit_float
 from meddiag.models.checkpoint import META_KEY, ModelCard
+from meddiag.models.fusion import call, withhold_at_random
 from meddiag.models.inference import logits_to_probs
 from meddiag.training.datamodule import epoch_seed
 from meddiag.training.losses import DiagnosisLoss
@@ -41,7 +42,8 @@ class DiagnosisModule(L.LightningModule):
     """
 
     def __init__(self, card: dict[str, Any], optim: dict[str, Any], augment: dict[str, Any],
-                 loss: dict[str, Any] | None = None, ema_decay: float = 0.0, seed: int = 0) -> None:
+                 loss: dict[str, Any] | None = None, ema_decay: float = 0.0, seed: int = 0,
+                 covariate_dropout: float = 0.0) -> None:
         super().__init__()
         self.seed, self._seeded_epoch = seed, -1
         self.save_hyperparameters()
@@ -65,9 +67,12 @@ class DiagnosisModule(L.LightningModule):
             self.val_auc = AUROC(task="multilabel", num_labels=k, ignore_index=-1)
             self.val_acc = Accuracy(task="multilabel", num_labels=k, threshold=self.card.threshold, ignore_index=-1)
         self.val_loss = MeanMetric()
+        self.covariate_dropout = covariate_dropout
+        schema = self.card.covariates
+        self.covariate_blocks = [torch.tensor(ix) for ix in schema.block_features().values()] if schema else []
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.model(x)
+    def forward(self, x: torch.Tensor, covariates: torch.Tensor | None = None) -> torch.Tensor:
+        return call(self.model, x, covariates)
 
     def _seed_epoch(self) -> None:
         """Augmentation and dropout draw from the global generators: seeding them before an epoch's
@@ -105,28 +110,30 @@ class DiagnosisModule(L.LightningModule):
         return self.ema.module if self.ema is not None else self.model
 
     def on_after_batch_transfer(self, batch: Any, dataloader_idx: int) -> Any:
-        images, labels = batch
+        images, covariates, labels = batch if len(batch) == 3 else (batch[0], None, batch[1])
         x = to_unit_float(images)
         if self.trainer is not None and self.trainer.training:
             self._seed_epoch()
             x = augment_batch(x, self.augment)
+            if covariates is not None and self.covariate_dropout > 0:
+                covariates = withhold_at_random(covariates, self.model.missing_row, self.covariate_blocks, self.covariate_dropout)
         x = normalize(x, self.card.mean, self.card.std)
         if x.ndim == 4:
             x = x.contiguous(memory_format=torch.channels_last)
-        return x, labels
+        return x, covariates, labels
 
     def loss(self, logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
         return self.loss_fn(logits, labels)
 
     def training_step(self, batch: Any, batch_idx: int) -> torch.Tensor:
-        x, y = batch
-        loss = self.loss(self(x), y)
+        x, c, y = batch
+        loss = self.loss(self(x, c), y)
         self.log("train_loss", loss, on_step=False, on_epoch=True, prog_bar=True, batch_size=len(x))
         return loss
 
     def validation_step(self, batch: Any, batch_idx: int) -> None:
-        x, y = batch
-        logits = self.eval_model(x)
+        x, c, y = batch
+        logits = call(self.eval_model, x, c)
         self.val_loss.update(self.loss(logits, y), weight=len(x))
         probs = logits_to_probs(logits.float(), self.card.task)
         scores = probs[:, 1] if self.card.task == "binary" else probs

@@ -25,6 +25,7 @@ import lightning as L
 import torch
 from lightning.pytorch.callbacks import EarlyStopping, ModelCheckpoint
 
+from meddiag.data.covariates import CovariateSchema, missing_summary
 from meddiag.data.dataset import ImageData
 from meddiag.data.sources import load_data
 from meddiag.errors import ConfigError
@@ -36,6 +37,7 @@ from meddiag.training.datamodule import ImageDataModule
 from meddiag.training.history import HistoryWriter
 from meddiag.training.losses import auto_class_weights
 from meddiag.training.module import DiagnosisModule
+from meddiag.training.shortcuts import covariate_shortcuts
 
 
 @dataclass
@@ -68,6 +70,7 @@ def load_training_data(config: TrainConfig, progress: bool = True, run: str | Pa
         volume_index=config.volume_index, seed=config.seed,
         val_fraction=config.val_fraction, test_fraction=config.test_fraction, progress=progress,
         medmnist_root=_recorded_medmnist_root(config, run), positive_class=config.positive_class,
+        covariates=config.tabular_spec(),
     )
 
 
@@ -121,6 +124,8 @@ def train(config: TrainConfig, *, resume: bool = False, progress: bool | None = 
     are added to Lightning's (tuning adds its pruning callback).
     """
     get_entry(config.model)  # fail on an unknown model or option before reading any data
+    if config.model == "tabular" and not config.uses_covariates:
+        raise ConfigError("the tabular model learns from patient data only: give --covariates (manifest columns) or --tabular")
     unknown = sorted(set(config.model_kwargs) - set(model_options(config.model)))
     if unknown:
         raise ConfigError(f"model {config.model} has no option {', '.join(unknown)}; its options: "
@@ -144,6 +149,7 @@ def train(config: TrainConfig, *, resume: bool = False, progress: bool | None = 
     data = data if data is not None else load_training_data(config, progress and launched_rank == 0, run_dir if resume else None)
     config = config.model_copy(update={
         "image_size": data.image_size, "out": str(run_dir), "positive_class": data.positive_class,
+        "tabular": str(Path(config.tabular).resolve()) if config.tabular else None,
         "batch_size": config.batch_size or default_batch_size(len(data.splits["train"].labels), data.spatial_dims),
     })
     if resume and not last.exists():  # training had finished; only what came after it was cut short
@@ -152,9 +158,13 @@ def train(config: TrainConfig, *, resume: bool = False, progress: bool | None = 
             raise ConfigError(f"{run_dir} finished its {record['epochs']} epochs and kept no resume state, so it cannot "
                               "train for more: start a new run (keep_resume_state: true keeps the state of a run)")
         return TrainResult(run_dir, folder.model_checkpoint, data, config, record.get("train_seconds", 0.0), record.get("val_auc"))
+    schema = fit_covariates(config, data)
+    shortcuts = covariate_shortcuts(data, schema) if schema is not None else []
     if launched_rank == 0:
         config.to_yaml(folder.config)
-        write_data_record(data, run_dir)
+        write_data_record(data, run_dir, shortcuts)
+        for finding in shortcuts:
+            warnings.warn(finding["message"], stacklevel=2)
 
     card = ModelCard(
         model_name=config.model, model_kwargs=config.model_kwargs, class_names=data.class_names, task=data.task, image_size=data.image_size,
@@ -162,6 +172,7 @@ def train(config: TrainConfig, *, resume: bool = False, progress: bool | None = 
         fit=config.fit, window=config.window, volume_index=config.volume_index, threshold=config.threshold,
         tta=config.tta, mc_dropout=config.mc_dropout,
         data_name=data.name, positive_class=data.positive_class,
+        covariates=schema, fusion=config.fusion if schema is not None else None,
     )
     module = DiagnosisModule(
         card=card.model_dump(),
@@ -171,6 +182,7 @@ def train(config: TrainConfig, *, resume: bool = False, progress: bool | None = 
               "weights": auto_class_weights(data.splits["train"].labels, data.num_classes, data.task)
               if config.class_weights == "auto" else None},
         ema_decay=config.ema_decay, seed=config.seed,
+        covariate_dropout=0.0 if config.model == "tabular" else config.covariate_dropout,
     )
     if launched_rank == 0:
         check_disk_space(run_dir, module.model)
@@ -206,8 +218,8 @@ def train(config: TrainConfig, *, resume: bool = False, progress: bool | None = 
         warnings.filterwarnings("ignore", message=".*overridden `on_after_batch_transfer`.*")
         # Raised inside Lightning itself against newer torch; nothing a user can act on.
         warnings.filterwarnings("ignore", message=".*isinstance\\(treespec, LeafSpec\\).*")
-        trainer.fit(module, datamodule=ImageDataModule(data, config.batch_size, config.num_workers, config.sampler == "balanced", config.seed),
-                    ckpt_path=last if resume else None)
+        datamodule = ImageDataModule(data, config.batch_size, config.num_workers, config.sampler == "balanced", config.seed, schema)
+        trainer.fit(module, datamodule=datamodule, ckpt_path=last if resume else None)
     seconds = time.perf_counter() - start
     best = Path(checkpoints.best_model_path) if checkpoints.best_model_path else folder.model_checkpoint
     score = checkpoints.best_model_score if config.select == "best" else trainer.callback_metrics.get("val_auc")
@@ -265,8 +277,20 @@ def resolve_precision(precision: str, accelerator: str, spatial_dims: int = 2) -
     return "32-true"
 
 
-def write_data_record(data: ImageData, run_dir: Path) -> None:
-    """``data.json`` (classes, split sizes and origin, excluded files) and ``splits/<split>.csv``."""
+def fit_covariates(config: TrainConfig, data: ImageData) -> CovariateSchema | None:
+    """The covariate schema of a run, fitted on its training split only (None: no covariates)."""
+    train_split = data.splits["train"]
+    if not config.uses_covariates or train_split.covariates is None:
+        return None
+    spec = config.tabular_spec()
+    assert spec is not None
+    return CovariateSchema.fit(train_split.covariates, spec.missing, spec.join if spec.tabular else None,
+                               spec.block_name or None)
+
+
+def write_data_record(data: ImageData, run_dir: Path, shortcuts: list[dict] | None = None) -> None:
+    """``data.json`` (classes, split sizes and origin, excluded files; covariates: their types, missing
+    rates per split and the images missing each, the join, shortcut warnings) and ``splits/<split>.csv``."""
     record = {
         "name": data.name, "task": data.task, "class_names": data.class_names,
         "image_size": data.image_size, "in_channels": data.in_channels, "spatial_dims": data.spatial_dims,
@@ -279,6 +303,12 @@ def write_data_record(data: ImageData, run_dir: Path) -> None:
         "excluded": [{"path": p, "reason": r} for p, r in data.excluded],
         "source": data.source,
     }
+    if data.splits["train"].covariates is not None:
+        record["covariates"] = {
+            "columns": missing_summary({n: (sp.covariates, sp.paths or []) for n, sp in data.splits.items()}),  # type: ignore[misc]
+            "join": data.covariate_join or None,
+            "shortcut_warnings": shortcuts or [],
+        }
     folder = RunFolder(run_dir)
     write_text_atomic(folder.data_record, json.dumps(record, indent=2))
     if any(split.paths for split in data.splits.values()):
