@@ -114,3 +114,41 @@ def small_run(tmp_path_factory) -> Path:
     result = train_and_evaluate(config, progress=False)
     assert result.test_metrics["auc"] > 0.9, result.test_metrics
     return base / "run"
+
+
+def make_covariate_manifest(root: Path, n: int = 200, seed: int = 0, size: int = 24) -> Path:
+    """A two-class manifest whose label the image and the patient's age both carry, each only in part:
+    ``path,label,patient_id,age,sex,site`` with missing values (age blank or 'NA' in ~10% of rows, sex
+    'unknown' in ~10%, site blank in ~10%). Age > 55 goes with disease 85% of the time; the image's blob
+    side with it 75% of the time, independently."""
+    rng = np.random.default_rng(seed)
+    (root / "img").mkdir(parents=True, exist_ok=True)
+    rows = []
+    for i in range(n):
+        label = int(rng.random() < 0.5)
+        old = rng.random() < (0.85 if label else 0.15)
+        age = rng.uniform(56, 90) if old else rng.uniform(20, 54)
+        side = label if rng.random() < 0.75 else 1 - label
+        path = root / "img" / f"case{i:03d}.png"
+        Image.fromarray(synthetic_image(side, rng, size)).save(path)
+        age_text = "" if rng.random() < 0.05 else ("NA" if rng.random() < 0.05 else f"{age:.0f}")
+        sex = "unknown" if rng.random() < 0.1 else ("female" if rng.random() < 0.5 else "male")
+        site = "" if rng.random() < 0.1 else ("north" if rng.random() < 0.5 else "south")
+        rows.append({"path": f"img/{path.name}", "label": "disease" if label else "normal", "patient_id": f"P{i:03d}",
+                     "age": age_text, "sex": sex, "site": site})
+    return write_csv(root / "manifest.csv", rows)
+
+
+@pytest.fixture(scope="session")
+def fused_run(tmp_path_factory) -> Path:
+    """A seed_cnn fused with age, sex and site (late fusion) on :func:`make_covariate_manifest` data,
+    trained and evaluated (report with its fusion section); the manifest is ``<run>/../manifest.csv``."""
+    from meddiag.training.config import TrainConfig
+    from meddiag.workflow import train_and_evaluate
+
+    base = tmp_path_factory.mktemp("fused-run")
+    manifest = make_covariate_manifest(base)
+    config = TrainConfig(data=str(manifest), model="seed_cnn", epochs=15, image_size=24, batch_size=16, seed=0,
+                         covariates=["age", "sex", "site"], out=str(base / "run"), model_kwargs={"widths": [8, 16, 16], "dense": 32})
+    train_and_evaluate(config, progress=False)
+    return base / "run"

@@ -220,7 +220,8 @@ def read_covariates(rows: Sequence[Mapping[str, str]], lines: Sequence[int], key
             raise ConfigError(f"covariate '{name}' is not a column of {manifest}; its columns: {', '.join(available) or 'none'}")
         col = _Column(name, [r.get(name, "") for r in rows], list(lines), manifest)
         kind, values = type_column(col, forced, spec.missing)
-        _check_levels(name, kind, values, manifest)
+        if forced is None:  # a type the user forced is their call
+            _check_levels(name, kind, values, manifest)
         (num_cols if kind == "num" else cat_cols).append((name, values))
         blocks[name], sources[name] = name, Path(manifest).name
     join: dict = {}
@@ -605,10 +606,11 @@ def missing_summary(splits: Mapping[str, tuple[CovariateTable, list[str]]], list
     first = next(iter(splits.values()))[0]
     kinds = {**{n: "num" for n in first.numeric_names}, **{n: "cat" for n in first.categorical_names}}
     columns: dict[str, dict] = {}
+    masks = {split: table.missing_mask() for split, (table, _) in splits.items()}
     for name in first.names:
         entry: dict = {"type": kinds[name], "block": first.blocks[name], "missing_rate": {}, "missing_images": {}}
         for split, (table, paths) in splits.items():
-            mask = table.missing_mask()[name]
+            mask = masks[split][name]
             entry["missing_rate"][split] = round(float(mask.mean()), 4) if len(mask) else 0.0
             if first.blocks[name] == name:
                 entry["missing_images"][split] = [paths[i] for i in np.flatnonzero(mask)[:list_rows]]
@@ -619,8 +621,7 @@ def missing_summary(splits: Mapping[str, tuple[CovariateTable, list[str]]], list
         entry = {"type": "table", "columns": sum(first.blocks[n] == block for n in first.names), "absent_rate": {},
                  "absent_images": {}}
         for split, (table, paths) in splits.items():
-            masks = table.missing_mask()
-            absent = np.logical_and.reduce([masks[n] for n in table.names if table.blocks[n] == block])
+            absent = np.logical_and.reduce([masks[split][n] for n in table.names if table.blocks[n] == block])
             entry["absent_rate"][split] = round(float(absent.mean()), 4) if len(absent) else 0.0
             entry["absent_images"][split] = [paths[i] for i in np.flatnonzero(absent)[:list_rows]]
         columns[block] = entry

@@ -12,13 +12,15 @@ absent. Two checks per covariate, each fitted on the training split and judged o
   means one class in at least 99% of them while that class is at most 90% of the other images
   (HAM10000's ``dx_type = follow_up`` is always a nevus).
 
-AUCs here are scikit-learn's: a one-off check, not the bootstrap loop evaluation's own AUC is fast for.
+A covariate's score takes a few values only (one per level or bin), so its AUC is counted from the
+value-by-class table (ties scoring a half), in microseconds: a 1,000-column table is checked in seconds.
 """
 
 from __future__ import annotations
 
+import math
+
 import numpy as np
-from sklearn.metrics import roc_auc_score
 
 from meddiag.data.covariates import CovariateSchema, CovariateTable
 from meddiag.data.dataset import ImageData
@@ -51,6 +53,17 @@ def _onehot(labels: np.ndarray, k: int) -> np.ndarray:
     return np.eye(k)[labels]
 
 
+def _discrete_auc(y: np.ndarray, score: np.ndarray) -> float:
+    """AUC of a score with few distinct values for 0/1 labels ``y``: P(positive scores higher) + P(tie) / 2."""
+    values, inverse = np.unique(score, return_inverse=True)
+    pos = np.bincount(inverse, weights=y.astype(np.float64), minlength=len(values))
+    neg = np.bincount(inverse, weights=1.0 - y, minlength=len(values))
+    if pos.sum() == 0 or neg.sum() == 0:
+        return math.nan
+    below = np.cumsum(neg) - neg  # negatives scoring strictly lower
+    return float((pos * (below + 0.5 * neg)).sum() / (pos.sum() * neg.sum()))
+
+
 def _auc(truth: np.ndarray, score: np.ndarray, task: str) -> float:
     """Binary: the positive class's AUC; else the mean over classes (labels) with both outcomes known."""
     columns = [1] if task == "binary" else range(truth.shape[1])
@@ -59,7 +72,7 @@ def _auc(truth: np.ndarray, score: np.ndarray, task: str) -> float:
         known = np.isfinite(truth[:, c])
         y = truth[known, c]
         if 0 < y.sum() < len(y):
-            aucs.append(roc_auc_score(y, score[known, c]))
+            aucs.append(_discrete_auc(y, score[known, c]))
     return float(np.mean(aucs)) if aucs else float("nan")
 
 
