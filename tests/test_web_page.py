@@ -36,10 +36,8 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-@pytest.fixture(scope="module")
-def server(small_run, tmp_path_factory):
-    """``meddiag serve`` on a small trained run, with the token in MEDDIAG_TOKEN; yields (base url, run, log file)."""
-    base, run = tmp_path_factory.mktemp("page"), small_run
+def start_server(run: Path, base: Path):
+    """``meddiag serve RUN`` with the token in MEDDIAG_TOKEN; yields (base url, run, log file)."""
     env = {**os.environ, "MEDDIAG_DATA": "/nonexistent", "MEDDIAG_TOKEN": TOKEN}
     port = free_port()
     log = open(base / "server.log", "w")
@@ -61,6 +59,18 @@ def server(small_run, tmp_path_factory):
     proc.terminate()
     proc.wait(timeout=30)
     log.close()
+
+
+@pytest.fixture(scope="module")
+def server(small_run, tmp_path_factory):
+    """``meddiag serve`` on a small trained run."""
+    yield from start_server(small_run, tmp_path_factory.mktemp("page"))
+
+
+@pytest.fixture(scope="module")
+def fused_server(fused_run, tmp_path_factory):
+    """``meddiag serve`` on a model fused with age, sex and site."""
+    yield from start_server(fused_run, tmp_path_factory.mktemp("fused-page"))
 
 
 @pytest.fixture
@@ -153,3 +163,26 @@ def test_the_interactive_api_docs_render_offline(server, browser_page):
     assert any("/v1/predict" in p for p in paths) and any("/v1/model" in p for p in paths)
     assert page.locator(".btn.authorize").count() == 1  # the bearer token can be entered in the docs
     assert outside == []
+
+
+def test_the_page_asks_for_each_covariate_and_sends_what_is_filled_in(fused_server, browser_page):
+    url, run, _ = fused_server
+    page, outside = browser_page
+    page.add_init_script(f"sessionStorage.setItem('meddiag-token', '{TOKEN}')")
+    page.goto(url + "/")
+    page.wait_for_selector("#patient:not([hidden]) [data-covariate='age']")
+    assert [e.get_attribute("data-covariate") for e in page.query_selector_all("[data-covariate]")] == ["age", "sex", "site"]
+    assert page.eval_on_selector("[data-covariate='sex']", "s => [...s.options].map(o => o.value)") == ["", "female", "male"]
+    assert "patient data" in page.inner_text("#card") and "late fusion" in page.inner_text("#card")
+    image = sorted((run.parent / "img").glob("*.png"))[0]
+    page.set_input_files("#files", str(image))  # nothing filled in: diagnosed without patient data
+    page.wait_for_selector(".result .missing-covariates")
+    assert "without: age, sex, site" in page.inner_text(".result .missing-covariates")
+    page.fill("[data-covariate='age']", "85")
+    page.select_option("[data-covariate='sex']", "male")
+    page.set_input_files("#files", str(image))
+    page.wait_for_function("document.querySelectorAll('.result .missing-covariates').length == 2")
+    newest = page.query_selector(".result")  # results are prepended
+    assert "without: site" in newest.inner_text()
+    assert "patient data moved P(" in newest.inner_text() and "age" in newest.query_selector(".attributions").inner_text()
+    assert not outside

@@ -11,6 +11,7 @@ import torch
 
 import meddiag
 from meddiag.data.channels import match_channels
+from meddiag.data.covariates import TabularSpec
 from meddiag.data.dataset import ImageData, Split
 from meddiag.data.sources import load_data
 from meddiag.errors import DataError, MeddiagError
@@ -61,7 +62,8 @@ def evaluate_run(run_dir: str | Path, data: str | ImageData | None = None, split
     else:
         dataset = load_data(data, image_size=card.image_size, fit=card.fit, window=card.window,
                             volume_index=card.volume_index, progress=progress,
-                            positive_class=card.positive_class if card.task == "binary" else None)
+                            positive_class=card.positive_class if card.task == "binary" else None,
+                            covariates=_covariate_spec(card, config, data))
     if split not in dataset.splits:
         raise DataError(f"no split '{split}' in {dataset.name}; choose one of {', '.join(dataset.splits)}")
     if dataset.class_names != card.class_names:
@@ -130,6 +132,20 @@ def rebuild_report(path: str | Path, subgroups: Sequence[str] | None = None, n_r
     else:
         raise MeddiagError(f"{out_dir} lacks the predictions this report needs; run 'meddiag evaluate' again with --out {out_dir}")
     return out_dir / REPORT_HTML
+
+
+def _covariate_spec(card: ModelCard, config: TrainConfig | None, data: str) -> TabularSpec | None:
+    """How other data's covariates are read for this model: its manifest columns, with the types it
+    learnt, and its joined table (None: an image-only model, or data without a manifest: the model
+    then sees every covariate missing)."""
+    schema = card.covariates
+    if schema is None or not data.lower().endswith(".csv"):
+        return None
+    kinds = schema.kinds()
+    columns = [(name, kinds[name]) for name in schema.manifest_columns()]
+    spec = config.tabular_spec() if config is not None else None
+    return TabularSpec(columns=columns, tabular=spec.tabular if spec else None, join=schema.join or "patient_id",
+                       tabular_columns=spec.tabular_columns if spec else [], missing=tuple(schema.missing_values))
 
 
 def _run_config(home: Path) -> TrainConfig | None:
