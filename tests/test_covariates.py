@@ -369,3 +369,25 @@ def test_onnx_export_has_two_inputs_and_matches_pytorch(fused_run, tmp_path):
     for a, b in zip(torch_rows, onnx_rows):
         assert a.probabilities == pytest.approx(b.probabilities, abs=1e-5)
         assert a.missing_covariates == ["site"]
+
+
+def test_evaluate_compares_a_separately_trained_image_only_run(fused_run, tmp_path):
+    from meddiag.training.config import TrainConfig
+    from meddiag.workflow import train_and_evaluate
+
+    image_only = TrainConfig.from_file(fused_run / "config.yaml").model_copy(update={
+        "covariates": [], "out": str(tmp_path / "image-only"), "epochs": 3})
+    train_and_evaluate(image_only, progress=False)
+    out = cli("evaluate", str(fused_run), "--compare", str(tmp_path / "image-only"), "--out", str(tmp_path / "eval"),
+              "--resamples", "200")
+    assert out.returncode == 0, out.stderr
+    fusion = json.loads((tmp_path / "eval" / "fusion.json").read_text())
+    name = "image-only (seed_cnn, image only)"
+    assert name in fusion["models"] and name in fusion["differences"]
+    theirs = json.loads((tmp_path / "image-only" / "metrics.json").read_text())["auc"]
+    assert fusion["models"][name]["auc"] == pytest.approx(theirs, abs=1e-4)  # the same test images, the same AUC
+    other = make_covariate_manifest(tmp_path / "other", n=60, seed=5)
+    elsewhere = image_only.model_copy(update={"data": str(other), "out": str(tmp_path / "elsewhere"), "epochs": 1})
+    train_and_evaluate(elsewhere, progress=False)
+    wrong = cli("evaluate", str(fused_run), "--compare", str(tmp_path / "elsewhere"), "--out", str(tmp_path / "eval2"))
+    assert wrong.returncode == 2 and "holds other images than this one's" in wrong.stderr

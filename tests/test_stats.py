@@ -160,3 +160,13 @@ def test_patient_bootstrap_resamples_patients_not_images():
     assert (hi_pat - lo_pat) == pytest.approx(hi_one - lo_one, rel=0.25)
     for idx in stats.bootstrap_indices(y.size, groups, 5, 0):
         assert len(idx) % 10 == 0 and all(np.unique(groups[idx], return_counts=True)[1] % 10 == 0)
+
+
+def test_a_specificity_no_threshold_reaches_calls_no_case_positive():
+    import numpy as np
+
+    from meddiag.evaluation.stats import choose_threshold
+
+    y, score = np.array([1, 0, 1, 0, 0]), np.array([0.9, 0.9, 0.5, 0.2, 0.1])  # a negative tied with the top score
+    threshold = choose_threshold(y, score, "spec90")
+    assert threshold > score.max() and not (score >= threshold).any()

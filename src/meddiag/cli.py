@@ -173,13 +173,14 @@ def evaluate(
     out: Annotated[Optional[Path], typer.Option(help="Where to write metrics.json, the report and plots.")] = None,
     subgroups: Annotated[Optional[str], typer.Option(help="Manifest columns to report every metric by, e.g. sex,site. [default: the run's]")] = None,
     resamples: Annotated[int, typer.Option(help="Bootstrap resamples for confidence intervals.", min=200)] = 1000,
+    compare: Annotated[Optional[list[Path]], typer.Option(help="Another run on the same data and split (e.g. the image-only model) for the report's patient-data section; repeatable.")] = None,
 ) -> None:
     """Evaluate a trained run: metrics.json, predictions.csv, plots and report.html/report.json
-    (CIs, operating points, calibration, decision curve, subgroups, failure gallery)."""
+    (CIs, operating points, calibration, decision curve, patient data, subgroups, failure gallery)."""
     from meddiag.evaluation.evaluate import evaluate_run, summary_line
 
     metrics = evaluate_run(run, data=data, split=split, out_dir=out, progress=sys.stderr.isatty(),
-                           subgroups=_columns(subgroups), n_resamples=resamples)
+                           subgroups=_columns(subgroups), n_resamples=resamples, compare=compare or [])
     print(summary_line(metrics))
 
 

@@ -32,7 +32,7 @@ from meddiag.training.run import load_training_data
 
 def evaluate_run(run_dir: str | Path, data: str | ImageData | None = None, split: str = "test",
                  out_dir: str | Path | None = None, progress: bool = True, subgroups: Sequence[str] | None = None,
-                 n_resamples: int = DEFAULT_RESAMPLES) -> dict:
+                 n_resamples: int = DEFAULT_RESAMPLES, compare: Sequence[str | Path] = ()) -> dict:
     """Evaluate a run's best checkpoint: ``metrics.json``, ``predictions.csv``, plots, and the
     report (``report.json``, ``report.html``; see :mod:`meddiag.evaluation.report`).
 
@@ -42,6 +42,8 @@ def evaluate_run(run_dir: str | Path, data: str | ImageData | None = None, split
     ``RUN/eval-<split>`` or ``RUN/eval-<data>-<split>``. The run's validation predictions
     (``RUN/predictions_val.csv``, where operating points are chosen) are written when the data
     are the run's own. ``subgroups`` (manifest columns) default to the run's configured ones.
+    ``compare``: other runs evaluated on the same images (e.g. an image-only model), added to the
+    fusion section of a model with covariates with paired intervals of the difference.
     """
     run_dir = Path(run_dir)
     folder = RunFolder.of(run_dir)
@@ -96,8 +98,9 @@ def evaluate_run(run_dir: str | Path, data: str | ImageData | None = None, split
     fusion_file.unlink(missing_ok=True)
     if card.covariates is not None and part.covariates is not None:
         train_split = dataset.splits.get("train") if own_data else None
+        others = {name: probs_ for name, probs_ in (compared_predictions(r, part, split, card.class_names, card.task) for r in compare)}
         fusion = fusion_analysis(lambda c: split_probabilities(model, card, part, c), card, part, train_split,
-                                 n_resamples=n_resamples)
+                                 n_resamples=n_resamples, compare=others)
         write_text_atomic(fusion_file, json.dumps(json_safe(fusion), indent=2))
     report = write_report(out_dir, home, card, split=split, subgroups=subgroups, n_resamples=n_resamples, seed=0)
     metrics.update(split=split, data=dataset.name, checkpoint=str(checkpoint),
@@ -132,6 +135,27 @@ def rebuild_report(path: str | Path, subgroups: Sequence[str] | None = None, n_r
     else:
         raise MeddiagError(f"{out_dir} lacks the predictions this report needs; run 'meddiag evaluate' again with --out {out_dir}")
     return out_dir / REPORT_HTML
+
+
+def compared_predictions(run: str | Path, part: Split, split: str, class_names: list[str], task: str) -> tuple[str, np.ndarray]:
+    """(a name, (N, K) probabilities in ``part``'s order) from another run's saved evaluation of the same
+    images; MeddiagError when it has none, or evaluated other images or classes."""
+    folder = RunFolder.of(run)
+    predictions = folder.evaluation_dir(split) / PREDICTIONS
+    if not predictions.exists():
+        raise MeddiagError(f"--compare {run}: {predictions} not found; evaluate that run on its {split} split first")
+    _, card = load_checkpoint(model_checkpoint(folder.root))
+    if card.class_names != class_names:
+        raise MeddiagError(f"--compare {run}: its classes {card.class_names} are not this model's {class_names}")
+    table = PredictionTable.read(predictions, class_names, task)
+    where = {image: i for i, image in enumerate(table.images)}
+    mine = part.paths or [str(i) for i in range(len(part))]
+    lost = [p for p in mine if p not in where]
+    if lost or len(where) != len(mine):
+        raise MeddiagError(f"--compare {run}: its {split} split holds other images than this one's (e.g. "
+                           f"{(lost or sorted(set(where) - set(mine)))[0]}); compare runs trained on the same data and seed")
+    name = f"{folder.root.name} ({card.model_name}{', with covariates' if card.covariates else ', image only'})"
+    return name, table.probs[[where[p] for p in mine]]
 
 
 def _covariate_spec(card: ModelCard, config: TrainConfig | None, data: str) -> TabularSpec | None:

@@ -143,6 +143,8 @@ def choose_threshold(y_true: np.ndarray, score: np.ndarray, rule: str) -> float:
         ok = np.flatnonzero(tpr >= level - 1e-12)
         return float(thresholds[ok[0]])  # thresholds fall as we go: the first is the highest
     ok = np.flatnonzero(1 - fpr >= level - 1e-12)
+    if not ok.size:  # even the highest score's threshold misses the specificity (few negatives, a tie at the top):
+        return float(np.nextafter(np.max(score), np.inf))  # only calling no case positive reaches it
     return float(thresholds[ok[-1]])
 
 
