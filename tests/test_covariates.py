@@ -391,3 +391,22 @@ def test_evaluate_compares_a_separately_trained_image_only_run(fused_run, tmp_pa
     train_and_evaluate(elsewhere, progress=False)
     wrong = cli("evaluate", str(fused_run), "--compare", str(tmp_path / "elsewhere"), "--out", str(tmp_path / "eval2"))
     assert wrong.returncode == 2 and "holds other images than this one's" in wrong.stderr
+
+
+def test_csv_files_that_are_not_text_are_named(manifest, tmp_path):
+    (tmp_path / "latin1.csv").write_bytes("path,label\nbild\xe4.png,a\n".encode("latin-1"))
+    (tmp_path / "nul.csv").write_bytes(b"path,label\nx\x00.png,a\n")
+    (tmp_path / "empty.csv").write_text("")
+    for name, message in (("latin1.csv", "is not UTF-8 text"), ("nul.csv", "holds NUL bytes"), ("empty.csv", "is empty")):
+        out = cli("train", str(tmp_path / name), "--out", str(tmp_path / f"run-{name}"))
+        assert out.returncode == 2 and message in out.stderr and "Traceback" not in out.stderr
+        with pytest.raises(DataError, match=message):
+            load(manifest, "age", tabular=tmp_path / name)
+        with pytest.raises(DataError, match=message):
+            PatientData.from_csv(tmp_path / name)
+    with pytest.raises(DataError, match="needs a 'path' column"):
+        PatientData.from_csv(write_csv(tmp_path / "nopath.csv", [{"image": "a.png", "age": "3"}]))
+    short = tmp_path / "short.csv"
+    short.write_text("patient_id,gene_a,gene_b\nP000,1,2\n\nP001,3\n")
+    with pytest.raises(DataError, match=r"short\.csv, line 4: 2 fields, but the header has 3"):
+        load(manifest, "age", tabular=short)

@@ -17,7 +17,6 @@ negative age, an infinite number) are errors naming the file, line and column.
 
 from __future__ import annotations
 
-import csv
 import fnmatch
 import math
 import warnings
@@ -29,6 +28,7 @@ from typing import Literal
 import numpy as np
 from pydantic import BaseModel, ConfigDict, Field
 
+from meddiag.data.csvtext import read_csv, read_csv_dicts
 from meddiag.errors import ConfigError, DataError
 
 Kind = Literal["num", "cat"]
@@ -246,13 +246,8 @@ def _join_table(keys: Sequence[str | None], spec: TabularSpec, manifest: str, ta
     assert path is not None
     if not path.is_file():
         raise DataError(f"tabular file {path} does not exist")
-    with open(path, newline="", encoding="utf-8-sig") as fh:
-        reader = csv.reader(fh)
-        try:
-            header = [h.strip().lower() for h in next(reader)]
-        except StopIteration:
-            raise DataError(f"{path} is empty") from None
-        body = list(reader)
+    header, body, body_lines = read_csv(path)
+    header = [h.strip().lower() for h in header]
     if spec.join not in header:
         raise DataError(f"{path} has no column '{spec.join}' to join on; its first columns: {', '.join(header[:10])}")
     key_at = header.index(spec.join)
@@ -264,18 +259,16 @@ def _join_table(keys: Sequence[str | None], spec: TabularSpec, manifest: str, ta
     if clash:
         raise ConfigError(f"{path} and {manifest} both have the covariate column(s) {', '.join(clash)}; rename one")
     row_of: dict[str, int] = {}
-    for line, row in enumerate(body, start=2):
+    for i, (line, row) in enumerate(zip(body_lines, body)):
         if len(row) != len(header):
-            if not any(cell.strip() for cell in row):
-                continue
             raise DataError(f"{path}, line {line}: {len(row)} fields, but the header has {len(header)}")
         key = row[key_at].strip()
         if not key:
             raise DataError(f"{path}, line {line}: empty {spec.join}")
         if key in row_of:
-            raise DataError(f"{path}, line {line}: {spec.join} '{key}' already appears on line {row_of[key] + 2}; "
+            raise DataError(f"{path}, line {line}: {spec.join} '{key}' already appears on line {body_lines[row_of[key]]}; "
                             "one row per key")
-        row_of[key] = line - 2
+        row_of[key] = i
     matched = [row_of.get(k) if k is not None else None for k in keys]
     hits = sum(m is not None for m in matched)
     if not hits:
@@ -283,7 +276,7 @@ def _join_table(keys: Sequence[str | None], spec: TabularSpec, manifest: str, ta
         raise DataError(f"no {spec.join} of {manifest} (e.g. '{example}') appears in {path} (e.g. "
                         f"'{next(iter(row_of), 'none')}'): check the --join column and how keys are written")
     used = {m for m in matched if m is not None}
-    lines = [m + 2 if m is not None else 0 for m in matched]
+    lines = [body_lines[m] if m is not None else 0 for m in matched]
     num_cols: list[tuple[str, np.ndarray]] = []
     cat_cols: list[tuple[str, np.ndarray]] = []
     for i in wanted:
@@ -526,19 +519,17 @@ class PatientData:
         path = Path(path)
         if not path.is_file():
             raise DataError(f"covariate file {path} does not exist")
-        with open(path, newline="", encoding="utf-8-sig") as fh:
-            reader = csv.DictReader(fh)
-            fields = [f.strip().lower() for f in reader.fieldnames or []]
-            if "path" not in fields:
-                raise DataError(f"{path} needs a 'path' column naming each image (its other columns are covariates)")
-            rows = [{(k or "").strip().lower(): (v or "") for k, v in row.items() if k is not None} for row in reader]
+        header, raw, lines = read_csv_dicts(path)
+        if "path" not in [f.strip().lower() for f in header]:
+            raise DataError(f"{path} needs a 'path' column naming each image (its other columns are covariates)")
+        rows = [{k.strip().lower(): v for k, v in row.items()} for row in raw]
         table = None
         if tabular is not None:
             tabular = Path(tabular)
             if not join:
                 raise DataError("this model has no joined table; --tabular does not apply")
             table = _keyed_rows(tabular, join)
-        return cls(rows, list(range(2, len(rows) + 2)), str(path), table, str(tabular or ""), join)
+        return cls(rows, lines, str(path), table, str(tabular or ""), join)
 
     @classmethod
     def single(cls, values: Mapping[str, object], source: str = "the request") -> PatientData:
@@ -584,9 +575,8 @@ class PatientData:
 def _keyed_rows(path: Path, join: str) -> dict[str, dict[str, str]]:
     if not path.is_file():
         raise DataError(f"tabular file {path} does not exist")
-    with open(path, newline="", encoding="utf-8-sig") as fh:
-        reader = csv.DictReader(fh)
-        rows = [{(k or "").strip().lower(): (v or "") for k, v in row.items() if k is not None} for row in reader]
+    _, raw, _ = read_csv_dicts(path)
+    rows = [{k.strip().lower(): v for k, v in row.items()} for row in raw]
     if rows and join not in rows[0]:
         raise DataError(f"{path} has no column '{join}' to join on")
     return {r[join].strip(): r for r in rows if r.get(join, "").strip()}

@@ -7,10 +7,10 @@ evaluation can report every metric per subgroup.
 
 from __future__ import annotations
 
-import csv
 import math
 from pathlib import Path
 
+from meddiag.data.csvtext import read_csv_dicts
 from meddiag.data.files import FileRecord
 from meddiag.errors import DataError
 
@@ -28,10 +28,8 @@ def read_manifest(csv_path: str | Path) -> list[FileRecord]:
     absent). Every column whose values are all of these is a finding; others are attributes.
     """
     csv_path = Path(csv_path)
-    with open(csv_path, newline="", encoding="utf-8-sig") as fh:
-        reader = csv.DictReader(fh)
-        columns = {c.strip().lower(): c for c in reader.fieldnames or []}
-        rows = list(reader)
+    header, rows, lines = read_csv_dicts(csv_path)
+    columns = {c.strip().lower(): c for c in header}
     if "path" not in columns:
         raise DataError(f"{csv_path} needs the columns path and label (multi-label: path and one 1/0/empty column "
                         f"per finding); missing: path")
@@ -42,7 +40,7 @@ def read_manifest(csv_path: str | Path) -> list[FileRecord]:
             raise DataError(f"{csv_path} needs the columns path and label (multi-label: path and two or more 1/0/empty "
                             f"columns, one per finding); missing: label")
     records = []
-    for line, row in enumerate(rows, start=2):
+    for line, row in zip(lines, rows):
         path_text = (row[columns["path"]] or "").strip()
         label = (row[columns["label"]] or "").strip() if not findings else ""
         if not path_text or not (label or findings):
