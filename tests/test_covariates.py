@@ -386,11 +386,16 @@ def test_evaluate_compares_a_separately_trained_image_only_run(fused_run, tmp_pa
     assert name in fusion["models"] and name in fusion["differences"]
     theirs = json.loads((tmp_path / "image-only" / "metrics.json").read_text())["auc"]
     assert fusion["models"][name]["auc"] == pytest.approx(theirs, abs=1e-4)  # the same test images, the same AUC
-    other = make_covariate_manifest(tmp_path / "other", n=60, seed=5)
-    elsewhere = image_only.model_copy(update={"data": str(other), "out": str(tmp_path / "elsewhere"), "epochs": 1})
-    train_and_evaluate(elsewhere, progress=False)
+    import shutil
+
+    shutil.copytree(tmp_path / "image-only", tmp_path / "elsewhere")
+    lines = (tmp_path / "elsewhere" / "predictions.csv").read_text().splitlines()
+    (tmp_path / "elsewhere" / "predictions.csv").write_text("\n".join(lines[:-1]) + "\n")  # one test image fewer
     wrong = cli("evaluate", str(fused_run), "--compare", str(tmp_path / "elsewhere"), "--out", str(tmp_path / "eval2"))
     assert wrong.returncode == 2 and "holds other images than this one's" in wrong.stderr
+    unevaluated = cli("evaluate", str(fused_run), "--split", "val", "--compare", str(tmp_path / "image-only"),
+                      "--out", str(tmp_path / "eval3"))
+    assert unevaluated.returncode == 2 and "evaluate that run on its val split first" in unevaluated.stderr
 
 
 def test_csv_files_that_are_not_text_are_named(manifest, tmp_path):
@@ -410,3 +415,17 @@ def test_csv_files_that_are_not_text_are_named(manifest, tmp_path):
     short.write_text("patient_id,gene_a,gene_b\nP000,1,2\n\nP001,3\n")
     with pytest.raises(DataError, match=r"short\.csv, line 4: 2 fields, but the header has 3"):
         load(manifest, "age", tabular=short)
+
+
+def test_an_ensemble_of_fused_models_takes_covariates_too(fused_run, tmp_path):
+    from meddiag.workflow import make_ensemble
+
+    make_ensemble([fused_run, fused_run], tmp_path / "ens")
+    fusion = json.loads((tmp_path / "ens" / "fusion.json").read_text())
+    single = json.loads((fused_run / "fusion.json").read_text())
+    assert fusion["models"]["fused"]["auc"] == pytest.approx(single["models"]["fused"]["auc"], abs=1e-6)  # two equal members
+    image = sorted((fused_run.parent / "img").glob("*.png"))[0]
+    write_csv(tmp_path / "one.csv", [{"path": str(image), "age": "85", "sex": "male", "site": "north"}])
+    out = cli("predict", str(tmp_path / "ens"), str(image), "--covariates", str(tmp_path / "one.csv"))
+    alone = cli("predict", str(fused_run), str(image), "--covariates", str(tmp_path / "one.csv"))
+    assert out.returncode == 0 and out.stdout.splitlines()[1].split(",")[2] == alone.stdout.splitlines()[1].split(",")[2]
