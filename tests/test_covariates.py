@@ -149,6 +149,20 @@ def test_a_joined_table_is_one_block_and_absent_patients_have_it_missing(manifes
     assert schema.manifest_columns() == ["age"] and set(schema.block_features()) == {"age", "genomics"}
 
 
+def test_a_wide_table_of_a_thousand_columns_joins_and_encodes(manifest, tmp_path):
+    genomics = wide_table(manifest, tmp_path / "wide.csv", columns=1000)
+    data = load(manifest, "age", tabular=genomics, tabular_columns=["gene_*"])
+    table = data.splits["train"].covariates
+    assert table.numeric.shape[1] == 1001 and not table.categorical_names
+    schema = CovariateSchema.fit(table, join="patient_id", tabular_block="wide")
+    encoded = schema.encode(data.splits["test"].covariates)
+    assert encoded.shape == (len(data.splits["test"]), 2002) and np.isfinite(encoded).all()
+    absent = data.splits["test"].covariates.missing_mask()["gene_999"]
+    assert np.array_equal(encoded[absent][:, 3::2], np.ones((absent.sum(), 1000)))  # every gene's missing indicator
+    names = schema.missing_names(data.splits["test"].covariates)[int(np.flatnonzero(absent)[0])]
+    assert "wide" in names and not any(n.startswith("gene_") for n in names)  # the table's block, named once
+
+
 def test_bad_joined_tables_are_named(manifest, tmp_path):
     genomics = wide_table(manifest, tmp_path / "genomics.csv")
     rows = list(csv.DictReader(open(genomics)))
@@ -429,3 +443,31 @@ def test_an_ensemble_of_fused_models_takes_covariates_too(fused_run, tmp_path):
     out = cli("predict", str(tmp_path / "ens"), str(image), "--covariates", str(tmp_path / "one.csv"))
     alone = cli("predict", str(fused_run), str(image), "--covariates", str(tmp_path / "one.csv"))
     assert out.returncode == 0 and out.stdout.splitlines()[1].split(",")[2] == alone.stdout.splitlines()[1].split(",")[2]
+
+
+def test_train_and_predict_with_a_joined_table_from_the_command_line(manifest, tmp_path):
+    genomics = wide_table(manifest, tmp_path / "genomics.csv", columns=30)
+    run = tmp_path / "run"
+    out = cli("train", str(manifest), "--model", "tabular", "--covariates", "age", "--tabular", str(genomics),
+              "--tabular-columns", "gene_*", "--epochs", "10", "--batch-size", "16", "--image-size", "24", "--out", str(run),
+              "--no-progress")
+    assert out.returncode == 0, out.stderr
+    record = json.loads((run / "data.json").read_text())["covariates"]
+    assert record["join"]["columns"] == 30 and record["columns"]["genomics"]["type"] == "table"
+    assert sum(len(v) for v in record["columns"]["genomics"]["absent_images"].values()) == record["join"]["images_absent"]
+    fusion = json.loads((run / "fusion.json").read_text())
+    importance = {r["covariate"]: r["auc_lost"] for r in fusion["importance"]}
+    assert set(importance) == {"age", "genomics"}
+    assert fusion["models"]["covariates only (boosted trees)"]["auc"] > 0.8
+    rows = list(csv.DictReader(open(manifest)))
+    present = {r["patient_id"] for r in csv.DictReader(open(genomics))}
+    inside = next(r for r in rows if r["patient_id"] in present)
+    outside = next(r for r in rows if r["patient_id"] not in present)
+    images = [str(manifest.parent / r["path"]) for r in (inside, outside)]
+    write_csv(tmp_path / "new.csv", [{"path": p, "patient_id": r["patient_id"], "age": r["age"]} for p, r in zip(images, (inside, outside))])
+    predicted = cli("predict", str(run), *images, "--covariates", str(tmp_path / "new.csv"), "--tabular", str(genomics))
+    assert predicted.returncode == 0, predicted.stderr
+    missing = [line.rsplit(",", 1)[1] for line in predicted.stdout.splitlines()[1:]]
+    assert "genomics" not in missing[0] and "genomics" in missing[1]
+    no_table = cli("predict", str(run), images[0], "--tabular", str(genomics))
+    assert no_table.returncode == 2 and "--tabular needs --covariates" in no_table.stderr
