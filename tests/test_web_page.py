@@ -186,3 +186,24 @@ def test_the_page_asks_for_each_covariate_and_sends_what_is_filled_in(fused_serv
     assert "without: site" in newest.inner_text()
     assert "patient data moved P(" in newest.inner_text() and "age" in newest.query_selector(".attributions").inner_text()
     assert not outside
+
+
+def test_an_input_unlike_the_training_data_gets_a_banner_not_a_confident_bar(server, browser_page, tmp_path):
+    import numpy as np
+    from PIL import Image
+
+    url, _, _ = server
+    page, outside = browser_page
+    page.add_init_script(f"sessionStorage.setItem('meddiag-token', '{TOKEN}')")
+    page.goto(url + "/")
+    page.wait_for_selector("#card dl")
+    assert "flags unfamiliar input" in page.inner_text("#card") and "mahalanobis" in page.inner_text("#card")
+    flat = tmp_path / "flat.png"
+    Image.fromarray(np.full((64, 64), 120, np.uint8)).save(flat)
+    page.set_input_files("#files", str(flat))
+    page.wait_for_selector(".result .ood")
+    banner = page.inner_text(".result .ood")
+    assert "Outside what this model was trained on" in banner and "constant" in banner
+    assert "distrusted" in page.get_attribute(".result .bars", "class")
+    assert not page.query_selector(".result .abstain")  # the banner replaces the 'uncertain' note
+    assert not outside

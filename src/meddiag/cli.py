@@ -83,6 +83,8 @@ def train(
     tta: Annotated[Optional[int], typer.Option(help="Test-time augmentation: also predict this many augmented copies of each image. [default: 0]")] = None,
     mc_dropout: Annotated[Optional[int], typer.Option(help="MC-dropout passes at prediction (networks with dropout). [default: 0]")] = None,
     coverage: Annotated[Optional[float], typer.Option(help="Abstain on the most uncertain cases, answering this share (e.g. 0.9; chosen on validation).")] = None,
+    ood_keep: Annotated[Optional[float], typer.Option(help="Flag inputs unlike the training data, keeping this share of validation images. [default: 0.95]")] = None,
+    ood_method: Annotated[Optional[str], typer.Option(help="The OOD score: mahalanobis, knn, energy or msp. [default: mahalanobis; energy for networks without a final linear layer]")] = None,
     covariates: Annotated[Optional[str], typer.Option(help="Manifest columns of patient data the model takes beside the image, e.g. age,sex,localization; force a type with age:num or site:cat. Missing values are allowed.")] = None,
     tabular: Annotated[Optional[Path], typer.Option(help="A second CSV of patient data (e.g. genomic markers), joined by --join; patients it lacks have that block missing.")] = None,
     join: Annotated[Optional[str], typer.Option(help="The column joining --tabular to the manifest: patient_id, path, or any manifest column. [default: patient_id]")] = None,
@@ -116,7 +118,7 @@ def train(
         positive_class=positive_class,
         subgroups=_columns(subgroups), tta=tta, mc_dropout=mc_dropout, coverage=coverage, out=out, folds=folds, accelerator=accelerator, devices=int(devices) if devices and devices.isdigit() else devices,
         covariates=_list(covariates), tabular=str(tabular) if tabular else None, join=join, tabular_columns=_list(tabular_columns),
-        fusion=fusion, covariate_dropout=covariate_dropout,
+        fusion=fusion, covariate_dropout=covariate_dropout, ood_keep=ood_keep, ood_method=ood_method,
         missing_values=[v.strip() for v in missing_values.split(",")] if missing_values is not None else None,
     )
     if cfg.folds > 1:
@@ -263,6 +265,29 @@ def predict(
     if failures:
         print(f"{len(failures)} file(s) could not be predicted", file=sys.stderr)
         raise typer.Exit(1)
+
+
+@app.command("calibrate-ood")
+@friendly_errors
+def calibrate_ood(
+    run: Annotated[Path, typer.Argument(help="Run folder.")],
+    keep: Annotated[float, typer.Option(help="The share of validation images the flag threshold keeps.")] = 0.95,
+    method: Annotated[Optional[str], typer.Option(help="mahalanobis, knn, energy or msp. [default: mahalanobis where possible]")] = None,
+) -> None:
+    """Fit (or refit) a run's out-of-distribution rule from its own training and validation data, without
+    retraining: for runs made before the rule existed, or to change its method or share kept."""
+    from meddiag.runfolder import RunFolder, model_checkpoint
+    from meddiag.training.config import TrainConfig
+    from meddiag.training.ood import fit_ood
+    from meddiag.training.run import load_training_data
+
+    folder = RunFolder.of(run)
+    if not folder.config.exists():
+        raise MeddiagError(f"{folder.config} not found: calibrate-ood needs a run folder (its training data defines the reference)")
+    data = load_training_data(TrainConfig.from_file(folder.config), sys.stderr.isatty(), folder.root)
+    rule = fit_ood(model_checkpoint(folder.root), data, keep, method)
+    print(f"OOD rule: {rule.method} score above {rule.threshold:.4g} is flagged (keeps {rule.keep:.0%} of validation; "
+          f"flagged {rule.val_flagged:.1%} of its {rule.validation_images} images); reference: {rule.reference_images} training images")
 
 
 @app.command()

@@ -12,6 +12,7 @@
       history.csv            per-epoch losses and validation metrics
       predictions.csv, metrics.json, report.html, report.json, plots/   the test evaluation
       fusion.json            (models with covariates) did the patient data help: the report's fusion section
+      ood.json               test inputs the out-of-distribution rule flags, and the metrics without them
       predictions_val.csv    validation predictions (operating points are chosen on them)
       eval-<split>/          other evaluations, each with the evaluation files above
       sanity.json, ensemble.json, export/model.onnx, explanations/
@@ -34,6 +35,7 @@ METRICS = "metrics.json"
 REPORT_HTML = "report.html"
 REPORT_JSON = "report.json"
 PLOTS = "plots"
+OOD = "ood.json"  # models with an OOD rule: test inputs flagged, metrics without them
 FUSION = "fusion.json"  # models with covariates: fused vs image only vs covariates only, robustness, importance
 
 

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import numpy as np
 
-from meddiag.data.dataset import Split
+from meddiag.data.dataset import ImageData, Split
 from meddiag.data.splits import stratification_key, stratified_group_folds
 from meddiag.errors import ConfigError
 from meddiag.evaluation.decision import tune_decision
@@ -21,6 +21,7 @@ from meddiag.models.checkpoint import load_checkpoint, save_checkpoint
 from meddiag.models.ensemble import check_members
 from meddiag.runfolder import RunFolder, model_checkpoint, write_text_atomic
 from meddiag.training.config import TrainConfig
+from meddiag.training.ood import fit_ood
 from meddiag.training.run import TrainResult, default_run_dir, load_training_data, train
 
 
@@ -42,6 +43,7 @@ def train_and_evaluate(config: TrainConfig, *, resume: bool = False, progress: b
     if not result.is_global_zero:  # one process evaluates and writes; the others are done
         return TrainEvalResult(result, None)
     settle_decision(result.best_checkpoint, result.data.splits["val"], config)
+    settle_ood(result.best_checkpoint, result.data, config)
     model, card = load_checkpoint(result.best_checkpoint)
     try:
         write_example_heatmaps(model, card, result.data.splits["test"], RunFolder(result.run_dir).example_heatmaps)
@@ -56,6 +58,12 @@ def settle_decision(checkpoint: Path, val: Split, config: TrainConfig) -> None:
     if config.calibrate or config.operating_point or config.coverage:
         tune_decision(checkpoint, val, calibrate=config.calibrate, operating_point=config.operating_point,
                       coverage=config.coverage)
+
+
+def settle_ood(checkpoint: Path, data: ImageData, config: TrainConfig) -> None:
+    """The out-of-distribution rule: reference from the training split, threshold from validation."""
+    if config.ood_keep is not None:
+        fit_ood(checkpoint, data, config.ood_keep, config.ood_method)
 
 
 @dataclass
@@ -98,6 +106,7 @@ def cross_validate(config: TrainConfig, *, progress: bool | None = None) -> Cros
         if not result.is_global_zero:
             continue
         settle_decision(result.best_checkpoint, fold_data.splits["val"], fold_config)
+        settle_ood(result.best_checkpoint, fold_data, fold_config)
         per_test.append(evaluate_run(result.run_dir, data=fold_data, split="test", progress=False))
         model, card = load_checkpoint(result.best_checkpoint)
         metrics, probs = evaluate_split(model, card, fold_data.splits["val"])
@@ -155,6 +164,7 @@ def make_ensemble(runs: list[Path], out: Path, *, operating_point: str | None = 
     card = cards[0].model_copy(update={
         "model_name": "ensemble", "model_kwargs": {"members": [c.model_dump() for c in cards]}, "threshold": 0.5,
         "operating_point": None, "temperature": 1.0, "tta": tta, "mc_dropout": 0, "coverage": None, "abstain_threshold": None,
+        "ood": None,  # the members' rules are theirs: the ensemble's own is fitted below
     })
     model = card.build_model()
     for slot, (member, _) in zip(model.members, loaded):
@@ -168,8 +178,7 @@ def make_ensemble(runs: list[Path], out: Path, *, operating_point: str | None = 
     write_text_atomic(target.ensemble, json.dumps({"members": [str(h.root) for h in homes],
                                                   "models": [c.model_name for c in cards]}, indent=2))
     config = configs[0].model_copy(update={"operating_point": operating_point, "calibrate": calibrate, "coverage": coverage})
-    if calibrate or operating_point or coverage:
-        data = load_training_data(config, progress)
-        settle_decision(checkpoint, data.splits["val"], config)
-        return evaluate_run(out, data=data, progress=progress)
-    return evaluate_run(out, progress=progress)
+    data = load_training_data(config, progress)
+    settle_decision(checkpoint, data.splits["val"], config)
+    settle_ood(checkpoint, data, config)
+    return evaluate_run(out, data=data, progress=progress)

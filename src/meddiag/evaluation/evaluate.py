@@ -17,6 +17,7 @@ from meddiag.data.sources import load_data
 from meddiag.errors import DataError, MeddiagError
 from meddiag.evaluation.fusion import fusion_analysis
 from meddiag.evaluation.metrics import classification_metrics, json_safe
+from meddiag.evaluation.ood import ood_summary
 from meddiag.evaluation.plots import plot_confusion_matrix, plot_gallery, plot_roc, plot_training_curves
 from meddiag.evaluation.report import DEFAULT_RESAMPLES, failure_cases, write_report
 from meddiag.evaluation.table import PredictionTable
@@ -24,7 +25,7 @@ from meddiag.models.checkpoint import ModelCard, load_checkpoint
 from meddiag.models.fusion import covariate_tensor
 from meddiag.models.inference import predict_proba
 from meddiag.models.uncertainty import predict_with_uncertainty
-from meddiag.runfolder import FUSION, METRICS, PLOTS, PREDICTIONS, REPORT_HTML, RunFolder, model_checkpoint, write_text_atomic
+from meddiag.runfolder import FUSION, METRICS, OOD, PLOTS, PREDICTIONS, REPORT_HTML, RunFolder, model_checkpoint, write_text_atomic
 from meddiag.training.config import TrainConfig
 from meddiag.training.history import read_history
 from meddiag.training.run import load_training_data
@@ -94,6 +95,12 @@ def evaluate_run(run_dir: str | Path, data: str | ImageData | None = None, split
         plot_training_curves(history, folder.training_curves)
     failures = failure_cases(table, card.task, card.class_names, card.threshold)
     _plot_failures(part, failures, plots / "failures.png")
+    ood_file = out_dir / OOD
+    ood_file.unlink(missing_ok=True)
+    if card.ood is not None:
+        summary = ood_summary(model, card, checkpoint, part, probs)
+        if summary is not None:
+            write_text_atomic(ood_file, json.dumps(json_safe(summary), indent=2))
     fusion_file = out_dir / FUSION
     fusion_file.unlink(missing_ok=True)
     if card.covariates is not None and part.covariates is not None:

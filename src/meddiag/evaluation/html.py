@@ -266,4 +266,18 @@ def _selective(r: dict, plots: dict[str, Path]) -> str:
                  f"{num(rule['coverage'])} of these cases with error {num(rule['error_answered'])} (all cases: {num(rule['error_all'])}).</p>")
     else:
         body += "<p class='note'>No abstention rule stored: <code>train --coverage 0.9</code> chooses one on validation.</p>"
+    body += _ood(r.get("ood"))
     return _section("selective-prediction", body + figure(plots.get("risk_coverage", Path("-")), "Risk-coverage curve"))
+
+
+def _ood(o: dict | None) -> str:
+    if not o:
+        return ("<p class='note'>No out-of-distribution rule stored (a run made before there was one): "
+                "<code>meddiag calibrate-ood RUN</code> adds it.</p>")
+    a, k = o["all"], o["not_flagged"]
+    return (f"<h3>Inputs unlike the training data</h3><p>The model flags an input when its {html.escape(o['method'])} score "
+            f"exceeds {num(o['threshold'], 4)} (the threshold keeping {100 * o['keep']:.0f}% of the validation images; it "
+            f"flagged {100 * o['val_flagged']:.1f}% there). Here it flagged <strong>{o['flagged']} of {o['n']}</strong> "
+            f"({100 * o['flagged_share']:.1f}%).</p>"
+            + table(["inputs", "n", "AUC", "accuracy"], [["all", num(a["n"]), num(a["auc"]), num(a["acc"])],
+                                                        ["not flagged", num(k["n"]), num(k["auc"]), num(k["acc"])]]))

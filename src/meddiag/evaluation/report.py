@@ -30,7 +30,7 @@ from meddiag.evaluation import stats
 from meddiag.evaluation.metrics import json_safe, predict_labels, roc_auc
 from meddiag.evaluation.table import PredictionTable
 from meddiag.models.uncertainty import normalised_entropy
-from meddiag.runfolder import FUSION, PLOTS, PREDICTIONS, REPORT_HTML, REPORT_JSON, RunFolder, write_text_atomic
+from meddiag.runfolder import FUSION, OOD, PLOTS, PREDICTIONS, REPORT_HTML, REPORT_JSON, RunFolder, write_text_atomic
 
 DEFAULT_RESAMPLES = 1000
 RULES = tuple(stats.OPERATING_POINTS)
@@ -359,6 +359,8 @@ def write_report(out_dir: Path, run_dir: Path, card, *, split: str = "test", sub
         "data": json.loads(data_file.read_text()) if data_file.exists() else None,
         **report,
     }
+    ood_file = out_dir / OOD  # written by evaluate for a model with an OOD rule
+    report["ood"] = json.loads(ood_file.read_text()) if ood_file.exists() else None
     fusion_file = out_dir / FUSION  # written by evaluate for a model that takes covariates
     report["fusion"] = json.loads(fusion_file.read_text()) if fusion_file.exists() else None
     if card.covariates is not None:

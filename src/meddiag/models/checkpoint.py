@@ -22,6 +22,20 @@ from meddiag.models.registry import create_model
 
 META_KEY = "meddiag"
 STATE_PREFIX = "model."
+OOD_PREFIX = "ood."  # the out-of-distribution reference's tensors (see meddiag.models.ood)
+
+
+class OODRule(BaseModel):
+    """How the model flags inputs unlike its training data (see :mod:`meddiag.models.ood`)."""
+
+    model_config = ConfigDict(extra="ignore")
+    method: str = Field(description="the score flagged: mahalanobis, knn, energy or msp")
+    threshold: float = Field(description="inputs scoring above it are flagged")
+    keep: float = Field(description="the share of validation inputs the threshold keeps")
+    val_flagged: float = Field(description="the share of validation inputs it flagged")
+    thresholds: dict[str, float] = Field(default_factory=dict, description="each method's threshold for the same share")
+    reference_images: int = 0
+    validation_images: int = 0
 
 
 class ModelCard(BaseModel):
@@ -50,6 +64,7 @@ class ModelCard(BaseModel):
     positive_class: str | None = Field(None, description="two-class tasks: the finding, always class_names[1] (None in older checkpoints: class_names[1] too)")
     covariates: CovariateSchema | None = Field(None, description="the patient data the model takes beside the image, and how it is encoded (None: image only)")
     fusion: Literal["late", "film"] | None = Field(None, description="how image and covariates are joined (models with covariates)")
+    ood: OODRule | None = Field(None, description="the out-of-distribution rule (None: made before there was one; `meddiag calibrate-ood RUN` adds it)")
     data_name: str = ""
     meddiag_version: str = meddiag.__version__
 
@@ -108,7 +123,8 @@ def slim_checkpoint(path: str | Path) -> Path:
     model's weights and its card (dropping, e.g., the weights averaged away and the hyper-parameters)."""
     path = Path(path)
     ckpt = torch.load(path, map_location="cpu", weights_only=True)
-    slim = {"state_dict": {k: v for k, v in ckpt["state_dict"].items() if k.startswith(STATE_PREFIX)}, META_KEY: ckpt[META_KEY]}
+    slim = {"state_dict": {k: v for k, v in ckpt["state_dict"].items() if k.startswith((STATE_PREFIX, OOD_PREFIX))},
+            META_KEY: ckpt[META_KEY]}
     _save_atomic(slim, path)
     return path
 
@@ -117,6 +133,27 @@ def _save_atomic(obj: dict, path: Path) -> None:
     tmp = path.with_name(f".{path.name}.tmp")
     torch.save(obj, tmp)
     tmp.replace(path)
+
+
+def save_ood_reference(path: str | Path, reference: object, rule: OODRule) -> ModelCard:
+    """Store the OOD feature reference (its tensors under ``ood.*`` in the state dict, never loaded into
+    the network; None: none) and the rule in the card of checkpoint ``path``, in place."""
+    path = Path(path)
+    ckpt = torch.load(path, map_location="cpu", weights_only=True)
+    state = {k: v for k, v in ckpt["state_dict"].items() if not k.startswith(OOD_PREFIX)}
+    if reference is not None:
+        state.update(reference.state())  # type: ignore[attr-defined]
+    ckpt["state_dict"] = state
+    card = ModelCard.model_validate({**ckpt[META_KEY], "ood": rule.model_dump()})
+    ckpt[META_KEY] = card.model_dump()
+    _save_atomic(ckpt, path)
+    return card
+
+
+def load_ood_state(path: str | Path) -> dict[str, torch.Tensor]:
+    """The ``ood.*`` tensors of a checkpoint (empty when it has none)."""
+    ckpt = torch.load(Path(path), map_location="cpu", weights_only=True)
+    return {k: v for k, v in ckpt["state_dict"].items() if k.startswith(OOD_PREFIX)}
 
 
 def update_card(path: str | Path, **changes: object) -> ModelCard:

@@ -28,6 +28,7 @@ class ModelInput:
     series_instance_uid: str = ""
     excluded: list[tuple[str, str]] = field(default_factory=list)  # (path, reason): files left out of a series
     covariates: tuple[np.ndarray, list[str]] | None = None  # models with covariates: (F,) encoded, and the names missing
+    problems: list[str] = field(default_factory=list)  # the input contract checks it failed (see meddiag.models.ood)
 
 
 @reads_one_file

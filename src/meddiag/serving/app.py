@@ -41,6 +41,7 @@ from meddiag.explain.render import overlay_image, volume_figure
 from meddiag.explain.covariates import covariate_attributions
 from meddiag.explain.saliency import METHODS, explained_classes, method_label, model_input, saliency_maps
 from meddiag.models.inputs import ModelInput
+from meddiag.models.ood import input_problems
 from meddiag.runfolder import METRICS, REPORT_JSON, RunFolder
 from meddiag.serving.batching import MicroBatcher
 from meddiag.serving.predictor import Prediction, Predictor, stacked_covariates
@@ -148,6 +149,7 @@ def create_app(predictor: Predictor, run: str | Path | None = None, options: Ser
         items: list[tuple[int, str, ModelInput]] = []
         for index, name, data in uploads:
             for item in await run_in_threadpool(_read_upload, predictor, index, name, data):
+                item.problems = input_problems(item.array, item.original, card)
                 try:
                     item.covariates = predictor.case_covariates(patients[index] if patients else None, name)
                 except DataError as exc:
@@ -244,6 +246,9 @@ def _result(index: int, name: str, p: Prediction, card: Any) -> dict:
         out["sop_instance_uid"], out["series_instance_uid"] = p.sop_instance_uid, p.series_instance_uid
     if p.missing_covariates is not None:
         out["missing_covariates"] = p.missing_covariates
+    out["ood"], out["ood_reason"] = p.ood, p.ood_reason
+    if p.ood_score is not None:
+        out["ood_score"] = p.ood_score
     return out
 
 
@@ -294,6 +299,7 @@ def describe_model(predictor: Predictor, run: Path | None) -> dict:
         "explain_methods": list(METHODS), "backend": predictor.backend, "meddiag_version": meddiag.__version__,
         "trained_with_meddiag": c.meddiag_version, "training_data": None, "test_metrics": None,
         "covariates": _covariate_fields(c),
+        "ood": c.ood.model_dump() if c.ood else None,
         "intended_use": "decision support for qualified readers; not a stand-alone diagnosis",
     }
     if run is None or not run.is_dir():

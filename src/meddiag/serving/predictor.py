@@ -21,7 +21,11 @@ from meddiag.data.covariates import PatientData
 from meddiag.errors import DataError, ModelError, source_failure
 from meddiag.evaluation.metrics import predict_labels
 from meddiag.models.checkpoint import load_checkpoint
-from meddiag.models.inference import predict_proba
+from meddiag.models.checkpoint import load_ood_state
+from meddiag.models.inference import logits_to_probs, predict_proba
+from meddiag.models.ood import (FeatureReference, WithFeatures, all_scores, input_problems, logits_and_features, rule_in_force,
+                                supports_features)
+from meddiag.models.registry import get_entry
 from meddiag.models.inputs import ModelInput, read_inputs
 from meddiag.models.uncertainty import normalised_entropy, predict_with_uncertainty
 from meddiag.runfolder import model_checkpoint
@@ -39,6 +43,9 @@ class Prediction:
     spread: float | None = None  # std over TTA / MC-dropout passes of the predicted class's probability
     abstain: bool | None = None  # True: refer to a human (uncertainty above the model's threshold)
     missing_covariates: list[str] | None = None  # models with covariates: those this case lacked (None: image-only model)
+    ood_score: float | None = None  # how unlike the training data (the card's OOD method; None: the model has no rule)
+    ood: bool = False  # outside what the model was trained on: do not trust the diagnosis
+    ood_reason: str = ""
 
 
 class Predictor:
@@ -57,6 +64,11 @@ class Predictor:
         self.max_pixels = max_pixels
         self.backend = backend
         self.network = self.model  # what predictions run on
+        self.ood_reference = FeatureReference.from_state(load_ood_state(checkpoint)) if self.card.ood else None
+        if self.card.ood is not None and not rule_in_force(self.card, self.ood_reference, str(checkpoint)):
+            self.card = self.card.model_copy(update={"ood": None})
+        self.with_features = (WithFeatures(self.model, get_entry(self.card.model_name).head).eval()
+                              if self.card.ood and supports_features(self.card.model_name) else None)
         if backend == "onnx":
             if self.card.mc_dropout:
                 raise ModelError("this model averages MC-dropout passes, which need the PyTorch backend "
@@ -78,10 +90,20 @@ class Predictor:
         test-time augmentation / MC-dropout passes the model card asks for. ``covariates``: (N, F)
         encoded patient data (see :meth:`encode_covariates`; None: none known)."""
         c = self.card
+        if c.ood is not None:  # one plain pass gives the logits and the features the OOD score needs
+            logits, features = logits_and_features(self.with_features or self.model, c, images, covariates, self.batch_size)
+            scores = all_scores(logits, features, self.ood_reference, c.task, c.temperature)[c.ood.method]
         if c.tta or c.mc_dropout:
-            return predict_with_uncertainty(self.network, c, images, self.batch_size, covariates=covariates)
-        probs = predict_proba(self.network, images, c.task, c.mean, c.std, self.batch_size, c.temperature, covariates).numpy()
-        return {"mean": probs, "entropy": normalised_entropy(probs, c.task), "spread": np.zeros(len(probs))}
+            dist = predict_with_uncertainty(self.network, c, images, self.batch_size, covariates=covariates)
+        elif c.ood is not None and self.network is self.model:
+            probs = logits_to_probs(logits, c.task, c.temperature).numpy()
+            dist = {"mean": probs, "entropy": normalised_entropy(probs, c.task), "spread": np.zeros(len(probs))}
+        else:
+            probs = predict_proba(self.network, images, c.task, c.mean, c.std, self.batch_size, c.temperature, covariates).numpy()
+            dist = {"mean": probs, "entropy": normalised_entropy(probs, c.task), "spread": np.zeros(len(probs))}
+        if c.ood is not None:
+            dist["ood_score"] = scores
+        return dist
 
     def case_covariates(self, patients: PatientData | None, source: str | Path) -> tuple[np.ndarray, list[str]] | None:
         """(F,) encoded covariates of the case in ``source`` and the names it lacks (None: an image-only
@@ -120,6 +142,7 @@ class Predictor:
                 except DataError as exc:  # a bad value fails this case only
                     failures.append(Failure(str(source), str(exc)))
                     continue
+                item.problems = input_problems(item.array, item.original, self.card)
                 pending.append(item)
             if len(pending) >= self.batch_size or (i == len(sources) - 1 and pending):
                 predictions += self.predict_inputs(pending)
@@ -146,6 +169,17 @@ class Predictor:
             row.sop_instance_uid, row.series_instance_uid = item.sop_instance_uid, item.series_instance_uid
             if item.covariates is not None:
                 row.missing_covariates = item.covariates[1]
+        rule = self.card.ood
+        scores = dist.get("ood_score")
+        for i, (row, item) in enumerate(zip(rows, items)):
+            reasons = list(item.problems)
+            if scores is not None and rule is not None:
+                row.ood_score = float(scores[i])
+                if not row.ood_score <= rule.threshold:  # NaN too
+                    reasons.append(f"{rule.method} score {row.ood_score:.4g} above the model's threshold "
+                                   f"{rule.threshold:.4g} (which keeps {rule.keep:.0%} of its validation images)")
+            if reasons:
+                row.ood, row.ood_reason, row.abstain = True, "; ".join(reasons), True
         return rows
 
     def _rows(self, paths: list[Path], dist: dict[str, np.ndarray]) -> list[Prediction]:
@@ -188,9 +222,11 @@ def _write_rows(fh: TextIO, predictions: list[Prediction], class_names: list[str
     writer = csv.writer(fh, lineterminator="\n")
     covariates = any(p.missing_covariates is not None for p in predictions)
     writer.writerow(["path", "prediction", *[f"prob_{c}" for c in class_names], "uncertainty", "spread", "abstain",
+                     "ood_score", "ood", "ood_reason",
                      "sop_instance_uid", "series_instance_uid", *(["missing_covariates"] if covariates else [])])
     for p in predictions:
         writer.writerow([p.path, p.predicted, *[f"{p.probabilities[c]:.6f}" for c in class_names], f"{p.uncertainty:.4g}",
                          "" if p.spread is None else f"{p.spread:.4g}", "" if p.abstain is None else int(p.abstain),
+                         "" if p.ood_score is None else f"{p.ood_score:.6g}", int(p.ood), p.ood_reason,
                          p.sop_instance_uid, p.series_instance_uid,
                          *([";".join(p.missing_covariates or [])] if covariates else [])])

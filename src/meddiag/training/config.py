@@ -53,6 +53,8 @@ class TrainConfig(BaseModel):
     tta: int = Field(0, ge=0, description="test-time augmentation: predict each image with this many augmented copies too")
     mc_dropout: int = Field(0, ge=0, description="MC-dropout passes at prediction (networks with dropout)")
     coverage: float | None = Field(None, gt=0, le=1, description="abstain on the most uncertain cases: answer this share (threshold chosen on validation)")
+    ood_keep: float | None = Field(0.95, ge=0.5, lt=1, description="flag inputs unlike the training data, keeping this share of validation images (None: no OOD rule)")
+    ood_method: Literal["mahalanobis", "knn", "energy", "msp"] | None = Field(None, description="the OOD score; None: mahalanobis where the network has penultimate features, else energy")
     subgroups: list[str] = Field(default_factory=list, description="manifest columns to report every metric by (e.g. sex, site)")
     covariates: list[str] = Field(default_factory=list, description="manifest columns the model takes beside the image (e.g. age, sex:cat, site); a type after ':' (num or cat) overrides the inferred one")
     tabular: str | None = Field(None, description="a second CSV of patient data (e.g. genomic markers) joined to the manifest by `join`; images whose key it lacks have its block missing")

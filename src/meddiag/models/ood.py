@@ -1,0 +1,210 @@
+"""Out-of-distribution scores: how unlike the training data an input is, in the network's own terms.
+
+A trained network is summarised by a compact *reference* of its training split in feature space (the
+input of its final linear layer, the penultimate features), stored in the checkpoint beside the weights:
+
+- ``mahalanobis`` (Lee et al. 2018): class-conditional Gaussians with one shared covariance (Ledoit-Wolf
+  shrinkage); the score is the smallest squared Mahalanobis distance to a class mean;
+- ``knn`` (Sun et al. 2022): the distance of the L2-normalised feature to its k-th nearest training
+  feature (a bank of at most ``BANK`` training images);
+- output scores that need no reference: ``energy`` (Liu et al. 2020; minus the log-sum-exp of the
+  logits) and ``msp`` (Hendrycks & Gimpel 2017; one minus the largest softmax probability).
+
+Every score is "higher = more unusual". A rule (method + threshold) is chosen on the validation split to
+keep a stated share of in-distribution inputs, and lives in the model card.
+"""
+
+from __future__ import annotations
+
+import math
+import copy
+import warnings
+
+import numpy as np
+import torch
+from torch import nn
+
+METHODS = ("mahalanobis", "knn", "energy", "msp")
+DEFAULT_METHOD = "mahalanobis"  # see docs/benchmarks.md, "Out-of-distribution inputs"
+FEATURE_METHODS = ("mahalanobis", "knn")
+BANK = 4096  # most training features the kNN score keeps
+K_NEIGHBOURS = 10
+REFERENCE_PREFIX = "ood."  # checkpoint state-dict keys of the reference (never loaded into the network; = checkpoint.OOD_PREFIX)
+
+
+class WithFeatures(nn.Module):
+    """``model`` split at its final linear layer: ``forward(x, covariates=None) -> (logits, features)``,
+    features being that layer's (N, D) input. A copy: the caller's model is untouched. Traceable (no hooks),
+    so an ONNX export can output both."""
+
+    def __init__(self, model: nn.Module, head_name: str) -> None:
+        super().__init__()
+        from meddiag.models.fusion import FusedNet
+
+        body = copy.deepcopy(model)
+        if isinstance(body, FusedNet) and body.head is not None:
+            self.head, body.head = body.head, nn.Identity()
+        else:
+            target = body.image if isinstance(body, FusedNet) else body
+            self.head = target.get_submodule(head_name)
+            target.set_submodule(head_name, nn.Identity())
+        self.body = body
+        self.takes_covariates = isinstance(model, FusedNet)
+
+    def forward(self, x: torch.Tensor, covariates: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        features = (self.body(x, covariates) if self.takes_covariates else self.body(x)).flatten(1)
+        return self.head(features), features
+
+
+def supports_features(model_name: str) -> bool:
+    from meddiag.models.registry import get_entry
+
+    return model_name == "tabular" or bool(get_entry(model_name).head)
+
+
+def output_scores(logits: torch.Tensor, task: str, temperature: float = 1.0) -> dict[str, np.ndarray]:
+    """``energy`` and ``msp`` of (N, K) logits (multi-label: per finding, the most confident one's)."""
+    z = logits.double() / temperature
+    if task == "multilabel":
+        p = torch.sigmoid(z)
+        confidence = torch.maximum(p, 1 - p).min(dim=1).values  # the least settled finding
+        energy = -torch.nn.functional.softplus(z.abs()).min(dim=1).values
+        return {"energy": energy.numpy(), "msp": (1 - confidence).numpy()}
+    return {"energy": (-torch.logsumexp(z, dim=1)).numpy(), "msp": (1 - torch.softmax(z, dim=1).max(dim=1).values).numpy()}
+
+
+class FeatureReference:
+    """Class means, shared precision and a kNN bank of training features."""
+
+    def __init__(self, means: torch.Tensor, precision: torch.Tensor, bank: torch.Tensor) -> None:
+        self.means, self.precision, self.bank = means.double(), precision.double(), bank.float()
+
+    @classmethod
+    def fit(cls, features: np.ndarray, labels: np.ndarray, num_classes: int, seed: int = 0) -> FeatureReference:
+        from sklearn.covariance import LedoitWolf
+
+        f = np.asarray(features, dtype=np.float64)
+        if labels.ndim == 2 or num_classes < 2:  # multi-label: one Gaussian for all
+            groups = np.zeros(len(f), dtype=np.int64)
+            k = 1
+        else:
+            groups, k = labels.astype(np.int64), num_classes
+        means = np.stack([f[groups == c].mean(0) if (groups == c).any() else f.mean(0) for c in range(k)])
+        centred = f - means[groups]
+        precision = np.linalg.pinv(LedoitWolf(assume_centered=True).fit(centred).covariance_)
+        rng = np.random.default_rng(seed)
+        chosen = rng.choice(len(f), size=min(BANK, len(f)), replace=False)
+        bank = f[chosen] / np.maximum(np.linalg.norm(f[chosen], axis=1, keepdims=True), 1e-12)
+        return cls(torch.from_numpy(means), torch.from_numpy(precision), torch.from_numpy(bank).float())
+
+    def state(self) -> dict[str, torch.Tensor]:
+        return {REFERENCE_PREFIX + "means": self.means, REFERENCE_PREFIX + "precision": self.precision,
+                REFERENCE_PREFIX + "bank": self.bank}
+
+    @classmethod
+    def from_state(cls, state: dict[str, torch.Tensor]) -> FeatureReference | None:
+        keys = [REFERENCE_PREFIX + k for k in ("means", "precision", "bank")]
+        if not all(k in state for k in keys):
+            return None
+        return cls(*(state[k] for k in keys))
+
+    def scores(self, features: torch.Tensor) -> dict[str, np.ndarray]:
+        f = features.double()
+        diff = f[:, None, :] - self.means[None]  # (N, K, D)
+        maha = torch.einsum("nkd,de,nke->nk", diff, self.precision, diff).min(dim=1).values
+        unit = features.float() / features.float().norm(dim=1, keepdim=True).clamp(min=1e-12)
+        k = min(K_NEIGHBOURS, len(self.bank))
+        distance = (1 - unit @ self.bank.T).clamp(min=0).topk(k, dim=1, largest=False).values[:, -1]
+        return {"mahalanobis": maha.numpy(), "knn": distance.double().numpy()}
+
+
+def all_scores(logits: torch.Tensor, features: torch.Tensor | None, reference: FeatureReference | None, task: str,
+               temperature: float = 1.0) -> dict[str, np.ndarray]:
+    """Every method's score (N,) the model supports (feature scores need features and a reference)."""
+    out = output_scores(logits, task, temperature)
+    if features is not None and reference is not None:
+        out.update(reference.scores(features))
+    return out
+
+
+def rule_in_force(card, reference: FeatureReference | None, where: str) -> bool:  # noqa: ANN001 - ModelCard
+    """Whether ``card``'s OOD rule can be applied: a feature score needs the reference stored beside the
+    weights (a checkpoint rewritten without it, e.g. by ``save_checkpoint``, has lost it: warned, not applied)."""
+    rule = card.ood
+    if rule is None:
+        return False
+    if rule.method in FEATURE_METHODS and reference is None:
+        warnings.warn(f"{where}: the model card's OOD rule ({rule.method}) has no reference stored with the weights, so "
+                      "inputs are not checked against the training data; `meddiag calibrate-ood RUN` makes it again", stacklevel=2)
+        return False
+    return True
+
+
+def keep_threshold(scores: np.ndarray, keep: float) -> float:
+    """The score below which ``keep`` of these (in-distribution) scores lie: inputs above it are flagged."""
+    finite = np.asarray(scores, dtype=np.float64)
+    finite = finite[np.isfinite(finite)]
+    return float(np.quantile(finite, keep, method="higher")) if finite.size else math.inf
+
+
+@torch.inference_mode()
+def logits_and_features(model: nn.Module, card, images: torch.Tensor, covariates: torch.Tensor | None = None,  # noqa: ANN001 - ModelCard
+                        batch_size: int = 256) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """(N, K) logits and (N, D) penultimate features (None when the network has no final linear layer to
+    split at, e.g. an ensemble) of uint8 ``images``, one plain pass. ``model``: a network, or one already
+    split by :class:`WithFeatures`."""
+    from meddiag.data.transforms import normalize, to_unit_float
+    from meddiag.models.fusion import call
+    from meddiag.models.inference import model_device
+    from meddiag.models.registry import get_entry
+
+    if isinstance(model, WithFeatures):  # already split (a predictor keeps one)
+        split: WithFeatures | None = model
+    else:
+        split = WithFeatures(model, get_entry(card.model_name).head).eval() if supports_features(card.model_name) else None
+    device = model_device(model)
+    logits, features = [], []
+    for start in range(0, len(images), batch_size):
+        x = normalize(to_unit_float(images[start : start + batch_size].to(device)), card.mean, card.std)
+        c = covariates[start : start + batch_size].to(device) if covariates is not None else None
+        if split is not None:
+            z, f = split(x, c) if split.takes_covariates else split(x)
+            features.append(f.float().cpu())
+        else:
+            z = call(model.eval(), x, c)
+        logits.append(z.float().cpu())
+    if not logits:
+        return torch.empty(0, card.num_classes), None
+    return torch.cat(logits), torch.cat(features) if features else None
+
+
+def input_problems(array: np.ndarray, original: np.ndarray | None, card) -> list[str]:  # noqa: ANN001 - ModelCard
+    """Cheap checks of an input's contract with the model, before the network: each failed one's reason.
+
+    ``array``: the model input (C, *spatial) uint8; ``original``: the 2D image as read (None for volumes)."""
+    reasons = []
+    if int(array.max()) - int(array.min()) <= 2:
+        reasons.append("the image is (nearly) constant: there is nothing to diagnose")
+    if original is None:
+        return reasons
+    h, w = original.shape[:2]
+    if max(h, w) > ASPECT_LIMIT * max(1, min(h, w)):
+        reasons.append(f"an extreme aspect ratio ({w}x{h} pixels)")
+    if max(h, w) * TINY_FACTOR < card.image_size:
+        reasons.append(f"only {w}x{h} pixels, far smaller than the model's {card.image_size} px input")
+    colour = original.ndim == 3 and original.shape[2] >= 3 and _is_colour(original)
+    if colour and card.in_channels == 1:
+        reasons.append("a colour image; this model was trained on grayscale images")
+    elif not colour and card.in_channels == 3:
+        reasons.append("a grayscale image; this model was trained on colour images")
+    return reasons
+
+
+ASPECT_LIMIT = 4.0  # longer side more than this many times the shorter
+TINY_FACTOR = 4  # an image whose longer side is under a quarter of the model's input size
+
+
+def _is_colour(image: np.ndarray, tolerance: float = 8.0) -> bool:
+    """Whether an (H, W, 3+) image's channels differ (by more than ``tolerance`` grey levels on average)."""
+    rgb = image[..., :3].astype(np.float32)
+    return float(np.abs(rgb - rgb.mean(axis=2, keepdims=True)).mean()) > tolerance

@@ -1,0 +1,50 @@
+"""Fitting a run's out-of-distribution rule: the reference from its training split, the threshold
+from its validation split (see :mod:`meddiag.models.ood`)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from meddiag.data.channels import match_channels
+from meddiag.data.dataset import ImageData
+from meddiag.errors import ConfigError
+from meddiag.models.checkpoint import OODRule, load_checkpoint, save_ood_reference
+from meddiag.models.fusion import covariate_tensor
+from meddiag.models.ood import DEFAULT_METHOD, FEATURE_METHODS, METHODS, FeatureReference, all_scores, keep_threshold, logits_and_features
+
+DEFAULT_KEEP = 0.95
+
+
+def fit_ood(checkpoint: Path, data: ImageData, keep: float = DEFAULT_KEEP, method: str | None = None) -> OODRule:
+    """Fit the reference on ``data``'s training split, choose the flag threshold on its validation split so
+    that ``keep`` of it passes, and store both in ``checkpoint``. ``method`` None: the default (feature
+    scores where the network has them, else energy)."""
+    if not 0.5 <= keep < 1:
+        raise ConfigError(f"--ood-keep must be between 0.5 and 1 (the share of in-distribution inputs kept), not {keep}")
+    if method is not None and method not in METHODS:
+        raise ConfigError(f"unknown OOD method '{method}'; choose {', '.join(METHODS)}")
+    model, card = load_checkpoint(checkpoint)
+
+    def pass_over(split: str) -> tuple[torch.Tensor, torch.Tensor | None]:
+        part = data.splits[split]
+        images = match_channels(part.images, card.in_channels)
+        return logits_and_features(model, card, images, covariate_tensor(card.covariates, part.covariates))
+
+    _, train_features = pass_over("train")
+    reference = None
+    if train_features is not None:
+        reference = FeatureReference.fit(train_features.numpy(), data.splits["train"].labels.numpy(), card.num_classes)
+    val_logits, val_features = pass_over("val")
+    scores = all_scores(val_logits, val_features, reference, card.task, card.temperature)
+    chosen = method or (DEFAULT_METHOD if reference is not None else "energy")
+    if chosen in FEATURE_METHODS and reference is None:
+        raise ConfigError(f"{card.model_name} has no final linear layer to take features from: use energy or msp")
+    thresholds = {m: keep_threshold(s, keep) for m, s in scores.items()}
+    rule = OODRule(method=chosen, threshold=thresholds[chosen], keep=keep,
+                   val_flagged=float(np.mean(scores[chosen] > thresholds[chosen])), thresholds=thresholds,
+                   reference_images=len(data.splits["train"]), validation_images=len(data.splits["val"]))
+    save_ood_reference(checkpoint, reference, rule)
+    return rule
