@@ -78,6 +78,9 @@ class FeatureReference:
 
     def __init__(self, means: torch.Tensor, precision: torch.Tensor, bank: torch.Tensor) -> None:
         self.means, self.precision, self.bank = means.double(), precision.double(), bank.float()
+        # (f - m)' P (f - m) = f'Pf - 2 f'Pm + m'Pm: one (N, D) x (D, D) product for every class at once
+        self._pm = self.precision @ self.means.T  # (D, K)
+        self._mpm = (self.means * self._pm.T).sum(1)  # (K,)
 
     @classmethod
     def fit(cls, features: np.ndarray, labels: np.ndarray, num_classes: int, seed: int = 0) -> FeatureReference:
@@ -108,22 +111,26 @@ class FeatureReference:
             return None
         return cls(*(state[k] for k in keys))
 
-    def scores(self, features: torch.Tensor) -> dict[str, np.ndarray]:
-        f = features.double()
-        diff = f[:, None, :] - self.means[None]  # (N, K, D)
-        maha = torch.einsum("nkd,de,nke->nk", diff, self.precision, diff).min(dim=1).values
-        unit = features.float() / features.float().norm(dim=1, keepdim=True).clamp(min=1e-12)
-        k = min(K_NEIGHBOURS, len(self.bank))
-        distance = (1 - unit @ self.bank.T).clamp(min=0).topk(k, dim=1, largest=False).values[:, -1]
-        return {"mahalanobis": maha.numpy(), "knn": distance.double().numpy()}
+    def scores(self, features: torch.Tensor, methods: tuple[str, ...] = FEATURE_METHODS) -> dict[str, np.ndarray]:
+        """Each of ``methods``' (N,) score of (N, D) features."""
+        out = {}
+        if "mahalanobis" in methods:
+            f = features.double()
+            quadratic = ((f @ self.precision) * f).sum(1, keepdim=True)
+            out["mahalanobis"] = (quadratic - 2 * f @ self._pm + self._mpm).clamp(min=0).min(dim=1).values.numpy()
+        if "knn" in methods:
+            unit = features.float() / features.float().norm(dim=1, keepdim=True).clamp(min=1e-12)
+            k = min(K_NEIGHBOURS, len(self.bank))
+            out["knn"] = (1 - unit @ self.bank.T).clamp(min=0).topk(k, dim=1, largest=False).values[:, -1].double().numpy()
+        return out
 
 
 def all_scores(logits: torch.Tensor, features: torch.Tensor | None, reference: FeatureReference | None, task: str,
-               temperature: float = 1.0) -> dict[str, np.ndarray]:
-    """Every method's score (N,) the model supports (feature scores need features and a reference)."""
-    out = output_scores(logits, task, temperature)
-    if features is not None and reference is not None:
-        out.update(reference.scores(features))
+               temperature: float = 1.0, methods: tuple[str, ...] = METHODS) -> dict[str, np.ndarray]:
+    """Each of ``methods``' score (N,) the model supports (feature scores need features and a reference)."""
+    out = {k: v for k, v in output_scores(logits, task, temperature).items() if k in methods}
+    if features is not None and reference is not None and any(m in methods for m in FEATURE_METHODS):
+        out.update(reference.scores(features, tuple(m for m in FEATURE_METHODS if m in methods)))
     return out
 
 

@@ -92,7 +92,7 @@ class Predictor:
         c = self.card
         if c.ood is not None:  # one plain pass gives the logits and the features the OOD score needs
             logits, features = logits_and_features(self.with_features or self.model, c, images, covariates, self.batch_size)
-            scores = all_scores(logits, features, self.ood_reference, c.task, c.temperature)[c.ood.method]
+            scores = all_scores(logits, features, self.ood_reference, c.task, c.temperature, (c.ood.method,))[c.ood.method]
         if c.tta or c.mc_dropout:
             dist = predict_with_uncertainty(self.network, c, images, self.batch_size, covariates=covariates)
         elif c.ood is not None and self.network is self.model:
