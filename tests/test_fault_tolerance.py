@@ -75,7 +75,8 @@ def test_a_run_killed_mid_epoch_resumes_to_the_uninterrupted_result(tmp_path, sh
     # a finished run keeps only what predicting needs
     assert (killed / "training.json").exists() and not (killed / "checkpoints" / "last.ckpt").exists()
     state = torch.load(killed / "checkpoints" / "best.ckpt", weights_only=True)
-    assert set(state) == {"state_dict", "meddiag"} and all(k.startswith("model.") for k in state["state_dict"])
+    assert set(state) == {"state_dict", "meddiag"} and all(k.startswith(("model.", "ood.")) for k in state["state_dict"])
+    assert any(k.startswith("ood.") for k in state["state_dict"])  # the OOD reference is part of predicting
     # resuming a finished run evaluates it again (as after a kill during evaluation); more epochs are refused
     again = subprocess.run(train_command(data, killed, "--resume"), capture_output=True, text=True, env=ENV, timeout=600)
     assert again.returncode == 0 and "test AUC" in again.stdout, again.stderr
