@@ -7,6 +7,7 @@ import csv
 import json
 import subprocess
 import sys
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -27,7 +28,10 @@ def ood_run(tmp_path_factory) -> Path:
     data = make_image_folder(base / "images", per_class=150)
     config = TrainConfig(data=str(data), model="seed_cnn", epochs=8, image_size=32, batch_size=16, out=str(base / "run"),
                          model_kwargs={"widths": [8, 16, 32], "dense": 64})
-    train_and_evaluate(config, progress=False)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        train_and_evaluate(config, progress=False)
+    (base / "train.log").write_text("\n".join(str(w.message) for w in caught))
     return base / "run"
 
 
@@ -57,14 +61,16 @@ def test_the_feature_reference_scores_far_points_higher_and_the_threshold_keeps_
     assert FeatureReference.from_state({}) is None
 
 
-@pytest.mark.parametrize("model", ["seed_cnn", "resnet18", "densenet121", "efficientnet_b0"])
-def test_features_come_from_the_same_pass_as_the_logits(model):
+@pytest.mark.parametrize(("model", "dims"), [("seed_cnn", 2), ("resnet18", 2), ("densenet121", 2), ("efficientnet_b0", 2),
+                                           ("seed_cnn", 3), ("resnet18", 3)])
+def test_features_come_from_the_same_pass_as_the_logits(model, dims):
     from meddiag.models.checkpoint import ModelCard
     from meddiag.models.ood import logits_and_features
 
-    card = ModelCard(model_name=model, class_names=["a", "b"], task="binary", image_size=28, in_channels=1)
+    size = 28 if dims == 2 else 24
+    card = ModelCard(model_name=model, class_names=["a", "b"], task="binary", image_size=size, in_channels=1, spatial_dims=dims)
     net = card.build_model().eval()
-    images = torch.randint(0, 255, (3, 1, 28, 28), dtype=torch.uint8)
+    images = torch.randint(0, 255, (3, 1) + (size,) * dims, dtype=torch.uint8)
     logits, features = logits_and_features(net, card, images)
     from meddiag.models.inference import predict_proba
 
@@ -81,6 +87,7 @@ def test_a_trained_run_flags_what_it_has_never_seen(ood_run, tmp_path):
     from meddiag.models.checkpoint import load_checkpoint
 
     _, card = load_checkpoint(ood_run / "checkpoints" / "best.ckpt")
+    assert "the OOD threshold rests on 30 validation images" in (ood_run.parent / "train.log").read_text()
     assert card.ood is not None and card.ood.method == "mahalanobis" and card.ood.keep == 0.95
     assert card.ood.val_flagged <= 0.10 and set(card.ood.thresholds) == {"mahalanobis", "knn", "energy", "msp"}
     rng = np.random.default_rng(7)

@@ -3,6 +3,7 @@ from its validation split (see :mod:`meddiag.models.ood`)."""
 
 from __future__ import annotations
 
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -16,6 +17,7 @@ from meddiag.models.fusion import covariate_tensor
 from meddiag.models.ood import DEFAULT_METHOD, FEATURE_METHODS, METHODS, FeatureReference, all_scores, keep_threshold, logits_and_features
 
 DEFAULT_KEEP = 0.95
+SMALL_VALIDATION = 100  # fewer validation images than this: the threshold is a noisy quantile (warned)
 
 
 def fit_ood(checkpoint: Path, data: ImageData, keep: float = DEFAULT_KEEP, method: str | None = None) -> OODRule:
@@ -42,6 +44,11 @@ def fit_ood(checkpoint: Path, data: ImageData, keep: float = DEFAULT_KEEP, metho
     chosen = method or (DEFAULT_METHOD if reference is not None else "energy")
     if chosen in FEATURE_METHODS and reference is None:
         raise ConfigError(f"{card.model_name} has no final linear layer to take features from: use energy or msp")
+    n_val = len(data.splits["val"])
+    if n_val < SMALL_VALIDATION:
+        warnings.warn(f"the OOD threshold rests on {n_val} validation images: the share of new in-distribution images it "
+                      f"flags may be far from {1 - keep:.0%} (a larger validation split, or --ood-keep nearer 1, helps)",
+                      stacklevel=2)
     thresholds = {m: keep_threshold(s, keep) for m, s in scores.items()}
     rule = OODRule(method=chosen, threshold=thresholds[chosen], keep=keep,
                    val_flagged=float(np.mean(scores[chosen] > thresholds[chosen])), thresholds=thresholds,
