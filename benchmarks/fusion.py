@@ -61,7 +61,8 @@ def one_seed(manifest: Path, seed: int, args: argparse.Namespace, out: Path) -> 
     from meddiag.data.covariates import TabularSpec, parse_columns
     from meddiag.data.sources import load_data
     from meddiag.evaluation.evaluate import split_probabilities
-    from meddiag.evaluation.fusion import FRACTIONS, balanced_accuracy, boosted_trees_probabilities, macro_auc, paired_difference
+    from meddiag.evaluation.fusion import FRACTIONS, boosted_trees_probabilities, paired_difference
+    from meddiag.evaluation.metrics import balanced_accuracy, macro_auc
     from meddiag.models.checkpoint import load_checkpoint
     from meddiag.models.fusion import covariate_tensor, withhold
     from meddiag.training.config import TrainConfig
@@ -123,7 +124,8 @@ def wide_table(manifest: Path, out: Path, args: argparse.Namespace) -> dict:
     from meddiag.data.covariates import TabularSpec
     from meddiag.data.sources import load_data
     from meddiag.evaluation.evaluate import split_probabilities
-    from meddiag.evaluation.fusion import boosted_trees_probabilities, macro_auc
+    from meddiag.evaluation.fusion import boosted_trees_probabilities
+    from meddiag.evaluation.metrics import macro_auc
     from meddiag.models.checkpoint import load_checkpoint
     from meddiag.models.fusion import covariate_tensor
     from meddiag.training.config import TrainConfig

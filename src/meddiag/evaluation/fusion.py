@@ -27,31 +27,11 @@ import torch
 from meddiag.data.covariates import CovariateTable
 from meddiag.data.dataset import Split
 from meddiag.evaluation import stats
-from meddiag.evaluation.metrics import predict_labels, roc_auc
+from meddiag.evaluation.metrics import balanced_accuracy, macro_auc
 from meddiag.models.checkpoint import ModelCard
 from meddiag.models.fusion import withhold
 
 FRACTIONS = (0.0, 0.25, 0.5, 1.0)
-
-
-def macro_auc(labels: np.ndarray, probs: np.ndarray, task: str) -> float:
-    """The report's headline AUC: the positive class's (binary), else the mean one-vs-rest AUC."""
-    truth = labels if labels.ndim == 2 else np.eye(probs.shape[1])[labels]
-    columns = [1] if task == "binary" else range(probs.shape[1])
-    aucs = []
-    for c in columns:
-        known = np.isfinite(truth[:, c])
-        aucs.append(roc_auc(truth[known, c], probs[known, c]))
-    return float(np.nanmean(aucs)) if any(math.isfinite(a) for a in aucs) else math.nan
-
-
-def balanced_accuracy(labels: np.ndarray, probs: np.ndarray, task: str, threshold: float) -> float:
-    """Mean per-class sensitivity of the decisions (argmax; binary: at ``threshold``); NaN for multi-label."""
-    if task == "multilabel":
-        return math.nan
-    decided = predict_labels(probs, task, threshold)
-    return float(np.nanmean([(decided[labels == c] == c).mean() if (labels == c).any() else np.nan
-                             for c in range(probs.shape[1])]))
 
 
 def tree_features(table: CovariateTable, levels: dict[str, list[str]]) -> tuple[np.ndarray, np.ndarray]:

@@ -47,6 +47,27 @@ def predict_labels(probs: np.ndarray, task: str, threshold: float = 0.5) -> np.n
     return probs.argmax(axis=1)
 
 
+def macro_auc(labels: np.ndarray, probs: np.ndarray, task: str) -> float:
+    """The headline AUC (``classification_metrics``' ``auc``) alone, cheap enough for a bootstrap loop: the
+    positive class's (binary), else the mean one-vs-rest AUC over classes (labels, unrecorded ones left out)."""
+    truth = labels if labels.ndim == 2 else np.eye(probs.shape[1])[labels]
+    columns = [1] if task == "binary" else range(probs.shape[1])
+    aucs = []
+    for c in columns:
+        known = np.isfinite(truth[:, c])
+        aucs.append(roc_auc(truth[known, c], probs[known, c]))
+    return float(np.nanmean(aucs)) if any(math.isfinite(a) for a in aucs) else math.nan
+
+
+def balanced_accuracy(labels: np.ndarray, probs: np.ndarray, task: str, threshold: float) -> float:
+    """Mean per-class sensitivity of the decisions (argmax; binary: at ``threshold``); NaN for multi-label."""
+    if task == "multilabel":
+        return math.nan
+    decided = predict_labels(probs, task, threshold)
+    return float(np.nanmean([(decided[labels == c] == c).mean() if (labels == c).any() else np.nan
+                             for c in range(probs.shape[1])]))
+
+
 def confusion_matrix(y_true: np.ndarray, y_pred: np.ndarray, num_classes: int) -> np.ndarray:
     """(K, K) counts, rows = true class, columns = predicted class."""
     cm = np.zeros((num_classes, num_classes), dtype=np.int64)

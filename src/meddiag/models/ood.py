@@ -34,26 +34,38 @@ REFERENCE_PREFIX = "ood."  # checkpoint state-dict keys of the reference (never 
 
 class WithFeatures(nn.Module):
     """``model`` split at its final linear layer: ``forward(x, covariates=None) -> (logits, features)``,
-    features being that layer's (N, D) input. A copy: the caller's model is untouched. Traceable (no hooks),
-    so an ONNX export can output both."""
+    features being that layer's (N, D) input. It shares the caller's weights (no copy of the network: the
+    modules on the way to the head are shallow-copied, the head replaced there by an identity), and is
+    traceable (no hooks)."""
 
     def __init__(self, model: nn.Module, head_name: str) -> None:
         super().__init__()
         from meddiag.models.fusion import FusedNet
 
-        body = copy.deepcopy(model)
-        if isinstance(body, FusedNet) and body.head is not None:
-            self.head, body.head = body.head, nn.Identity()
-        else:
-            target = body.image if isinstance(body, FusedNet) else body
-            self.head = target.get_submodule(head_name)
-            target.set_submodule(head_name, nn.Identity())
-        self.body = body
+        path = "head" if isinstance(model, FusedNet) and model.head is not None else (
+            f"image.{head_name}" if isinstance(model, FusedNet) else head_name)
+        self.head = model.get_submodule(path)
+        self.body = _without(model, path)
         self.takes_covariates = isinstance(model, FusedNet)
 
     def forward(self, x: torch.Tensor, covariates: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         features = (self.body(x, covariates) if self.takes_covariates else self.body(x)).flatten(1)
         return self.head(features), features
+
+
+def _without(model: nn.Module, path: str) -> nn.Module:
+    """A view of ``model`` whose submodule ``path`` is an identity: the modules along the path are shallow
+    copies (their own child lists), everything else, weights included, is shared with ``model``."""
+    root = copy.copy(model)
+    root._modules = dict(model._modules)
+    parent, parts = root, path.split(".")
+    for name in parts[:-1]:
+        child = copy.copy(parent._modules[name])
+        child._modules = dict(child._modules)
+        parent._modules[name] = child
+        parent = child
+    parent._modules[parts[-1]] = nn.Identity()
+    return root
 
 
 def supports_features(model_name: str) -> bool:
