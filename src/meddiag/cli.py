@@ -292,6 +292,41 @@ def calibrate_ood(
 
 @app.command()
 @friendly_errors
+def drift(
+    run: Annotated[Path, typer.Argument(help="Run folder (or a checkpoint file).")],
+    data: Annotated[list[Path], typer.Argument(help="The new data: image files, folders, DICOM series folders and/or CSV manifests (their 'path' column).")],
+    out: Annotated[Optional[Path], typer.Option(help="Folder for drift.json, drift.html, drift_scores.csv. [default: RUN/drift]")] = None,
+    alpha: Annotated[float, typer.Option(help="Report a shift when the batch's p-value is below this.")] = 0.05,
+    permutations: Annotated[int, typer.Option(help="Permutations of each test (the smallest p-value is 1/(1+this)).")] = 1000,
+    seed: Annotated[int, typer.Option(help="Seed of the permutations.")] = 0,
+    covariates: Annotated[Optional[Path], typer.Option(help="Models with covariates: the cases' patient data (a 'path' column); a manifest's own columns by default.")] = None,
+    tabular: Annotated[Optional[Path], typer.Option(help="The joined table, for a model trained with --tabular.")] = None,
+) -> None:
+    """Has the data shifted? Test a batch of new images, without labels, against the model's validation
+    data: their features (MMD), predicted-class frequencies and the share flagged as unfamiliar.
+
+    Exit code 0 whether or not a shift is found (read drift.json's "shift"); 1 if files could not be read.
+    """
+    from meddiag.serving.drift import drift_report
+    from meddiag.serving.predictor import Predictor
+
+    if not 0 < alpha < 1:
+        raise MeddiagError(f"--alpha must be between 0 and 1, not {alpha}")
+    if permutations < 99:
+        raise MeddiagError(f"--permutations must be at least 99 (p-values below 0.01 need them), not {permutations}")
+    predictor = Predictor.from_run(run)
+    patients = _patient_data(predictor.card, covariates, tabular)
+    record, folder = drift_report(run, list(data), out, permutations, alpha, seed, predictor, patients)
+    print(f"{record['sentence']}; report -> {folder / 'drift.html'}")
+    for f in record["failures"]:
+        print(f"error: {f['path']}: {f['reason']}", file=sys.stderr)
+    if record["failures"]:
+        print(f"{len(record['failures'])} file(s) could not be read", file=sys.stderr)
+        raise typer.Exit(1)
+
+
+@app.command()
+@friendly_errors
 def ensemble(
     runs: Annotated[list[Path], typer.Argument(help="Two or more trained run folders (same data and splits).")],
     out: Annotated[Path, typer.Option(help="The ensemble's run folder.")],
@@ -388,8 +423,9 @@ def serve(
     max_batch: Annotated[int, typer.Option(help="Micro-batching: most images in one forward pass (1 turns it off).")] = 32,
     batch_wait_ms: Annotated[float, typer.Option(help="Micro-batching: longest wait for other requests to join a pass.")] = 5.0,
     threads: Annotated[Optional[int], typer.Option(help="CPU threads for the model. [default: all cores]")] = None,
+    drift_window: Annotated[int, typer.Option(help="GET /v1/drift tests the last this many inputs for shift from the validation data (0: off).")] = 200,
 ) -> None:
-    """Serve the model: REST API (POST /v1/predict, GET /v1/model, /healthz, /readyz), a web page at /
+    """Serve the model: REST API (POST /v1/predict, GET /v1/model, /v1/drift, /healthz, /readyz), a web page at /
     and API docs at /docs, all working offline."""
     from meddiag.extras import require
 
@@ -407,7 +443,7 @@ def serve(
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     predictor = Predictor.from_run(run, backend=backend)
     options = ServeOptions(token=token, max_upload_mb=max_upload_mb, max_pixels=max_pixels, max_batch=max_batch,
-                           batch_wait_ms=batch_wait_ms)
+                           batch_wait_ms=batch_wait_ms, drift_window=drift_window)
     application = create_app(predictor, run if run.is_dir() else None, options)
     print(f"meddiag serving {predictor.card.model_name} on http://{host}:{port}/ (API docs /docs)"
           f"{'; bearer token required' if token else ''}", file=sys.stderr)

@@ -59,3 +59,23 @@ def read_manifest(csv_path: str | Path) -> list[FileRecord]:
     if not records:
         raise DataError(f"{csv_path} lists no images")
     return records
+
+
+def manifest_paths(csv_path: str | Path) -> list[Path]:
+    """The image paths a CSV lists in its ``path`` column (relative to the CSV; no label needed: new data
+    to predict or test for shift). Errors name the file and line."""
+    csv_path = Path(csv_path)
+    header, rows, lines = read_csv_dicts(csv_path)
+    columns = {c.strip().lower(): c for c in header}
+    if "path" not in columns:
+        raise DataError(f"{csv_path} has no 'path' column naming the image files")
+    out = []
+    for line, row in zip(lines, rows):
+        text = (row[columns["path"]] or "").strip()
+        if not text:
+            raise DataError(f"{csv_path}, line {line}: empty path")
+        path = Path(text)
+        out.append(path if path.is_absolute() else csv_path.parent / path)
+    if not out:
+        raise DataError(f"{csv_path} lists no images")
+    return out

@@ -66,6 +66,37 @@ def render(report: dict, plots: dict[str, Path]) -> str:
             f"<style>{_CSS}</style></head><body>{''.join(parts)}</body></html>")
 
 
+def drift_page(d: dict, plot: Path | None) -> str:
+    """``drift.html``: a batch's shift against the model's reference, as ``drift.json`` holds it."""
+    r = d["result"]
+    verdict = "flag" if r["shift"] else "note"
+    names = {"features": "Feature distribution (MMD², permutation)", "predicted_classes": "Predicted-class frequencies (permutation)",
+             "flagged": "Share flagged as unfamiliar (Fisher, one-sided)"}
+    rows = []
+    for key, t in r["tests"].items():
+        if key == "features":
+            detail = f"{html.escape(t['space'])}; MMD² {t['statistic']:.4g}"
+        elif key == "predicted_classes":
+            detail = ", ".join(f"{html.escape(c)} {100 * t['reference_share'][c]:.1f}% → {100 * t['batch_share'][c]:.1f}%" for c in t["batch_share"])
+        else:
+            detail = f"{100 * t['reference_share']:.1f}% → {100 * t['batch_share']:.1f}% above the {html.escape(t['method'])} threshold"
+        rows.append([names[key], detail, f"{t['p_value']:.3g}"])
+    atypical = [[html.escape(a["path"]), num(a["score"], 4), "yes" if a["ood"] else "", html.escape(a["reason"])] for a in d["atypical"]]
+    failures = "".join(f"<li>{html.escape(f['path'])}: {html.escape(f['reason'])}</li>" for f in d["failures"][:200])
+    parts = [f"<h1>meddiag shift check</h1><p class='note'>Generated {html.escape(d['generated'])} by meddiag "
+             f"{html.escape(d['meddiag_version'])}: model {html.escape(d['model'])} of {html.escape(d['run'])}; "
+             f"{d['n_inputs']} input(s) from {html.escape(', '.join(d['data']))} against {r['reference_n']} validation images.</p>",
+             f"<p class='{verdict}'><strong>{html.escape(d['sentence'])}</strong></p>",
+             table(["test", "reference → this batch", "p-value"], rows),
+             f"<p class='note'>Batch p-value: the smallest test's, multiplied by the number of tests (Bonferroni); a shift is "
+             f"reported below {r['alpha']:g}. {r['permutations']} permutations; {r['tested']} of {r['n']} inputs tested.</p>",
+             figure(plot, "OOD scores and predicted classes: reference and batch", wide=True) if plot else "",
+             "<h2>Most atypical inputs</h2>" + (table(["file", "score", "flagged", "reason"], atypical) if atypical else "<p>None.</p>"),
+             f"<h2>Files not read ({len(d['failures'])})</h2><ul>{failures}</ul>" if d["failures"] else ""]
+    return ("<!DOCTYPE html><html lang='en'><head><meta charset='utf-8'><title>meddiag shift check</title>"
+            f"<style>{_CSS}</style></head><body>{''.join(parts)}</body></html>")
+
+
 def _section(key: str, body: str) -> str:
     title = dict(SECTIONS)[key]
     return f"<section id='{key}'><h2>{title}</h2>{body}</section>"

@@ -169,6 +169,38 @@ def plot_gallery(images: list[np.ndarray], captions: list[str], path: Path, titl
     return save_figure(fig, path)
 
 
+def plot_shift(reference_scores: np.ndarray | None, batch_scores: np.ndarray | None, threshold: float | None, method: str,
+               classes: list[str], reference_share: list[float], batch_share: list[float], path: Path) -> Path:
+    """A batch against the model's validation reference: the OOD scores' histograms (with the flag threshold)
+    and the predicted-class shares side by side."""
+    panels = 2 if reference_scores is not None and batch_scores is not None else 1
+    fig, axes = plt.subplots(1, panels, figsize=(5.2 * panels, 3.4), dpi=100, squeeze=False)
+    if panels == 2:
+        ax = axes[0, 0]
+        both = np.concatenate([reference_scores, batch_scores])
+        finite = both[np.isfinite(both)]
+        wide = finite.size and finite.min() > 0 and finite.max() > 100 * finite.min()  # far inputs score orders of magnitude higher
+        bins = (np.geomspace(finite.min(), finite.max(), 41) if wide else np.histogram_bin_edges(finite, bins=40)) if finite.size else 10
+        if wide:
+            ax.set_xscale("log")
+        for values, label in ((reference_scores, "validation (reference)"), (batch_scores, "this batch")):
+            shown = values[np.isfinite(values)]
+            ax.hist(shown, bins=bins, weights=np.full(len(shown), 1 / max(len(shown), 1)), alpha=0.55, label=label)
+        if threshold is not None and math.isfinite(threshold):
+            ax.axvline(threshold, color="#b00020", linestyle="--", label="flag threshold")
+        ax.set_xlabel(f"{method} score (higher: more unusual)")
+        ax.set_ylabel("share of inputs")
+        ax.legend(fontsize=8)
+    ax = axes[0, panels - 1]
+    at = np.arange(len(classes))
+    ax.bar(at - 0.2, reference_share, 0.4, label="validation (reference)")
+    ax.bar(at + 0.2, batch_share, 0.4, label="this batch")
+    ax.set_xticks(at, classes, rotation=30 if len(classes) > 4 else 0, ha="right" if len(classes) > 4 else "center", fontsize=8)
+    ax.set_ylabel("share predicted")
+    ax.legend(fontsize=8)
+    return save_figure(fig, path)
+
+
 def save_figure(fig: plt.Figure, path: Path | BinaryIO) -> Path | BinaryIO:
     """Write ``fig`` as a PNG at ``path`` (folders made as needed; or into an open binary
     stream) and free it."""

@@ -135,14 +135,15 @@ def _save_atomic(obj: dict, path: Path) -> None:
     tmp.replace(path)
 
 
-def save_ood_reference(path: str | Path, reference: object, rule: OODRule) -> ModelCard:
-    """Store the OOD feature reference (its tensors under ``ood.*`` in the state dict, never loaded into
-    the network; None: none) and the rule in the card of checkpoint ``path``, in place."""
+def save_ood_reference(path: str | Path, reference: object, rule: OODRule, shift: object = None) -> ModelCard:
+    """Store the OOD feature reference and the shift reference (their tensors under ``ood.*`` in the state
+    dict, never loaded into the network; None: none) and the rule in the card of checkpoint ``path``, in place."""
     path = Path(path)
     ckpt = torch.load(path, map_location="cpu", weights_only=True)
     state = {k: v for k, v in ckpt["state_dict"].items() if not k.startswith(OOD_PREFIX)}
-    if reference is not None:
-        state.update(reference.state())  # type: ignore[attr-defined]
+    for part in (reference, shift):
+        if part is not None:
+            state.update(part.state())  # type: ignore[attr-defined]
     ckpt["state_dict"] = state
     card = ModelCard.model_validate({**ckpt[META_KEY], "ood": rule.model_dump()})
     ckpt[META_KEY] = card.model_dump()

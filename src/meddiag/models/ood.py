@@ -12,6 +12,10 @@ input of its final linear layer, the penultimate features), stored in the checkp
 
 Every score is "higher = more unusual". A rule (method + threshold) is chosen on the validation split to
 keep a stated share of in-distribution inputs, and lives in the model card.
+
+For a whole batch (dataset shift, :mod:`meddiag.evaluation.drift`), a :class:`ShiftReference` keeps a
+sample of the *validation* split's features and logits: held-out images, as a new site's would be (the
+training split's own features are tighter than any new data's, so they would make every batch look shifted).
 """
 
 from __future__ import annotations
@@ -30,6 +34,7 @@ FEATURE_METHODS = ("mahalanobis", "knn")
 BANK = 4096  # most training features the kNN score keeps
 K_NEIGHBOURS = 10
 REFERENCE_PREFIX = "ood."  # checkpoint state-dict keys of the reference (never loaded into the network; = checkpoint.OOD_PREFIX)
+SHIFT_SAMPLE = 1000  # most validation images the shift reference keeps
 
 
 class WithFeatures(nn.Module):
@@ -135,6 +140,44 @@ class FeatureReference:
             k = min(K_NEIGHBOURS, len(self.bank))
             out["knn"] = (1 - unit @ self.bank.T).clamp(min=0).topk(k, dim=1, largest=False).values[:, -1].double().numpy()
         return out
+
+
+class ShiftReference:
+    """A sample of the validation split as the network sees it: (n, K) logits, (n, D) penultimate features
+    (None for a network without them, e.g. an ensemble) and each input's score under the card's OOD rule."""
+
+    KEYS = ("shift_logits", "shift_features", "shift_scores")
+
+    def __init__(self, logits: torch.Tensor, features: torch.Tensor | None, scores: torch.Tensor | None) -> None:
+        self.logits = logits.float()
+        self.features = features.float() if features is not None else None
+        self.scores = scores.double() if scores is not None else None
+
+    @classmethod
+    def sample(cls, logits: torch.Tensor, features: torch.Tensor | None, scores: np.ndarray | None,
+               seed: int = 0) -> ShiftReference:
+        """At most :data:`SHIFT_SAMPLE` of the validation inputs, drawn at random."""
+        n = len(logits)
+        chosen = torch.from_numpy(np.sort(np.random.default_rng(seed).choice(n, size=min(n, SHIFT_SAMPLE), replace=False)))
+        return cls(logits[chosen], features[chosen] if features is not None else None,
+                   torch.from_numpy(np.asarray(scores, dtype=np.float64))[chosen] if scores is not None else None)
+
+    def state(self) -> dict[str, torch.Tensor]:
+        out = {REFERENCE_PREFIX + "shift_logits": self.logits}
+        if self.features is not None:  # half precision: a two-sample test needs no more, and it halves the file's growth
+            out[REFERENCE_PREFIX + "shift_features"] = self.features.half()
+        if self.scores is not None:
+            out[REFERENCE_PREFIX + "shift_scores"] = self.scores
+        return out
+
+    @classmethod
+    def from_state(cls, state: dict[str, torch.Tensor]) -> ShiftReference | None:
+        if REFERENCE_PREFIX + "shift_logits" not in state:
+            return None
+        return cls(*(state.get(REFERENCE_PREFIX + k) for k in cls.KEYS))  # type: ignore[arg-type]
+
+    def __len__(self) -> int:
+        return len(self.logits)
 
 
 def all_scores(logits: torch.Tensor, features: torch.Tensor | None, reference: FeatureReference | None, task: str,

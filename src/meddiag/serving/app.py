@@ -1,7 +1,8 @@
 """``meddiag serve``: the REST API and the web page, as a FastAPI application.
 
 Routes: ``POST /v1/predict`` (multipart ``files``; ``?explain=gradcam`` adds heatmaps),
-``GET /v1/model`` (the model card), ``GET /healthz``, ``GET /readyz``, ``GET /`` (the page),
+``GET /v1/model`` (the model card), ``GET /v1/drift`` (the shift of the last inputs from the model's
+validation data), ``GET /healthz``, ``GET /readyz``, ``GET /`` (the page),
 ``GET /docs`` (interactive API docs, served locally) and ``GET /openapi.json``.
 
 Safe by default: with a token every ``/v1`` route needs ``Authorization: Bearer <token>``; request
@@ -41,9 +42,11 @@ from meddiag.explain.render import overlay_image, volume_figure
 from meddiag.explain.covariates import covariate_attributions
 from meddiag.explain.saliency import METHODS, explained_classes, method_label, model_input, saliency_maps
 from meddiag.models.inputs import ModelInput
-from meddiag.models.ood import input_problems
+from meddiag.models.checkpoint import load_ood_state
+from meddiag.models.ood import ShiftReference, input_problems
 from meddiag.runfolder import METRICS, REPORT_JSON, RunFolder
 from meddiag.serving.batching import MicroBatcher
+from meddiag.serving.drift import ShiftMonitor
 from meddiag.serving.predictor import Prediction, Predictor, stacked_covariates
 from meddiag.serving.uploads import KINDS, SUPPORTED, VOLUME_KINDS, UnsupportedUpload, display_name, sniff, stored_upload
 
@@ -60,6 +63,7 @@ class ServeOptions:
     max_batch: int = 32  # micro-batching: most images in one forward pass (1: no batching)
     batch_wait_ms: float = 5.0  # micro-batching: longest wait for more requests to join a pass
     overlay_size: int = 512  # longest side of returned PNGs
+    drift_window: int = 200  # GET /v1/drift tests the last this many inputs for shift (0: off)
 
 
 class UploadProblem(Exception):
@@ -83,6 +87,8 @@ def create_app(predictor: Predictor, run: str | Path | None = None, options: Ser
 
     batcher = MicroBatcher(run_model, opts.max_batch, opts.batch_wait_ms / 1000)
     state = {"ready": False}
+    monitor = _shift_monitor(predictor, opts.drift_window)
+    model_card["drift"] = {"window": monitor.window, "route": "/v1/drift"} if monitor else None
 
     @asynccontextmanager
     async def lifespan(app: FastAPI):  # noqa: ANN202 - FastAPI's lifespan protocol
@@ -126,6 +132,14 @@ def create_app(predictor: Predictor, run: str | Path | None = None, options: Ser
     async def model() -> dict:
         return {**model_card, "batching": batcher.stats.as_dict()}
 
+    @app.get("/v1/drift", tags=["model"], summary="Shift of the latest inputs from the model's validation data",
+             dependencies=[Depends(authorised)], responses={404: {"description": "the model has no shift reference"}})
+    async def drift() -> dict:
+        if monitor is None:
+            raise HTTPException(404, "this model has no shift reference (or the server runs with --drift-window 0): "
+                                     "`meddiag calibrate-ood RUN` makes one")
+        return await asyncio.get_running_loop().run_in_executor(batcher.executor, monitor.status)
+
     @app.post("/v1/predict", tags=["model"], summary="Diagnose one or more images", dependencies=[Depends(authorised)],
               responses={400: {"description": "a corrupt, unreadable or refused file"},
                          401: {"description": "missing or wrong bearer token"},
@@ -159,6 +173,8 @@ def create_app(predictor: Predictor, run: str | Path | None = None, options: Ser
         covariates = stacked_covariates([it for _, _, it in items])
         dist = await batcher.submit(arrays, *([covariates.numpy()] if covariates is not None else []))
         predictions = predictor.predictions_from([it for _, _, it in items], dist)
+        if monitor is not None:
+            monitor.add(dist)
         results = [_result(index, name, p, card) for (index, name, _), p in zip(items, predictions)]
         if explain or image:
             pictures = await asyncio.get_running_loop().run_in_executor(
@@ -182,6 +198,13 @@ def create_app(predictor: Predictor, run: str | Path | None = None, options: Ser
         return _swagger_asset(name)
 
     return app
+
+
+def _shift_monitor(predictor: Predictor, window: int) -> ShiftMonitor | None:
+    if window <= 0 or predictor.card.ood is None:
+        return None
+    reference = ShiftReference.from_state(load_ood_state(predictor.checkpoint))
+    return ShiftMonitor(reference, predictor.card, window) if reference is not None else None
 
 
 async def _request_covariates(request: Request, card: Any, n_files: int) -> list[PatientData] | None:

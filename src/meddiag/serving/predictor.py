@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import csv
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TextIO
 
@@ -46,6 +46,9 @@ class Prediction:
     ood_score: float | None = None  # how unlike the training data (the card's OOD method; None: the model has no rule)
     ood: bool = False  # outside what the model was trained on: do not trust the diagnosis
     ood_reason: str = ""
+    # models with an OOD rule: the plain pass's (K,) logits and (D,) penultimate features, for shift tests (never written out)
+    logits: np.ndarray | None = field(default=None, repr=False)
+    features: np.ndarray | None = field(default=None, repr=False)
 
 
 class Predictor:
@@ -58,6 +61,7 @@ class Predictor:
 
     def __init__(self, checkpoint: str | Path, device: str = "cpu", batch_size: int = 64, backend: str = "torch",
                  max_pixels: int | None = None) -> None:
+        self.checkpoint = Path(checkpoint)
         self.model, self.card = load_checkpoint(checkpoint, map_location=device)
         self.model.to(device)
         self.batch_size = batch_size
@@ -88,7 +92,8 @@ class Predictor:
     def predict_distribution(self, images: torch.Tensor, covariates: torch.Tensor | None = None) -> dict[str, np.ndarray]:
         """``mean`` probabilities (N, K), normalised ``entropy`` (N,) and ``spread`` (N,), with the
         test-time augmentation / MC-dropout passes the model card asks for. ``covariates``: (N, F)
-        encoded patient data (see :meth:`encode_covariates`; None: none known)."""
+        encoded patient data (see :meth:`encode_covariates`; None: none known). With an OOD rule also
+        ``ood_score`` (N,), the plain pass's ``logits`` (N, K) and, where the network has them, ``features`` (N, D)."""
         c = self.card
         if c.ood is not None:  # one plain pass gives the logits and the features the OOD score needs
             logits, features = logits_and_features(self.with_features or self.model, c, images, covariates, self.batch_size)
@@ -102,7 +107,9 @@ class Predictor:
             probs = predict_proba(self.network, images, c.task, c.mean, c.std, self.batch_size, c.temperature, covariates).numpy()
             dist = {"mean": probs, "entropy": normalised_entropy(probs, c.task), "spread": np.zeros(len(probs))}
         if c.ood is not None:
-            dist["ood_score"] = scores
+            dist["ood_score"], dist["logits"] = scores, logits.numpy()
+            if features is not None:
+                dist["features"] = features.numpy()
         return dist
 
     def case_covariates(self, patients: PatientData | None, source: str | Path) -> tuple[np.ndarray, list[str]] | None:
@@ -172,6 +179,8 @@ class Predictor:
         rule = self.card.ood
         scores = dist.get("ood_score")
         for i, (row, item) in enumerate(zip(rows, items)):
+            row.logits = dist["logits"][i] if "logits" in dist else None
+            row.features = dist["features"][i] if "features" in dist else None
             reasons = list(item.problems)
             if scores is not None and rule is not None:
                 row.ood_score = float(scores[i])

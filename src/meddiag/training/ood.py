@@ -14,7 +14,8 @@ from meddiag.data.dataset import ImageData
 from meddiag.errors import ConfigError
 from meddiag.models.checkpoint import OODRule, load_checkpoint, save_ood_reference
 from meddiag.models.fusion import covariate_tensor
-from meddiag.models.ood import DEFAULT_METHOD, FEATURE_METHODS, METHODS, FeatureReference, all_scores, keep_threshold, logits_and_features
+from meddiag.models.ood import (DEFAULT_METHOD, FEATURE_METHODS, METHODS, FeatureReference, ShiftReference, all_scores, keep_threshold,
+                                logits_and_features)
 
 DEFAULT_KEEP = 0.95
 SMALL_VALIDATION = 100  # fewer validation images than this: the threshold is a noisy quantile (warned)
@@ -22,7 +23,8 @@ SMALL_VALIDATION = 100  # fewer validation images than this: the threshold is a 
 
 def fit_ood(checkpoint: Path, data: ImageData, keep: float = DEFAULT_KEEP, method: str | None = None) -> OODRule:
     """Fit the reference on ``data``'s training split, choose the flag threshold on its validation split so
-    that ``keep`` of it passes, and store both in ``checkpoint``. ``method`` None: the default (feature
+    that ``keep`` of it passes, and store both in ``checkpoint``, with a sample of the validation split for
+    measuring a batch's shift (:class:`~meddiag.models.ood.ShiftReference`). ``method`` None: the default (feature
     scores where the network has them, else energy)."""
     if not 0.5 <= keep < 1:
         raise ConfigError(f"--ood-keep must be between 0.5 and 1 (the share of in-distribution inputs kept), not {keep}")
@@ -53,5 +55,6 @@ def fit_ood(checkpoint: Path, data: ImageData, keep: float = DEFAULT_KEEP, metho
     rule = OODRule(method=chosen, threshold=thresholds[chosen], keep=keep,
                    val_flagged=float(np.mean(scores[chosen] > thresholds[chosen])), thresholds=thresholds,
                    reference_images=len(data.splits["train"]), validation_images=len(data.splits["val"]))
-    save_ood_reference(checkpoint, reference, rule)
+    shift = ShiftReference.sample(val_logits, val_features, scores[chosen])
+    save_ood_reference(checkpoint, reference, rule, shift)
     return rule
