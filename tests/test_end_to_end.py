@@ -163,18 +163,30 @@ def test_dicom_folder_train_and_predict_keep_the_window(tmp_path):
         for i in range(24):
             # Stored values 0..1020; with intercept -1000 they are -1000..20 HU.
             write_dicom(tmp_path / "dcm" / name / f"{i}.dcm", synthetic_image(label, rng).astype(np.uint16) * 4,
-                        RescaleSlope=1, RescaleIntercept=-1000, WindowCenter=2000, WindowWidth=10)
+                        RescaleSlope=1, RescaleIntercept=-1000, WindowCenter=2000, WindowWidth=10, BodyPartExamined="CHEST")
     run = tmp_path / "run"
     proc = meddiag("train", str(tmp_path / "dcm"), "--model", "seed_cnn", "--epochs", "12", "--batch-size", "8",
                    "--image-size", "32", "--window", "-500,1100", "--out", str(run), "--no-progress")
     assert proc.returncode == 0, proc.stderr
     from meddiag.models import load_checkpoint
 
-    assert load_checkpoint(run / "checkpoints" / "best.ckpt")[1].window == "-500,1100"
+    card = load_checkpoint(run / "checkpoints" / "best.ckpt")[1]
+    assert card.window == "-500,1100" and card.modalities == ["CT"] and card.body_parts == ["CHEST"]
     metrics = json.loads((run / "metrics.json").read_text())
     assert metrics["auc"] >= 0.9  # the files' own window (2000 +/- 5) would show a blank image
     proc = meddiag("predict", str(run), str(tmp_path / "dcm" / "pneumonia" / "0.dcm"))
     assert proc.returncode == 0 and "0.dcm,pneumonia" in proc.stdout
+    # DICOM inputs stating another modality or body part than the training files' are flagged, with the reason
+    pixels = synthetic_image(1, rng).astype(np.uint16) * 4
+    write_dicom(tmp_path / "new" / "mr.dcm", pixels, Modality="MR", RescaleSlope=1, RescaleIntercept=-1000, BodyPartExamined="CHEST")
+    write_dicom(tmp_path / "new" / "knee.dcm", pixels, RescaleSlope=1, RescaleIntercept=-1000, BodyPartExamined="KNEE")
+    write_dicom(tmp_path / "new" / "unstated.dcm", pixels, RescaleSlope=1, RescaleIntercept=-1000)
+    proc = meddiag("predict", str(run), str(tmp_path / "new"), "--output", str(tmp_path / "new.csv"))
+    assert proc.returncode == 0, proc.stderr
+    rows = {Path(r["path"]).name: r for r in csv.DictReader(open(tmp_path / "new.csv"))}
+    assert rows["mr.dcm"]["ood"] == "1" and "a DICOM MR image; this model is for CT" in rows["mr.dcm"]["ood_reason"]
+    assert rows["knee.dcm"]["ood"] == "1" and "body part KNEE; this model was trained on CHEST" in rows["knee.dcm"]["ood_reason"]
+    assert "DICOM" not in rows["unstated.dcm"]["ood_reason"]  # no body part stated: nothing to compare
 
 
 def test_3d_medmnist_train_then_predict_volumes(shared_medmnist, tmp_path):
@@ -183,7 +195,7 @@ def test_3d_medmnist_train_then_predict_volumes(shared_medmnist, tmp_path):
 
     run = tmp_path / "adrenal"
     proc = meddiag("train", "adrenalmnist3d", "--model", "seed_cnn", "--epochs", "1", "--out", str(run), "--no-progress",
-                   env={"MEDDIAG_DATA": str(shared_medmnist)})
+                   "--modalities", "ct", env={"MEDDIAG_DATA": str(shared_medmnist)})
     assert proc.returncode == 0, proc.stderr
     metrics = json.loads((run / "metrics.json").read_text())
     assert metrics["n_images"] == 298 and metrics["class_names"] == ["normal", "hyperplasia"]
@@ -199,6 +211,8 @@ def test_3d_medmnist_train_then_predict_volumes(shared_medmnist, tmp_path):
     assert rows[1]["series_instance_uid"] and not rows[0]["series_instance_uid"]
     for row in rows:
         assert float(row["prob_normal"]) + float(row["prob_hyperplasia"]) == pytest.approx(1, abs=1e-5)
+    assert "a DICOM MR image; this model is for CT" in rows[1]["ood_reason"] and rows[1]["ood"] == "1"  # declared --modalities
+    assert "DICOM" not in rows[0]["ood_reason"]  # a NIfTI file states no modality
 
 
 def test_k_fold_cross_validation_keeps_patients_whole(tmp_path):

@@ -85,11 +85,20 @@ def test_predict_with_the_onnx_backend_matches_torch_and_reexports_when_weights_
 
     files = test_images(run)
     torch_rows, _ = Predictor.from_run(run).predict(files)
-    onnx_rows, failures = Predictor.from_run(run, backend="onnx").predict(files)
+    onnx_predictor = Predictor.from_run(run, backend="onnx")
+    assert onnx_predictor.network.gives_features  # the export has the penultimate features too, for the OOD score
+
+    class NoTorch(torch.nn.Module):
+        def forward(self, *args):
+            raise AssertionError("the ONNX backend ran the PyTorch network")
+
+    onnx_predictor.model = onnx_predictor.with_features = NoTorch()  # one ONNX Runtime pass gives logits and OOD score
+    onnx_rows, failures = onnx_predictor.predict(files)
     assert not failures and (run / "export" / "model.onnx").is_file()
     for a, b in zip(torch_rows, onnx_rows):
-        assert a.predicted == b.predicted
+        assert a.predicted == b.predicted and a.ood == b.ood
         assert all(abs(a.probabilities[k] - b.probabilities[k]) < 1e-4 for k in a.probabilities)
+        assert b.ood_score == pytest.approx(a.ood_score, rel=1e-3, abs=1e-3)
     # a checkpoint with other weights must not be served by the old export
     model, card = load_checkpoint(run / "checkpoints" / "best.ckpt")
     with torch.no_grad():

@@ -85,6 +85,7 @@ def train(
     coverage: Annotated[Optional[float], typer.Option(help="Abstain on the most uncertain cases, answering this share (e.g. 0.9; chosen on validation).")] = None,
     ood_keep: Annotated[Optional[float], typer.Option(help="Flag inputs unlike the training data, keeping this share of validation images. [default: 0.95]")] = None,
     ood_method: Annotated[Optional[str], typer.Option(help="The OOD score: mahalanobis, knn, energy or msp. [default: mahalanobis; energy for networks without a final linear layer]")] = None,
+    modalities: Annotated[Optional[str], typer.Option(help="DICOM modalities the model is for, e.g. CR,DX: a DICOM input of another is flagged as unlike the training data. [default: those of the training DICOM files]")] = None,
     covariates: Annotated[Optional[str], typer.Option(help="Manifest columns of patient data the model takes beside the image, e.g. age,sex,localization; force a type with age:num or site:cat. Missing values are allowed.")] = None,
     tabular: Annotated[Optional[Path], typer.Option(help="A second CSV of patient data (e.g. genomic markers), joined by --join; patients it lacks have that block missing.")] = None,
     join: Annotated[Optional[str], typer.Option(help="The column joining --tabular to the manifest: patient_id, path, or any manifest column. [default: patient_id]")] = None,
@@ -119,7 +120,7 @@ def train(
         subgroups=_columns(subgroups), tta=tta, mc_dropout=mc_dropout, coverage=coverage, out=out, folds=folds, accelerator=accelerator, devices=int(devices) if devices and devices.isdigit() else devices,
         covariates=_list(covariates), tabular=str(tabular) if tabular else None, join=join, tabular_columns=_list(tabular_columns),
         fusion=fusion, covariate_dropout=covariate_dropout, ood_keep=ood_keep, ood_method=ood_method,
-        missing_values=[v.strip() for v in missing_values.split(",")] if missing_values is not None else None,
+        modalities=_list(modalities), missing_values=[v.strip() for v in missing_values.split(",")] if missing_values is not None else None,
     )
     if cfg.folds > 1:
         if resume:

@@ -87,6 +87,7 @@ class ImageData:
     source: str = ""  # the file or folder read, as an absolute path ("" when not from one)
     positive_class: str | None = None  # binary tasks: the finding (always class_names[1]; see meddiag.data.classes)
     covariate_join: dict = field(default_factory=dict)  # the joined table's summary (file, key, images matched/absent)
+    acquisition: dict = field(default_factory=dict)  # DICOM files: {"modality": {"CR": n, ...}, "body_part": {"CHEST": n, ...}}
 
     @property
     def num_classes(self) -> int:

@@ -55,6 +55,8 @@ class DicomIdentity:
     patient_key: str | None
     sop_instance_uid: str
     series_instance_uid: str
+    modality: str = ""  # Modality (CR, DX, CT, MR, ...), upper case
+    body_part: str = ""  # BodyPartExamined (CHEST, KNEE, ...), upper case; often absent
 
 
 def patient_key(patient_id: str) -> str:
@@ -213,7 +215,13 @@ def read_dicom_identity(path: str | Path) -> DicomIdentity:
 
 def _identity(ds) -> DicomIdentity:  # noqa: ANN001
     pid = str(ds.get("PatientID", "") or "").strip()
-    return DicomIdentity(patient_key(pid) if pid else None, str(ds.get("SOPInstanceUID", "")), str(ds.get("SeriesInstanceUID", "")))
+    return DicomIdentity(patient_key(pid) if pid else None, str(ds.get("SOPInstanceUID", "")), str(ds.get("SeriesInstanceUID", "")),
+                         body_tag(ds, "Modality"), body_tag(ds, "BodyPartExamined"))
+
+
+def body_tag(ds, keyword: str) -> str:  # noqa: ANN001
+    """A short code-string attribute (Modality, BodyPartExamined) upper-cased and stripped; "" when absent."""
+    return str(ds.get(keyword, "") or "").strip().upper()
 
 
 def read_dicom_pixels(path: Path):  # noqa: ANN201 - (pydicom.Dataset, np.ndarray)

@@ -12,6 +12,7 @@ import os
 import warnings
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
+from collections.abc import Iterable
 from pathlib import Path
 
 import numpy as np
@@ -47,6 +48,8 @@ class FileRecord:
     targets: dict[str, float] | None = None  # multi-label: 1/0 per finding, NaN where not recorded
     line: int = 0  # the manifest line it came from (0: not from a manifest)
     covariate_row: int | None = None  # its row of the covariate table read with it
+    modality: str = ""  # DICOM files: Modality and BodyPartExamined, as read (upper case; "" otherwise)
+    body_part: str = ""
 
 
 def load_file_records(
@@ -152,7 +155,17 @@ def load_file_records(
         split_origin=origin,
         excluded=excluded,
         positive_class=positive,
+        acquisition={"modality": _counts(r.modality for r, _ in kept), "body_part": _counts(r.body_part for r, _ in kept)},
     )
+
+
+def _counts(values: Iterable[str]) -> dict[str, int]:
+    """How many of each non-empty value."""
+    out: dict[str, int] = {}
+    for v in values:
+        if v:
+            out[v] = out.get(v, 0) + 1
+    return dict(sorted(out.items()))
 
 
 def _check_classes(class_names: list[str], name: str) -> None:
@@ -198,6 +211,7 @@ def _read_volume(rec: FileRecord, size: int, window: str | None, fit: Fit, volum
     volumes = read_volumes(rec.path, volume_index)
     if len(volumes) != 1:
         return f"the folder holds {len(volumes)} DICOM series; put each series in a folder of its own"
+    rec.modality, rec.body_part = volumes[0].modality.strip().upper(), volumes[0].body_part
     if rec.patient_id is None and volumes[0].sources and is_dicom_file(Path(volumes[0].sources[0])):
         rec.patient_id = read_dicom_identity(volumes[0].sources[0]).patient_key
     return volume_to_model_input(volumes[0], size, 1, window, fit)
@@ -215,6 +229,7 @@ def _read_all(records: list[FileRecord], volume: bool, size: int, fit: Fit, wind
                 image = read_dicom(rec.path, window)
                 arr = dicom_as_2d(image, rec.path)
                 rec.patient_id = rec.patient_id or image.identity.patient_key
+                rec.modality, rec.body_part = image.identity.modality, image.identity.body_part
             else:
                 arr = read_image(rec.path, window)
             return to_model_input(arr, size, 3 if arr.ndim == 3 else 1, fit)

@@ -16,6 +16,7 @@ import numpy as np
 
 from meddiag.data.dicom import (
     apply_window,
+    body_tag,
     declared_frames,
     dicom_window,
     functional_group_value,
@@ -45,6 +46,7 @@ class Volume:
     array: np.ndarray
     affine: np.ndarray
     modality: str = ""
+    body_part: str = ""  # DICOM BodyPartExamined, upper case ("" when absent or not DICOM)
     series_instance_uid: str = ""
     sop_instance_uid: str = ""  # a multi-frame DICOM file's own object UID (a series has one per slice)
     window: tuple[float, float] | None = None
@@ -208,7 +210,7 @@ def _series_volume(slices: list) -> Volume:
         require_finite(arrays[-1], path, "after the Modality LUT")
     array, affine = to_canonical(np.stack(arrays), affine)  # stacked as (slice, row, column)
     return Volume(
-        array=array, affine=affine, modality=str(first.get("Modality", "")),
+        array=array, affine=affine, modality=str(first.get("Modality", "")), body_part=body_tag(first, "BodyPartExamined"),
         series_instance_uid=str(first.get("SeriesInstanceUID", "")), window=dicom_window(first),
         sources=[str(p) for p, _ in slices],
     )
@@ -246,7 +248,7 @@ def read_dicom_volume(path: str | Path) -> Volume:
     require_finite(stack, path, "after the Modality LUT")
     array, affine = to_canonical(stack, affine)
     return Volume(
-        array=array, affine=affine, modality=str(ds.get("Modality", "")),
+        array=array, affine=affine, modality=str(ds.get("Modality", "")), body_part=body_tag(ds, "BodyPartExamined"),
         series_instance_uid=str(ds.get("SeriesInstanceUID", "")), sop_instance_uid=str(ds.get("SOPInstanceUID", "")),
         window=dicom_window(ds), sources=[str(path)],
     )

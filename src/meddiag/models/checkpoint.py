@@ -65,6 +65,8 @@ class ModelCard(BaseModel):
     covariates: CovariateSchema | None = Field(None, description="the patient data the model takes beside the image, and how it is encoded (None: image only)")
     fusion: Literal["late", "film"] | None = Field(None, description="how image and covariates are joined (models with covariates)")
     ood: OODRule | None = Field(None, description="the out-of-distribution rule (None: made before there was one; `meddiag calibrate-ood RUN` adds it)")
+    modalities: list[str] = Field(default_factory=list, description="DICOM modalities the model is for (its training files', or declared): DICOM inputs of another are flagged; empty: no check")
+    body_parts: list[str] = Field(default_factory=list, description="DICOM BodyPartExamined values of its training files: a DICOM input stating another is flagged; empty: no check")
     data_name: str = ""
     meddiag_version: str = meddiag.__version__
 

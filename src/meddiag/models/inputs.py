@@ -17,6 +17,7 @@ from meddiag.data.limits import check_pixels
 from meddiag.data.volumes import read_volumes, volume_to_model_input
 from meddiag.errors import reads_one_file
 from meddiag.models.checkpoint import ModelCard
+from meddiag.models.ood import input_problems
 
 
 @dataclass
@@ -29,6 +30,13 @@ class ModelInput:
     excluded: list[tuple[str, str]] = field(default_factory=list)  # (path, reason): files left out of a series
     covariates: tuple[np.ndarray, list[str]] | None = None  # models with covariates: (F,) encoded, and the names missing
     problems: list[str] = field(default_factory=list)  # the input contract checks it failed (see meddiag.models.ood)
+    modality: str = ""  # DICOM: Modality and BodyPartExamined (upper case; "" when not DICOM or absent)
+    body_part: str = ""
+
+    def check(self, card: ModelCard) -> list[str]:
+        """The input contract checks of :func:`meddiag.models.ood.input_problems`, kept in ``problems``."""
+        self.problems = input_problems(self.array, self.original, card, self.modality, self.body_part)
+        return self.problems
 
 
 @reads_one_file
@@ -44,9 +52,11 @@ def read_inputs(path: str | Path, card: ModelCard, max_pixels: int | None = None
         volumes = read_volumes(path, card.volume_index)
         excluded = volumes[0].excluded if volumes else []
         return [ModelInput(str(path), volume_to_model_input(v, card.image_size, card.in_channels, card.window, card.fit),
-                           None, v.sop_instance_uid, v.series_instance_uid, excluded) for v in volumes]
+                           None, v.sop_instance_uid, v.series_instance_uid, excluded, modality=v.modality.strip().upper(),
+                           body_part=v.body_part) for v in volumes]
     arr, identity = read_image_file(path, card.window)
     item = ModelInput(str(path), to_model_input(arr, card.image_size, card.in_channels, card.fit), arr)
     if identity is not None:
         item.sop_instance_uid, item.series_instance_uid = identity.sop_instance_uid, identity.series_instance_uid
+        item.modality, item.body_part = identity.modality, identity.body_part
     return [item]

@@ -28,10 +28,13 @@ from torch import nn
 from meddiag.errors import ModelError
 from meddiag.models.checkpoint import ModelCard
 from meddiag.models.fusion import call
+from meddiag.models.ood import WithFeatures, supports_features
+from meddiag.models.registry import get_entry
 
 CARD_KEY = "meddiag_card"
 WEIGHTS_KEY = "meddiag_weights_sha256"
 INPUT_NAME, OUTPUT_NAME = "image", "logits"
+FEATURES_NAME = "features"  # networks with a final linear layer: its (N, D) input too, for the OOD score (meddiag.models.ood)
 COVARIATES_NAME = "covariates"  # models with covariates: the second input, (N, F) float32 as the card's schema encodes
 TOLERANCE = 1e-4  # largest |ONNX - PyTorch| logit difference an export may have
 
@@ -59,6 +62,11 @@ def export_onnx(model: nn.Module, card: ModelCard, path: str | Path, check: bool
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     net = _exportable(model)
+    graph: nn.Module = net
+    outputs = [OUTPUT_NAME]
+    if supports_features(card.model_name):
+        graph = WithFeatures(net, get_entry(card.model_name).head).eval()
+        outputs.append(FEATURES_NAME)
     spatial = (card.image_size,) * card.spatial_dims
     example: tuple[torch.Tensor, ...] = (torch.zeros(2, card.in_channels, *spatial),)
     names = [INPUT_NAME]
@@ -67,7 +75,7 @@ def export_onnx(model: nn.Module, card: ModelCard, path: str | Path, check: bool
         names.append(COVARIATES_NAME)
     batch = torch.export.Dim("batch")
     with _quiet_exporter():
-        program = torch.onnx.export(net, example, dynamo=True, input_names=names, output_names=[OUTPUT_NAME],
+        program = torch.onnx.export(graph, example, dynamo=True, input_names=names, output_names=outputs,
                                     dynamic_shapes=tuple({0: batch} for _ in example), verbose=False)
     proto = program.model_proto
     for key, value in ((CARD_KEY, card.model_dump_json()), (WEIGHTS_KEY, weights_fingerprint(net))):
@@ -84,14 +92,19 @@ def export_onnx(model: nn.Module, card: ModelCard, path: str | Path, check: bool
 
 
 def check_export(model: nn.Module, card: ModelCard, path: Path, n: int = 3) -> float:
-    """Largest |ONNX Runtime - PyTorch| logit difference on ``n`` random inputs in the model's
-    input range; raises :class:`ModelError` above :data:`TOLERANCE`."""
+    """Largest |ONNX Runtime - PyTorch| difference of the logits (and of the features, where the export has
+    them) on ``n`` random inputs in the model's input range; raises :class:`ModelError` above :data:`TOLERANCE`."""
     onnx_model, _ = load_onnx(path)
     g = torch.Generator().manual_seed(0)
     x = torch.randn(n, card.in_channels, *(card.image_size,) * card.spatial_dims, generator=g)
     c = torch.randn(n, card.covariates.n_features, generator=g) if card.covariates is not None else None
     with torch.inference_mode():
         diff = float((call(onnx_model, x, c) - call(model.float().eval(), x, c)).abs().max())
+        if onnx_model.gives_features:
+            split = WithFeatures(model.float().eval(), get_entry(card.model_name).head).eval()
+            expected = split(x, c)[1] if split.takes_covariates else split(x)[1]
+            scale = max(1.0, float(expected.abs().max()))  # features are not normalised: compare relative to their size
+            diff = max(diff, float((onnx_model.with_features(x, c)[1] - expected).abs().max()) / scale)
     if not diff <= TOLERANCE:
         raise ModelError(f"{path}: ONNX Runtime's output differs from PyTorch's by {diff:.2e} (> {TOLERANCE:.0e})")
     return diff
@@ -118,12 +131,22 @@ class OnnxModel(nn.Module):
         self.metadata = dict(self.session.get_modelmeta().custom_metadata_map)
         self.input_name = self.session.get_inputs()[0].name
         self.takes_covariates = len(self.session.get_inputs()) > 1
+        self.gives_features = len(self.session.get_outputs()) > 1  # exports made before meddiag exported features have one
         self.missing_row: np.ndarray | None = None
         if self.takes_covariates and CARD_KEY in self.metadata:
             schema = ModelCard.model_validate_json(self.metadata[CARD_KEY]).covariates
             self.missing_row = schema.missing_row() if schema is not None else None
 
     def forward(self, x: torch.Tensor, covariates: torch.Tensor | None = None) -> torch.Tensor:
+        return self._run(x, covariates)[0]
+
+    def with_features(self, x: torch.Tensor, covariates: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(logits, features)`` of one pass, as :class:`~meddiag.models.ood.WithFeatures` gives them
+        (only for an export with :data:`FEATURES_NAME`; see ``gives_features``)."""
+        logits, features = self._run(x, covariates)
+        return logits, features.flatten(1)
+
+    def _run(self, x: torch.Tensor, covariates: torch.Tensor | None) -> list[torch.Tensor]:
         array = np.ascontiguousarray(x.detach().cpu().float().numpy())
         feeds = {self.input_name: array}
         if self.takes_covariates:
@@ -134,7 +157,7 @@ class OnnxModel(nn.Module):
             else:
                 c = covariates.detach().cpu().float().numpy()
             feeds[COVARIATES_NAME] = np.ascontiguousarray(c, dtype=np.float32)
-        return torch.from_numpy(self.session.run(None, feeds)[0])
+        return [torch.from_numpy(out) for out in self.session.run(None, feeds)]
 
 
 def load_onnx(path: str | Path, threads: int | None = None) -> tuple[OnnxModel, ModelCard]:

@@ -220,7 +220,7 @@ def logits_and_features(model: nn.Module, card, images: torch.Tensor, covariates
     from meddiag.models.inference import model_device
     from meddiag.models.registry import get_entry
 
-    if isinstance(model, WithFeatures):  # already split (a predictor keeps one)
+    if isinstance(model, WithFeatures) or getattr(model, "gives_features", False):  # already split (a predictor keeps one; an ONNX export with features)
         split: WithFeatures | None = model
     else:
         split = WithFeatures(model, get_entry(card.model_name).head).eval() if supports_features(card.model_name) else None
@@ -229,7 +229,10 @@ def logits_and_features(model: nn.Module, card, images: torch.Tensor, covariates
     for start in range(0, len(images), batch_size):
         x = normalize(to_unit_float(images[start : start + batch_size].to(device)), card.mean, card.std)
         c = covariates[start : start + batch_size].to(device) if covariates is not None else None
-        if split is not None:
+        if split is not None and not isinstance(split, WithFeatures):  # ONNX Runtime
+            z, f = split.with_features(x, c)  # type: ignore[operator]
+            features.append(f.float().cpu())
+        elif split is not None:
             z, f = split(x, c) if split.takes_covariates else split(x)
             features.append(f.float().cpu())
         else:
@@ -240,11 +243,16 @@ def logits_and_features(model: nn.Module, card, images: torch.Tensor, covariates
     return torch.cat(logits), torch.cat(features) if features else None
 
 
-def input_problems(array: np.ndarray, original: np.ndarray | None, card) -> list[str]:  # noqa: ANN001 - ModelCard
+def input_problems(array: np.ndarray, original: np.ndarray | None, card, modality: str = "", body_part: str = "") -> list[str]:  # noqa: ANN001 - ModelCard
     """Cheap checks of an input's contract with the model, before the network: each failed one's reason.
 
-    ``array``: the model input (C, *spatial) uint8; ``original``: the 2D image as read (None for volumes)."""
+    ``array``: the model input (C, *spatial) uint8; ``original``: the 2D image as read (None for volumes);
+    ``modality``, ``body_part``: a DICOM input's Modality and BodyPartExamined ("" when not DICOM or absent)."""
     reasons = []
+    if modality and card.modalities and modality.upper() not in card.modalities:
+        reasons.append(f"a DICOM {modality} image; this model is for {', '.join(card.modalities)}")
+    if body_part and card.body_parts and body_part.upper() not in card.body_parts:
+        reasons.append(f"the DICOM states body part {body_part}; this model was trained on {', '.join(card.body_parts[:5])}")
     if int(array.max()) - int(array.min()) <= 2:
         reasons.append("the image is (nearly) constant: there is nothing to diagnose")
     if original is None:

@@ -43,7 +43,7 @@ from meddiag.explain.covariates import covariate_attributions
 from meddiag.explain.saliency import METHODS, explained_classes, method_label, model_input, saliency_maps
 from meddiag.models.inputs import ModelInput
 from meddiag.models.checkpoint import load_ood_state
-from meddiag.models.ood import ShiftReference, input_problems
+from meddiag.models.ood import ShiftReference
 from meddiag.runfolder import METRICS, REPORT_JSON, RunFolder
 from meddiag.serving.batching import MicroBatcher
 from meddiag.serving.drift import ShiftMonitor
@@ -163,7 +163,7 @@ def create_app(predictor: Predictor, run: str | Path | None = None, options: Ser
         items: list[tuple[int, str, ModelInput]] = []
         for index, name, data in uploads:
             for item in await run_in_threadpool(_read_upload, predictor, index, name, data):
-                item.problems = input_problems(item.array, item.original, card)
+                item.check(card)
                 try:
                     item.covariates = predictor.case_covariates(patients[index] if patients else None, name)
                 except DataError as exc:

@@ -23,8 +23,7 @@ from meddiag.evaluation.metrics import predict_labels
 from meddiag.models.checkpoint import load_checkpoint
 from meddiag.models.checkpoint import load_ood_state
 from meddiag.models.inference import logits_to_probs, predict_proba
-from meddiag.models.ood import (FeatureReference, WithFeatures, all_scores, input_problems, logits_and_features, rule_in_force,
-                                supports_features)
+from meddiag.models.ood import FeatureReference, WithFeatures, all_scores, logits_and_features, rule_in_force, supports_features
 from meddiag.models.registry import get_entry
 from meddiag.models.inputs import ModelInput, read_inputs
 from meddiag.models.uncertainty import normalised_entropy, predict_with_uncertainty
@@ -95,12 +94,14 @@ class Predictor:
         encoded patient data (see :meth:`encode_covariates`; None: none known). With an OOD rule also
         ``ood_score`` (N,), the plain pass's ``logits`` (N, K) and, where the network has them, ``features`` (N, D)."""
         c = self.card
+        onnx_features = getattr(self.network, "gives_features", False)  # an ONNX export with the features output
         if c.ood is not None:  # one plain pass gives the logits and the features the OOD score needs
-            logits, features = logits_and_features(self.with_features or self.model, c, images, covariates, self.batch_size)
+            split = self.network if onnx_features else (self.with_features or self.model)
+            logits, features = logits_and_features(split, c, images, covariates, self.batch_size)
             scores = all_scores(logits, features, self.ood_reference, c.task, c.temperature, (c.ood.method,))[c.ood.method]
         if c.tta or c.mc_dropout:
             dist = predict_with_uncertainty(self.network, c, images, self.batch_size, covariates=covariates)
-        elif c.ood is not None and self.network is self.model:
+        elif c.ood is not None and (self.network is self.model or onnx_features):
             probs = logits_to_probs(logits, c.task, c.temperature).numpy()
             dist = {"mean": probs, "entropy": normalised_entropy(probs, c.task), "spread": np.zeros(len(probs))}
         else:
@@ -149,7 +150,7 @@ class Predictor:
                 except DataError as exc:  # a bad value fails this case only
                     failures.append(Failure(str(source), str(exc)))
                     continue
-                item.problems = input_problems(item.array, item.original, self.card)
+                item.check(self.card)
                 pending.append(item)
             if len(pending) >= self.batch_size or (i == len(sources) - 1 and pending):
                 predictions += self.predict_inputs(pending)

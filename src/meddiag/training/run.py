@@ -173,6 +173,8 @@ def train(config: TrainConfig, *, resume: bool = False, progress: bool | None = 
         tta=config.tta, mc_dropout=config.mc_dropout,
         data_name=data.name, positive_class=data.positive_class,
         covariates=schema, fusion=config.fusion if schema is not None else None,
+        modalities=[m.strip().upper() for m in config.modalities if m.strip()] or list(data.acquisition.get("modality", {})),
+        body_parts=list(data.acquisition.get("body_part", {})),
     )
     module = DiagnosisModule(
         card=card.model_dump(),
