@@ -113,36 +113,43 @@ def auroc_fpr95(in_scores: np.ndarray, out_scores: np.ndarray) -> tuple[float, f
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--model", default="seed_cnn")
+    parser.add_argument("--data", default="pneumoniamnist", help="MedMNIST name or image folder (e.g. the Kermany chest X-rays)")
+    parser.add_argument("--image-size", type=int, default=None)
     parser.add_argument("--epochs", type=int, default=20)
     parser.add_argument("--n", type=int, default=200, help="images per far-OOD set (at most)")
     parser.add_argument("--out", type=Path, default=Path("runs/benchmarks/ood"))
+    parser.add_argument("--method", default=None, help="the rule's method (default: meddiag's)")
     args = parser.parse_args()
     warnings.simplefilter("ignore")
     from meddiag.models.checkpoint import load_checkpoint, load_ood_state
-    from meddiag.models.ood import METHODS, FeatureReference, all_scores, logits_and_features
+    from meddiag.models.ood import COMBINED, METHODS, FeatureReference, all_scores, logits_and_features
     from meddiag.serving.predictor import Predictor
     from meddiag.training.config import TrainConfig
+    from meddiag.training.ood import fit_ood
     from meddiag.training.run import load_training_data
     from meddiag.workflow import train_and_evaluate
 
-    run = args.out / f"pneumoniamnist-{args.model}"
-    config = TrainConfig(data="pneumoniamnist", model=args.model, epochs=args.epochs, out=str(run))
+    tag = Path(args.data).name if Path(args.data).exists() else args.data
+    run = args.out / f"{tag}-{args.model}{f'-{args.image_size}' if args.image_size else ''}"
+    config = TrainConfig(data=args.data, model=args.model, epochs=args.epochs, out=str(run), image_size=args.image_size)
     if not (run / "ood.json").exists():
         train_and_evaluate(config, progress=False)
     checkpoint = run / "checkpoints" / "best.ckpt"
+    data = load_training_data(TrainConfig.from_file(run / "config.yaml"), False, run)
+    fit_ood(checkpoint, data, 0.95, args.method)  # the rule and reference as this version of meddiag makes them
     model, card = load_checkpoint(checkpoint)
     reference = FeatureReference.from_state(load_ood_state(checkpoint))
-    data = load_training_data(TrainConfig.from_file(run / "config.yaml"), False, run)
     test = data.splits["test"].images
+    scales = {m: card.ood.thresholds[m] for m in COMBINED}
 
     def scores(images: torch.Tensor) -> dict[str, np.ndarray]:
         logits, features = logits_and_features(model, card, images)
-        return all_scores(logits, features, reference, card.task, card.temperature)
+        return all_scores(logits, features, reference, card.task, card.temperature, images=images, scales=scales)
 
     rng = np.random.default_rng(0)
     in_scores = scores(test)
     print(f"date {date.today()}, {platform.processor() or platform.machine()}, torch {torch.__version__}; {args.model} on "
-          f"PneumoniaMNIST, {args.epochs} epochs; rule {card.ood.method} keeping {card.ood.keep:.0%} of "
+          f"{tag} at {card.image_size} px, {args.epochs} epochs; rule {card.ood.method} keeping {card.ood.keep:.0%} of "
           f"{card.ood.validation_images} validation images\n", flush=True)
     flagged = {m: float(np.mean(in_scores[m] > card.ood.thresholds[m])) for m in METHODS}
     print("In-distribution test images flagged by each method's validation threshold (target <= 6%): "

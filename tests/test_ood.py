@@ -61,6 +61,38 @@ def test_the_feature_reference_scores_far_points_higher_and_the_threshold_keeps_
     assert FeatureReference.from_state({}) is None
 
 
+def test_the_threshold_keeps_its_share_of_new_inputs_even_from_a_small_validation_split():
+    from meddiag.models.ood import keep_threshold
+
+    rng = np.random.default_rng(1)
+    for n in (20, 30, 100):
+        kept = [np.mean(rng.normal(size=5000) <= keep_threshold(rng.normal(size=n), 0.95)) for _ in range(400)]
+        assert np.mean(kept) >= 0.945, n  # split-conformal: at least 95% on average over validation draws
+    assert keep_threshold(np.array([1.0, np.nan, 2.0]), 0.5) == 2.0 and keep_threshold(np.array([np.nan]), 0.9) == np.inf
+
+
+def test_pixel_statistics_see_what_features_may_not():
+    from meddiag.models.ood import FeatureReference, all_scores, combined_score
+
+    rng = np.random.default_rng(2)
+    images = torch.from_numpy(np.stack([synthetic_image(i % 2, rng)[None] for i in range(300)]))
+    blurred = torch.nn.functional.avg_pool2d(images[:100].float(), 5, 1, 2, count_include_pad=False).round().byte()
+    labels = np.arange(300) % 2
+    features = rng.normal(size=(300, 8))
+    reference = FeatureReference.fit(features[:200], labels[:200], 2, images=images[:200])
+    ok, far = reference.pixel_scores(images[200:]), reference.pixel_scores(blurred)
+    assert np.mean(far > np.quantile(ok, 0.95)) > 0.95  # blur removes edges and texture
+    again = FeatureReference.from_state(reference.state())
+    assert again.pixel_scores(blurred) == pytest.approx(far)
+    logits, f = torch.zeros(100, 2), torch.from_numpy(features[200:])
+    scores = all_scores(logits, f, reference, "binary", images=images[200:], scales={"mahalanobis": 10.0, "pixels": 20.0})
+    assert scores["combined"] == pytest.approx(combined_score(scores, {"mahalanobis": 10.0, "pixels": 20.0}))
+    assert np.all(scores["combined"] >= scores["pixels"] / 20 - 1e-12)
+    assert "pixels" not in all_scores(logits, f, reference, "binary")  # no images, no pixel score
+    old = FeatureReference(reference.means, reference.precision, reference.bank)  # a reference made before pixel statistics
+    assert np.isnan(old.pixel_scores(blurred)).all()
+
+
 @pytest.mark.parametrize(("model", "dims"), [("seed_cnn", 2), ("resnet18", 2), ("densenet121", 2), ("efficientnet_b0", 2),
                                            ("seed_cnn", 3), ("resnet18", 3)])
 def test_features_come_from_the_same_pass_as_the_logits(model, dims):
@@ -88,8 +120,9 @@ def test_a_trained_run_flags_what_it_has_never_seen(ood_run, tmp_path):
 
     _, card = load_checkpoint(ood_run / "checkpoints" / "best.ckpt")
     assert "the OOD threshold rests on 30 validation images" in (ood_run.parent / "train.log").read_text()
-    assert card.ood is not None and card.ood.method == "mahalanobis" and card.ood.keep == 0.95
-    assert card.ood.val_flagged <= 0.10 and set(card.ood.thresholds) == {"mahalanobis", "knn", "energy", "msp"}
+    assert card.ood is not None and card.ood.method == "combined" and card.ood.keep == 0.95
+    assert set(card.ood.scales) == {"mahalanobis", "pixels"} and card.ood.scales["pixels"] == card.ood.thresholds["pixels"]
+    assert card.ood.val_flagged <= 0.10 and set(card.ood.thresholds) == {"mahalanobis", "knn", "energy", "msp", "pixels", "combined"}
     rng = np.random.default_rng(7)
     familiar = [write(tmp_path / f"ok{i}.png", synthetic_image(i % 2, rng)) for i in range(40)]
     noise = write(tmp_path / "noise.png", rng.integers(0, 256, (40, 40), dtype=np.uint8))
@@ -106,7 +139,7 @@ def test_a_trained_run_flags_what_it_has_never_seen(ood_run, tmp_path):
     assert "constant" in rows["constant.png"]["ood_reason"]
     assert "a colour image; this model was trained on grayscale images" in rows["colour.png"]["ood_reason"]
     assert "only 6x6 pixels" in rows["tiny.png"]["ood_reason"]
-    assert "mahalanobis score" in rows["noise.png"]["ood_reason"]
+    assert "combined (features or pixel statistics) score" in rows["noise.png"]["ood_reason"]
     assert all(float(r["ood_score"]) >= 0 for r in rows.values())
 
 
@@ -151,7 +184,7 @@ def test_serve_returns_the_flag(small_run):
     buffer = io.BytesIO()
     Image.fromarray(np.full((40, 40), 90, np.uint8)).save(buffer, format="PNG")
     with TestClient(create_app(Predictor.from_run(small_run), small_run)) as client:
-        assert client.get("/v1/model").json()["ood"]["method"] == "mahalanobis"
+        assert client.get("/v1/model").json()["ood"]["method"] == "combined"
         result = client.post("/v1/predict", files=[("files", ("flat.png", buffer.getvalue(), "image/png"))]).json()["results"][0]
         assert result["ood"] is True and "constant" in result["ood_reason"] and result["abstain"] is True
         assert "ood_score" in result

@@ -197,7 +197,7 @@ def test_an_input_unlike_the_training_data_gets_a_banner_not_a_confident_bar(ser
     page.add_init_script(f"sessionStorage.setItem('meddiag-token', '{TOKEN}')")
     page.goto(url + "/")
     page.wait_for_selector("#card dl")
-    assert "flags unfamiliar input" in page.inner_text("#card") and "mahalanobis" in page.inner_text("#card")
+    assert "flags unfamiliar input" in page.inner_text("#card") and "combined" in page.inner_text("#card")
     flat = tmp_path / "flat.png"
     Image.fromarray(np.full((64, 64), 120, np.uint8)).save(flat)
     page.set_input_files("#files", str(flat))

@@ -84,7 +84,7 @@ def train(
     mc_dropout: Annotated[Optional[int], typer.Option(help="MC-dropout passes at prediction (networks with dropout). [default: 0]")] = None,
     coverage: Annotated[Optional[float], typer.Option(help="Abstain on the most uncertain cases, answering this share (e.g. 0.9; chosen on validation).")] = None,
     ood_keep: Annotated[Optional[float], typer.Option(help="Flag inputs unlike the training data, keeping this share of validation images. [default: 0.95]")] = None,
-    ood_method: Annotated[Optional[str], typer.Option(help="The OOD score: mahalanobis, knn, energy or msp. [default: mahalanobis; energy for networks without a final linear layer]")] = None,
+    ood_method: Annotated[Optional[str], typer.Option(help="The OOD score: mahalanobis, knn, energy, msp, pixels or combined (mahalanobis or pixels). [default: see docs/benchmarks.md; energy for networks without a final linear layer]")] = None,
     modalities: Annotated[Optional[str], typer.Option(help="DICOM modalities the model is for, e.g. CR,DX: a DICOM input of another is flagged as unlike the training data. [default: those of the training DICOM files]")] = None,
     covariates: Annotated[Optional[str], typer.Option(help="Manifest columns of patient data the model takes beside the image, e.g. age,sex,localization; force a type with age:num or site:cat. Missing values are allowed.")] = None,
     tabular: Annotated[Optional[Path], typer.Option(help="A second CSV of patient data (e.g. genomic markers), joined by --join; patients it lacks have that block missing.")] = None,
@@ -273,7 +273,7 @@ def predict(
 def calibrate_ood(
     run: Annotated[Path, typer.Argument(help="Run folder.")],
     keep: Annotated[float, typer.Option(help="The share of validation images the flag threshold keeps.")] = 0.95,
-    method: Annotated[Optional[str], typer.Option(help="mahalanobis, knn, energy or msp. [default: mahalanobis where possible]")] = None,
+    method: Annotated[Optional[str], typer.Option(help="mahalanobis, knn, energy, msp, pixels or combined. [default: as train's]")] = None,
 ) -> None:
     """Fit (or refit) a run's out-of-distribution rule from its own training and validation data, without
     retraining: for runs made before the rule existed, or to change its method or share kept."""

@@ -25,7 +25,7 @@ def ood_summary(model: nn.Module, card: ModelCard, checkpoint: Path, part: Split
         return None
     images = match_channels(part.images, card.in_channels)
     logits, features = logits_and_features(model, card, images, covariate_tensor(card.covariates, part.covariates))
-    scores = all_scores(logits, features, reference, card.task, card.temperature, (rule.method,))[rule.method]
+    scores = all_scores(logits, features, reference, card.task, card.temperature, (rule.method,), images, rule.scales)[rule.method]
     flagged = ~(scores <= rule.threshold)
     labels = part.labels.numpy()
 

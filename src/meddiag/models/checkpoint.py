@@ -29,11 +29,12 @@ class OODRule(BaseModel):
     """How the model flags inputs unlike its training data (see :mod:`meddiag.models.ood`)."""
 
     model_config = ConfigDict(extra="ignore")
-    method: str = Field(description="the score flagged: mahalanobis, knn, energy or msp")
+    method: str = Field(description="the score flagged: mahalanobis, knn, energy, msp, pixels or combined")
     threshold: float = Field(description="inputs scoring above it are flagged")
     keep: float = Field(description="the share of validation inputs the threshold keeps")
     val_flagged: float = Field(description="the share of validation inputs it flagged")
     thresholds: dict[str, float] = Field(default_factory=dict, description="each method's threshold for the same share")
+    scales: dict[str, float] = Field(default_factory=dict, description="combined: the thresholds its scores are divided by")
     reference_images: int = 0
     validation_images: int = 0
 

@@ -8,7 +8,12 @@ input of its final linear layer, the penultimate features), stored in the checkp
 - ``knn`` (Sun et al. 2022): the distance of the L2-normalised feature to its k-th nearest training
   feature (a bank of at most ``BANK`` training images);
 - output scores that need no reference: ``energy`` (Liu et al. 2020; minus the log-sum-exp of the
-  logits) and ``msp`` (Hendrycks & Gimpel 2017; one minus the largest softmax probability).
+  logits) and ``msp`` (Hendrycks & Gimpel 2017; one minus the largest softmax probability);
+- ``pixels``: the Mahalanobis distance of a few image statistics (intensity quantiles, contrast, edge and
+  second-difference energy, sharpness, saturated shares) to the training images'. Trained features can be
+  blind to what the diagnosis does not depend on (a blurred image, a photograph's texture); these are not;
+- ``combined``: the larger of ``mahalanobis`` and ``pixels``, each divided by its own threshold, so that
+  either flags an input (the threshold of the maximum is then chosen like the others').
 
 Every score is "higher = more unusual". A rule (method + threshold) is chosen on the validation split to
 keep a stated share of in-distribution inputs, and lives in the model card.
@@ -28,9 +33,11 @@ import numpy as np
 import torch
 from torch import nn
 
-METHODS = ("mahalanobis", "knn", "energy", "msp")
-DEFAULT_METHOD = "mahalanobis"  # see docs/benchmarks.md, "Out-of-distribution inputs"
-FEATURE_METHODS = ("mahalanobis", "knn")
+METHODS = ("mahalanobis", "knn", "energy", "msp", "pixels", "combined")
+DEFAULT_METHOD = "combined"  # by measurement: docs/benchmarks.md, "Out-of-distribution inputs"
+FEATURE_METHODS = ("mahalanobis", "knn", "pixels", "combined")  # those that need the reference
+METHOD_LABELS = {"combined": "combined (features or pixel statistics)", "pixels": "pixel statistics"}  # in a reason
+COMBINED = ("mahalanobis", "pixels")  # the scores ``combined`` takes the larger of (each over its threshold)
 BANK = 4096  # most training features the kNN score keeps
 K_NEIGHBOURS = 10
 REFERENCE_PREFIX = "ood."  # checkpoint state-dict keys of the reference (never loaded into the network; = checkpoint.OOD_PREFIX)
@@ -90,17 +97,51 @@ def output_scores(logits: torch.Tensor, task: str, temperature: float = 1.0) -> 
     return {"energy": (-torch.logsumexp(z, dim=1)).numpy(), "msp": (1 - torch.softmax(z, dim=1).max(dim=1).values).numpy()}
 
 
-class FeatureReference:
-    """Class means, shared precision and a kNN bank of training features."""
+def pixel_statistics(images: torch.Tensor, elements: int = 1 << 21) -> torch.Tensor:
+    """(N, 12) statistics of uint8 model inputs (N, C, *spatial), channels averaged: intensity quantiles (5, 25,
+    50, 75, 95%), mean, and on a log scale spread, mean absolute first and second differences (edges, fine
+    texture) and sharpness (edges over spread); the shares of nearly black and nearly white pixels."""
+    out = []
+    levels = torch.tensor([0.05, 0.25, 0.5, 0.75, 0.95], dtype=torch.float64)
+    chunk = max(1, elements // max(1, images[0].numel() if len(images) else 1))  # volumes: a few at a time
+    for start in range(0, len(images), chunk):
+        x = images[start : start + chunk].double().mean(1) / 255  # (n, *spatial)
+        flat = x.flatten(1)
+        spread = flat.std(1) if flat.shape[1] > 1 else torch.zeros(len(flat), dtype=torch.float64)
+        dims = [d for d in range(1, x.ndim) if x.shape[d] > 2]
+        first = torch.stack([x.diff(dim=d).abs().flatten(1).mean(1) for d in dims], 1).mean(1) if dims else torch.zeros(len(x))
+        second = torch.stack([x.diff(n=2, dim=d).abs().flatten(1).mean(1) for d in dims], 1).mean(1) if dims else torch.zeros(len(x))
+        energies = torch.stack([spread, first.double(), second.double(), first.double() / (spread + 0.01)], 1)
+        out.append(torch.cat([torch.quantile(flat, levels, dim=1).T, flat.mean(1, keepdim=True),
+                              torch.log(energies + 1e-3),  # on a log scale: a blurred image's edges are near 0, not just lower
+                              (flat < 0.02).double().mean(1, keepdim=True), (flat > 0.98).double().mean(1, keepdim=True)], 1))
+    return torch.cat(out) if out else torch.empty(0, 12, dtype=torch.float64)
 
-    def __init__(self, means: torch.Tensor, precision: torch.Tensor, bank: torch.Tensor) -> None:
+
+def _mahalanobis_fit(values: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    from sklearn.covariance import LedoitWolf
+
+    mean = values.mean(0)
+    return mean, np.linalg.pinv(LedoitWolf(assume_centered=True).fit(values - mean).covariance_)
+
+
+class FeatureReference:
+    """Class means, shared precision and a kNN bank of training features; the mean and precision of the
+    training images' :func:`pixel_statistics` (None in references made before there were any)."""
+
+    def __init__(self, means: torch.Tensor, precision: torch.Tensor, bank: torch.Tensor,
+                 pixel_mean: torch.Tensor | None = None, pixel_precision: torch.Tensor | None = None) -> None:
         self.means, self.precision, self.bank = means.double(), precision.double(), bank.float()
+        self.pixel_mean = pixel_mean.double() if pixel_mean is not None else None
+        self.pixel_precision = pixel_precision.double() if pixel_precision is not None else None
         # (f - m)' P (f - m) = f'Pf - 2 f'Pm + m'Pm: one (N, D) x (D, D) product for every class at once
         self._pm = self.precision @ self.means.T  # (D, K)
         self._mpm = (self.means * self._pm.T).sum(1)  # (K,)
 
     @classmethod
-    def fit(cls, features: np.ndarray, labels: np.ndarray, num_classes: int, seed: int = 0) -> FeatureReference:
+    def fit(cls, features: np.ndarray, labels: np.ndarray, num_classes: int, seed: int = 0,
+            images: torch.Tensor | None = None) -> FeatureReference:
+        """From the training split's (N, D) ``features``, labels and (for the ``pixels`` score) uint8 ``images``."""
         from sklearn.covariance import LedoitWolf
 
         f = np.asarray(features, dtype=np.float64)
@@ -115,18 +156,30 @@ class FeatureReference:
         rng = np.random.default_rng(seed)
         chosen = rng.choice(len(f), size=min(BANK, len(f)), replace=False)
         bank = f[chosen] / np.maximum(np.linalg.norm(f[chosen], axis=1, keepdims=True), 1e-12)
-        return cls(torch.from_numpy(means), torch.from_numpy(precision), torch.from_numpy(bank).float())
+        pixels = _mahalanobis_fit(pixel_statistics(images).numpy()) if images is not None and len(images) > 1 else None
+        return cls(torch.from_numpy(means), torch.from_numpy(precision), torch.from_numpy(bank).float(),
+                   *((torch.from_numpy(pixels[0]), torch.from_numpy(pixels[1])) if pixels else ()))
 
     def state(self) -> dict[str, torch.Tensor]:
-        return {REFERENCE_PREFIX + "means": self.means, REFERENCE_PREFIX + "precision": self.precision,
-                REFERENCE_PREFIX + "bank": self.bank}
+        out = {REFERENCE_PREFIX + "means": self.means, REFERENCE_PREFIX + "precision": self.precision,
+               REFERENCE_PREFIX + "bank": self.bank}
+        if self.pixel_mean is not None:
+            out[REFERENCE_PREFIX + "pixel_mean"], out[REFERENCE_PREFIX + "pixel_precision"] = self.pixel_mean, self.pixel_precision
+        return out
 
     @classmethod
     def from_state(cls, state: dict[str, torch.Tensor]) -> FeatureReference | None:
         keys = [REFERENCE_PREFIX + k for k in ("means", "precision", "bank")]
         if not all(k in state for k in keys):
             return None
-        return cls(*(state[k] for k in keys))
+        return cls(*(state[k] for k in keys), state.get(REFERENCE_PREFIX + "pixel_mean"), state.get(REFERENCE_PREFIX + "pixel_precision"))
+
+    def pixel_scores(self, images: torch.Tensor) -> np.ndarray:
+        """The ``pixels`` score (N,) of uint8 images (NaN where the reference has no pixel statistics)."""
+        if self.pixel_mean is None:
+            return np.full(len(images), np.nan)
+        d = pixel_statistics(images) - self.pixel_mean
+        return ((d @ self.pixel_precision) * d).sum(1).clamp(min=0).numpy()
 
     def scores(self, features: torch.Tensor, methods: tuple[str, ...] = FEATURE_METHODS) -> dict[str, np.ndarray]:
         """Each of ``methods``' (N,) score of (N, D) features."""
@@ -181,12 +234,24 @@ class ShiftReference:
 
 
 def all_scores(logits: torch.Tensor, features: torch.Tensor | None, reference: FeatureReference | None, task: str,
-               temperature: float = 1.0, methods: tuple[str, ...] = METHODS) -> dict[str, np.ndarray]:
-    """Each of ``methods``' score (N,) the model supports (feature scores need features and a reference)."""
+               temperature: float = 1.0, methods: tuple[str, ...] = METHODS, images: torch.Tensor | None = None,
+               scales: dict[str, float] | None = None) -> dict[str, np.ndarray]:
+    """Each of ``methods``' score (N,) the model supports: feature scores need features and a reference,
+    ``pixels`` the uint8 ``images``, ``combined`` also the ``scales`` (the thresholds of :data:`COMBINED`)."""
     out = {k: v for k, v in output_scores(logits, task, temperature).items() if k in methods}
-    if features is not None and reference is not None and any(m in methods for m in FEATURE_METHODS):
-        out.update(reference.scores(features, tuple(m for m in FEATURE_METHODS if m in methods)))
-    return out
+    wanted = set(methods) | (set(COMBINED) if "combined" in methods else set())
+    if features is not None and reference is not None:
+        out.update(reference.scores(features, tuple(m for m in ("mahalanobis", "knn") if m in wanted)))
+        if "pixels" in wanted and images is not None and reference.pixel_mean is not None:
+            out["pixels"] = reference.pixel_scores(images)
+    if "combined" in methods and scales and all(m in out and scales.get(m) for m in COMBINED):
+        out["combined"] = combined_score(out, scales)
+    return {k: v for k, v in out.items() if k in methods}
+
+
+def combined_score(scores: dict[str, np.ndarray], scales: dict[str, float]) -> np.ndarray:
+    """The larger of the :data:`COMBINED` scores, each over its own threshold (> 1: that score alone would flag)."""
+    return np.maximum.reduce([np.asarray(scores[m], dtype=np.float64) / max(scales[m], 1e-12) for m in COMBINED])
 
 
 def rule_in_force(card, reference: FeatureReference | None, where: str) -> bool:  # noqa: ANN001 - ModelCard
@@ -203,10 +268,15 @@ def rule_in_force(card, reference: FeatureReference | None, where: str) -> bool:
 
 
 def keep_threshold(scores: np.ndarray, keep: float) -> float:
-    """The score below which ``keep`` of these (in-distribution) scores lie: inputs above it are flagged."""
-    finite = np.asarray(scores, dtype=np.float64)
+    """The threshold above which inputs are flagged, from n in-distribution (validation) scores: the
+    ceil((n + 1) keep)-th smallest, so that a new in-distribution input scores at most this with probability
+    at least ``keep`` whatever n (split conformal, Vovk et al. 2005); the largest when n is too small for that."""
+    finite = np.sort(np.asarray(scores, dtype=np.float64))
     finite = finite[np.isfinite(finite)]
-    return float(np.quantile(finite, keep, method="higher")) if finite.size else math.inf
+    if not finite.size:
+        return math.inf
+    k = min(math.ceil((finite.size + 1) * keep), finite.size)
+    return float(finite[k - 1])
 
 
 @torch.inference_mode()

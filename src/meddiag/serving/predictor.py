@@ -23,7 +23,7 @@ from meddiag.evaluation.metrics import predict_labels
 from meddiag.models.checkpoint import load_checkpoint
 from meddiag.models.checkpoint import load_ood_state
 from meddiag.models.inference import logits_to_probs, predict_proba
-from meddiag.models.ood import FeatureReference, WithFeatures, all_scores, logits_and_features, rule_in_force, supports_features
+from meddiag.models.ood import METHOD_LABELS, FeatureReference, WithFeatures, all_scores, logits_and_features, rule_in_force, supports_features
 from meddiag.models.registry import get_entry
 from meddiag.models.inputs import ModelInput, read_inputs
 from meddiag.models.uncertainty import normalised_entropy, predict_with_uncertainty
@@ -98,7 +98,8 @@ class Predictor:
         if c.ood is not None:  # one plain pass gives the logits and the features the OOD score needs
             split = self.network if onnx_features else (self.with_features or self.model)
             logits, features = logits_and_features(split, c, images, covariates, self.batch_size)
-            scores = all_scores(logits, features, self.ood_reference, c.task, c.temperature, (c.ood.method,))[c.ood.method]
+            scores = all_scores(logits, features, self.ood_reference, c.task, c.temperature, (c.ood.method,), images,
+                                c.ood.scales)[c.ood.method]
         if c.tta or c.mc_dropout:
             dist = predict_with_uncertainty(self.network, c, images, self.batch_size, covariates=covariates)
         elif c.ood is not None and (self.network is self.model or onnx_features):
@@ -186,7 +187,7 @@ class Predictor:
             if scores is not None and rule is not None:
                 row.ood_score = float(scores[i])
                 if not row.ood_score <= rule.threshold:  # NaN too
-                    reasons.append(f"{rule.method} score {row.ood_score:.4g} above the model's threshold "
+                    reasons.append(f"{METHOD_LABELS.get(rule.method, rule.method)} score {row.ood_score:.4g} above the model's threshold "
                                    f"{rule.threshold:.4g} (which keeps {rule.keep:.0%} of its validation images)")
             if reasons:
                 row.ood, row.ood_reason, row.abstain = True, "; ".join(reasons), True

@@ -54,7 +54,7 @@ class TrainConfig(BaseModel):
     mc_dropout: int = Field(0, ge=0, description="MC-dropout passes at prediction (networks with dropout)")
     coverage: float | None = Field(None, gt=0, le=1, description="abstain on the most uncertain cases: answer this share (threshold chosen on validation)")
     ood_keep: float | None = Field(0.95, ge=0.5, lt=1, description="flag inputs unlike the training data, keeping this share of validation images (None: no OOD rule)")
-    ood_method: Literal["mahalanobis", "knn", "energy", "msp"] | None = Field(None, description="the OOD score; None: mahalanobis where the network has penultimate features, else energy")
+    ood_method: Literal["mahalanobis", "knn", "energy", "msp", "pixels", "combined"] | None = Field(None, description="the OOD score; None: combined (mahalanobis or pixels) where the network has penultimate features, else energy")
     modalities: list[str] = Field(default_factory=list, description="DICOM modalities the model is for (e.g. CR, DX): a DICOM input of another is flagged as unlike the training data; empty: those of the training files (DICOM ones), else no check")
     subgroups: list[str] = Field(default_factory=list, description="manifest columns to report every metric by (e.g. sex, site)")
     covariates: list[str] = Field(default_factory=list, description="manifest columns the model takes beside the image (e.g. age, sex:cat, site); a type after ':' (num or cat) overrides the inferred one")

@@ -14,7 +14,7 @@ from meddiag.data.dataset import ImageData
 from meddiag.errors import ConfigError
 from meddiag.models.checkpoint import OODRule, load_checkpoint, save_ood_reference
 from meddiag.models.fusion import covariate_tensor
-from meddiag.models.ood import (DEFAULT_METHOD, FEATURE_METHODS, METHODS, FeatureReference, ShiftReference, all_scores, keep_threshold,
+from meddiag.models.ood import (COMBINED, DEFAULT_METHOD, FEATURE_METHODS, METHODS, FeatureReference, ShiftReference, all_scores, keep_threshold,
                                 logits_and_features)
 
 DEFAULT_KEEP = 0.95
@@ -32,17 +32,23 @@ def fit_ood(checkpoint: Path, data: ImageData, keep: float = DEFAULT_KEEP, metho
         raise ConfigError(f"unknown OOD method '{method}'; choose {', '.join(METHODS)}")
     model, card = load_checkpoint(checkpoint)
 
-    def pass_over(split: str) -> tuple[torch.Tensor, torch.Tensor | None]:
+    def pass_over(split: str) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor]:
         part = data.splits[split]
         images = match_channels(part.images, card.in_channels)
-        return logits_and_features(model, card, images, covariate_tensor(card.covariates, part.covariates))
+        return *logits_and_features(model, card, images, covariate_tensor(card.covariates, part.covariates)), images
 
-    _, train_features = pass_over("train")
+    _, train_features, train_images = pass_over("train")
     reference = None
     if train_features is not None:
-        reference = FeatureReference.fit(train_features.numpy(), data.splits["train"].labels.numpy(), card.num_classes)
-    val_logits, val_features = pass_over("val")
-    scores = all_scores(val_logits, val_features, reference, card.task, card.temperature)
+        reference = FeatureReference.fit(train_features.numpy(), data.splits["train"].labels.numpy(), card.num_classes,
+                                         images=train_images)
+    val_logits, val_features, val_images = pass_over("val")
+    scores = all_scores(val_logits, val_features, reference, card.task, card.temperature, images=val_images)
+    thresholds = {m: keep_threshold(s, keep) for m, s in scores.items()}
+    scales = {m: thresholds[m] for m in COMBINED if m in thresholds}
+    if len(scales) == len(COMBINED):
+        scores.update(all_scores(val_logits, val_features, reference, card.task, card.temperature, ("combined",), val_images, scales))
+        thresholds["combined"] = keep_threshold(scores["combined"], keep)
     chosen = method or (DEFAULT_METHOD if reference is not None else "energy")
     if chosen in FEATURE_METHODS and reference is None:
         raise ConfigError(f"{card.model_name} has no final linear layer to take features from: use energy or msp")
@@ -51,8 +57,9 @@ def fit_ood(checkpoint: Path, data: ImageData, keep: float = DEFAULT_KEEP, metho
         warnings.warn(f"the OOD threshold rests on {n_val} validation images: the share of new in-distribution images it "
                       f"flags may be far from {1 - keep:.0%} (a larger validation split, or --ood-keep nearer 1, helps)",
                       stacklevel=2)
-    thresholds = {m: keep_threshold(s, keep) for m, s in scores.items()}
-    rule = OODRule(method=chosen, threshold=thresholds[chosen], keep=keep,
+    if chosen not in thresholds:
+        raise ConfigError(f"the {chosen} OOD score cannot be computed for this model; choose one of {', '.join(thresholds)}")
+    rule = OODRule(method=chosen, threshold=thresholds[chosen], keep=keep, scales=scales if chosen == "combined" else {},
                    val_flagged=float(np.mean(scores[chosen] > thresholds[chosen])), thresholds=thresholds,
                    reference_images=len(data.splits["train"]), validation_images=len(data.splits["val"]))
     shift = ShiftReference.sample(val_logits, val_features, scores[chosen])
