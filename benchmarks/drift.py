@@ -75,6 +75,11 @@ def main() -> None:
     run = args.out / "pneumoniamnist-manifest-seed_cnn"
     if not (run / "ood.json").exists():
         train_and_evaluate(TrainConfig(data=str(manifest), model="seed_cnn", epochs=args.epochs, image_size=28, out=str(run)), progress=False)
+    from meddiag.training.ood import fit_ood
+    from meddiag.training.run import load_training_data
+
+    data = load_training_data(TrainConfig.from_file(run / "config.yaml"), False, run)
+    fit_ood(run / "checkpoints" / "best.ckpt", data)  # the rule and references as this version of meddiag makes them
     predictor = Predictor.from_run(run)
     card = predictor.card
     reference = ShiftReference.from_state(load_ood_state(predictor.checkpoint))
@@ -84,7 +89,7 @@ def main() -> None:
             **{f"far: {k}": v for k, v in far_sets(card.image_size, 300, rng).items()},
             **{f"corrupted held back: {k}": v for k, v in corruptions(held_back).items()}}
     print(f"date {date.today()}, {platform.processor() or platform.machine()}, torch {torch.__version__}; seed_cnn on "
-          f"PneumoniaMNIST ({args.epochs} epochs, {HELD_BACK} training images held back); reference: {len(reference)} "
+          f"PneumoniaMNIST ({args.epochs} epochs, {HELD_BACK} training images held back); OOD rule {card.ood.method}; reference: {len(reference)} "
           f"validation images; batches of {args.batch}, {args.draws} draws per set ({2 * args.draws} held back)\n", flush=True)
     print("| batch drawn from | pool | draws | shift found (p < 0.01) | no shift (p > 0.05) | median p | median p: features / classes / flagged |")
     print("|---|---|---|---|---|---|---|")

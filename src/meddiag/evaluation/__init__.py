@@ -1,6 +1,14 @@
 """Stage 4: metrics, plots and the evaluation of trained runs."""
 
-from meddiag.evaluation.evaluate import evaluate_run, summary_line
-from meddiag.evaluation.metrics import classification_metrics, confusion_matrix, predict_labels, roc_auc
+from meddiag.lazy import lazy_exports
 
-__all__ = ["evaluate_run", "summary_line", "classification_metrics", "confusion_matrix", "predict_labels", "roc_auc"]
+_EXPORTS = {
+    "evaluate_run": "meddiag.evaluation.evaluate",
+    "summary_line": "meddiag.evaluation.evaluate",
+    "classification_metrics": "meddiag.evaluation.metrics",
+    "confusion_matrix": "meddiag.evaluation.metrics",
+    "predict_labels": "meddiag.evaluation.metrics",
+    "roc_auc": "meddiag.evaluation.metrics",
+}
+__all__ = list(_EXPORTS)
+__getattr__ = lazy_exports(__name__, _EXPORTS)

@@ -1,7 +1,13 @@
 """Stage 3: training with Lightning (module, data module, configuration, run folder)."""
 
-from meddiag.training.config import TrainConfig
-from meddiag.training.module import DiagnosisModule
-from meddiag.training.run import TrainResult, load_training_data, train
+from meddiag.lazy import lazy_exports
 
-__all__ = ["TrainConfig", "DiagnosisModule", "TrainResult", "load_training_data", "train"]
+_EXPORTS = {
+    "TrainConfig": "meddiag.training.config",
+    "DiagnosisModule": "meddiag.training.module",
+    "TrainResult": "meddiag.training.run",
+    "load_training_data": "meddiag.training.run",
+    "train": "meddiag.training.run",
+}
+__all__ = list(_EXPORTS)
+__getattr__ = lazy_exports(__name__, _EXPORTS)
