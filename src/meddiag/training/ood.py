@@ -41,7 +41,7 @@ def fit_ood(checkpoint: Path, data: ImageData, keep: float = DEFAULT_KEEP, metho
     reference = None
     if train_features is not None:
         reference = FeatureReference.fit(train_features.numpy(), data.splits["train"].labels.numpy(), card.num_classes,
-                                         images=train_images)
+                                         images=None if card.model_name == "tabular" else train_images)  # it never sees the image
     val_logits, val_features, val_images = pass_over("val")
     scores = all_scores(val_logits, val_features, reference, card.task, card.temperature, images=val_images)
     thresholds = {m: keep_threshold(s, keep) for m, s in scores.items()}
@@ -49,7 +49,7 @@ def fit_ood(checkpoint: Path, data: ImageData, keep: float = DEFAULT_KEEP, metho
     if len(scales) == len(COMBINED):
         scores.update(all_scores(val_logits, val_features, reference, card.task, card.temperature, ("combined",), val_images, scales))
         thresholds["combined"] = keep_threshold(scores["combined"], keep)
-    chosen = method or (DEFAULT_METHOD if reference is not None else "energy")
+    chosen = method or next(m for m in (DEFAULT_METHOD, "mahalanobis", "energy") if m in thresholds)
     if chosen in FEATURE_METHODS and reference is None:
         raise ConfigError(f"{card.model_name} has no final linear layer to take features from: use energy or msp")
     n_val = len(data.splits["val"])
