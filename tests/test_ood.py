@@ -140,6 +140,7 @@ def test_a_trained_run_flags_what_it_has_never_seen(ood_run, tmp_path):
     assert "a colour image; this model was trained on grayscale images" in rows["colour.png"]["ood_reason"]
     assert "only 6x6 pixels" in rows["tiny.png"]["ood_reason"]
     assert "combined (features or pixel statistics) score" in rows["noise.png"]["ood_reason"]
+    assert "x their own thresholds" in rows["noise.png"]["ood_reason"] and "pixel statistics " in rows["noise.png"]["ood_reason"]
     assert all(float(r["ood_score"]) >= 0 for r in rows.values())
 
 

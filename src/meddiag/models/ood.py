@@ -137,7 +137,7 @@ def _difference(x: torch.Tensor, dim: int, order: int) -> torch.Tensor:
         return x.narrow(dim, k, n)
 
     d = shifted(1) - shifted(0) if order == 1 else shifted(2) - 2 * shifted(1) + shifted(0)
-    return d.abs().flatten(1).mean(1)
+    return d.abs().mean(tuple(range(1, d.ndim)))  # no flattening copy of the sliced view
 
 
 def _mahalanobis_fit(values: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -259,7 +259,8 @@ def all_scores(logits: torch.Tensor, features: torch.Tensor | None, reference: F
                temperature: float = 1.0, methods: tuple[str, ...] = METHODS, images: torch.Tensor | None = None,
                scales: dict[str, float] | None = None) -> dict[str, np.ndarray]:
     """Each of ``methods``' score (N,) the model supports: feature scores need features and a reference,
-    ``pixels`` the uint8 ``images``, ``combined`` also the ``scales`` (the thresholds of :data:`COMBINED`)."""
+    ``pixels`` the uint8 ``images``, ``combined`` also the ``scales`` (the thresholds of :data:`COMBINED`; its
+    parts come back too, so that a reason can say which one flagged)."""
     out = {k: v for k, v in output_scores(logits, task, temperature).items() if k in methods}
     wanted = set(methods) | (set(COMBINED) if "combined" in methods else set())
     if features is not None and reference is not None:
@@ -268,7 +269,7 @@ def all_scores(logits: torch.Tensor, features: torch.Tensor | None, reference: F
             out["pixels"] = reference.pixel_scores(images)
     if "combined" in methods and scales and all(m in out and scales.get(m) for m in COMBINED):
         out["combined"] = combined_score(out, scales)
-    return {k: v for k, v in out.items() if k in methods}
+    return {k: v for k, v in out.items() if k in methods or ("combined" in out and k in COMBINED)}
 
 
 def combined_score(scores: dict[str, np.ndarray], scales: dict[str, float]) -> np.ndarray:

@@ -23,7 +23,7 @@ from meddiag.evaluation.metrics import predict_labels
 from meddiag.models.checkpoint import load_checkpoint
 from meddiag.models.checkpoint import load_ood_state
 from meddiag.models.inference import logits_to_probs, predict_proba
-from meddiag.models.ood import METHOD_LABELS, FeatureReference, WithFeatures, all_scores, logits_and_features, rule_in_force, supports_features
+from meddiag.models.ood import COMBINED, METHOD_LABELS, FeatureReference, WithFeatures, all_scores, logits_and_features, rule_in_force, supports_features
 from meddiag.models.registry import get_entry
 from meddiag.models.inputs import ModelInput, read_inputs
 from meddiag.models.uncertainty import normalised_entropy, predict_with_uncertainty
@@ -48,6 +48,9 @@ class Prediction:
     # models with an OOD rule: the plain pass's (K,) logits and (D,) penultimate features, for shift tests (never written out)
     logits: np.ndarray | None = field(default=None, repr=False)
     features: np.ndarray | None = field(default=None, repr=False)
+
+
+PART_LABELS = {"mahalanobis": "features", "pixels": "pixel statistics"}
 
 
 class Predictor:
@@ -98,8 +101,8 @@ class Predictor:
         if c.ood is not None:  # one plain pass gives the logits and the features the OOD score needs
             split = self.network if onnx_features else (self.with_features or self.model)
             logits, features = logits_and_features(split, c, images, covariates, self.batch_size)
-            scores = all_scores(logits, features, self.ood_reference, c.task, c.temperature, (c.ood.method,), images,
-                                c.ood.scales)[c.ood.method]
+            every = all_scores(logits, features, self.ood_reference, c.task, c.temperature, (c.ood.method,), images, c.ood.scales)
+            scores = every[c.ood.method]
         if c.tta or c.mc_dropout:
             dist = predict_with_uncertainty(self.network, c, images, self.batch_size, covariates=covariates)
         elif c.ood is not None and (self.network is self.model or onnx_features):
@@ -110,6 +113,8 @@ class Predictor:
             dist = {"mean": probs, "entropy": normalised_entropy(probs, c.task), "spread": np.zeros(len(probs))}
         if c.ood is not None:
             dist["ood_score"], dist["logits"] = scores, logits.numpy()
+            if c.ood.method == "combined":  # each part over its own threshold: which one flagged
+                dist["ood_parts"] = np.stack([every[m] / c.ood.scales[m] for m in COMBINED], 1)
             if features is not None:
                 dist["features"] = features.numpy()
         return dist
@@ -187,8 +192,12 @@ class Predictor:
             if scores is not None and rule is not None:
                 row.ood_score = float(scores[i])
                 if not row.ood_score <= rule.threshold:  # NaN too
+                    parts = ""
+                    if "ood_parts" in dist:
+                        parts = "; " + ", ".join(f"{PART_LABELS[m]} {v:.3g}x" for m, v in zip(COMBINED, dist["ood_parts"][i])) + \
+                                " their own thresholds"
                     reasons.append(f"{METHOD_LABELS.get(rule.method, rule.method)} score {row.ood_score:.4g} above the model's threshold "
-                                   f"{rule.threshold:.4g} (which keeps {rule.keep:.0%} of its validation images)")
+                                   f"{rule.threshold:.4g} (which keeps {rule.keep:.0%} of its validation images{parts})")
             if reasons:
                 row.ood, row.ood_reason, row.abstain = True, "; ".join(reasons), True
         return rows
