@@ -110,6 +110,16 @@ def auroc_fpr95(in_scores: np.ndarray, out_scores: np.ndarray) -> tuple[float, f
     return auroc, float(np.mean(out_scores <= threshold))
 
 
+def print_table(in_scores: dict[str, np.ndarray], groups: dict[str, torch.Tensor], scores, methods: tuple[str, ...]) -> None:  # noqa: ANN001 - scores: images -> {method: (N,)}
+    """The markdown table: per OOD set, each method's AUROC / FPR95 against the in-distribution scores."""
+    print("| OOD set | n | " + " | ".join(f"{m} AUROC / FPR95" for m in methods) + " |")
+    print("|---|---|" + "---|" * len(methods))
+    for name, images in groups.items():
+        out = scores(images)
+        cells = [f"{a:.4f} / {f:.3f}" for a, f in (auroc_fpr95(in_scores[m], out[m]) for m in methods)]
+        print(f"| {name} | {len(images)} | " + " | ".join(cells) + " |", flush=True)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--model", default="seed_cnn")
@@ -156,12 +166,7 @@ def main() -> None:
           + ", ".join(f"{m} {100 * v:.1f}%" for m, v in flagged.items()) + "\n")
     groups = {**{f"far: {k}": v for k, v in far_sets(card.image_size, args.n, rng).items()},
               **{f"corrupted: {k}": v for k, v in corruptions(test).items()}}
-    print("| OOD set | n | " + " | ".join(f"{m} AUROC / FPR95" for m in METHODS) + " |")
-    print("|---|---|" + "---|" * len(METHODS))
-    for name, images in groups.items():
-        out = scores(images)
-        cells = [f"{a:.4f} / {f:.3f}" for a, f in (auroc_fpr95(in_scores[m], out[m]) for m in METHODS)]
-        print(f"| {name} | {len(images)} | " + " | ".join(cells) + " |", flush=True)
+    print_table(in_scores, groups, scores, METHODS)
     predictor = Predictor.from_run(run)
     batch = test[:256]
     timings: dict[str, list[float]] = {"with the OOD score": [], "without": []}

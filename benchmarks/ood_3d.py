@@ -19,7 +19,7 @@ import numpy as np
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from ood import SHARED, auroc_fpr95  # noqa: E402
+from ood import SHARED, print_table  # noqa: E402
 
 
 def far_volumes(size: int, rng: np.random.Generator, n_noise: int) -> dict[str, torch.Tensor]:
@@ -92,12 +92,7 @@ def main() -> None:
           + ", ".join(f"{m} {100 * float(np.mean(in_scores[m] > card.ood.thresholds[m])):.1f}%" for m in METHODS) + "\n")
     groups = {**{f"far: {k}": v for k, v in far_volumes(card.image_size, np.random.default_rng(0), 100).items()},
               **{f"corrupted: {k}": v for k, v in corruptions(test).items()}}
-    print("| OOD set | n | " + " | ".join(f"{m} AUROC / FPR95" for m in METHODS) + " |")
-    print("|---|---|" + "---|" * len(METHODS))
-    for name, images in groups.items():
-        out = scores(images)
-        cells = [f"{a:.4f} / {f:.3f}" for a, f in (auroc_fpr95(in_scores[m], out[m]) for m in METHODS)]
-        print(f"| {name} | {len(images)} | " + " | ".join(cells) + " |", flush=True)
+    print_table(in_scores, groups, scores, METHODS)
 
 
 if __name__ == "__main__":
