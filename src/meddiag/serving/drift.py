@@ -5,6 +5,7 @@ the reference is the checkpoint's validation sample (:class:`~meddiag.models.ood
 from __future__ import annotations
 
 import csv
+import io
 import json
 import threading
 from collections import deque
@@ -56,6 +57,7 @@ def drift_report(run: str | Path, paths: list[str | Path], out: str | Path | Non
                 patients = PatientData.from_csv(path)
         else:
             files.append(path)
+    predictor.keep_features = True
     predictions, failures = predictor.predict(files, patients)
     if len(predictions) < MIN_BATCH:
         raise MeddiagError(f"{len(predictions)} input(s) could be read under {', '.join(map(str, paths))} "
@@ -89,8 +91,6 @@ def _atypical(p: Prediction) -> dict[str, Any]:
 def _write_scores(path: Path, predictions: list[Prediction]) -> None:
     rows = [["path", "ood_score", "ood", "ood_reason", "prediction"]]
     rows += [[p.path, "" if p.ood_score is None else f"{p.ood_score:.6g}", int(p.ood), p.ood_reason, p.predicted] for p in predictions]
-    import io
-
     buffer = io.StringIO()
     csv.writer(buffer, lineterminator="\n").writerows(rows)
     write_text_atomic(path, buffer.getvalue())

@@ -45,7 +45,7 @@ class Prediction:
     ood_score: float | None = None  # how unlike the training data (the card's OOD method; None: the model has no rule)
     ood: bool = False  # outside what the model was trained on: do not trust the diagnosis
     ood_reason: str = ""
-    # models with an OOD rule: the plain pass's (K,) logits and (D,) penultimate features, for shift tests (never written out)
+    # with Predictor.keep_features and an OOD rule: the plain pass's (K,) logits and (D,) features, for shift tests (never written out)
     logits: np.ndarray | None = field(default=None, repr=False)
     features: np.ndarray | None = field(default=None, repr=False)
 
@@ -69,6 +69,7 @@ class Predictor:
         self.batch_size = batch_size
         self.max_pixels = max_pixels
         self.backend = backend
+        self.keep_features = False  # True: each Prediction keeps its logits and features (a shift test needs them; predict does not)
         self.network = self.model  # what predictions run on
         self.ood_reference = FeatureReference.from_state(load_ood_state(checkpoint)) if self.card.ood else None
         if self.card.ood is not None and not rule_in_force(self.card, self.ood_reference, str(checkpoint)):
@@ -186,8 +187,9 @@ class Predictor:
         rule = self.card.ood
         scores = dist.get("ood_score")
         for i, (row, item) in enumerate(zip(rows, items)):
-            row.logits = dist["logits"][i] if "logits" in dist else None
-            row.features = dist["features"][i] if "features" in dist else None
+            if self.keep_features:
+                row.logits = dist["logits"][i] if "logits" in dist else None
+                row.features = dist["features"][i] if "features" in dist else None
             reasons = list(item.problems)
             if scores is not None and rule is not None:
                 row.ood_score = float(scores[i])
