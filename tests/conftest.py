@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import os
+import threading
+from functools import partial
+from http.server import SimpleHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
 import numpy as np
@@ -152,3 +155,36 @@ def fused_run(tmp_path_factory) -> Path:
                          covariates=["age", "sex", "site"], out=str(base / "run"), model_kwargs={"widths": [8, 16, 16], "dense": 32})
     train_and_evaluate(config, progress=False)
     return base / "run"
+
+
+class _QuietHandler(SimpleHTTPRequestHandler):
+    def log_message(self, *args):
+        pass
+
+
+@pytest.fixture
+def http_dir(tmp_path):
+    """A folder served at http://127.0.0.1:<port>/ for the duration of a test."""
+    root = tmp_path / "served"
+    root.mkdir()
+    server = ThreadingHTTPServer(("127.0.0.1", 0), partial(_QuietHandler, directory=str(root)))
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    yield root, f"http://127.0.0.1:{server.server_address[1]}"
+    server.shutdown()
+    server.server_close()
+
+
+def make_volume_folder(root: Path, per_class: int = 12, size: int = 20, seed: int = 0) -> Path:
+    """ROOT/{benign,malignant}/*.nii.gz: noisy volumes with a bright cube in one half (by class)."""
+    import nibabel as nib
+
+    rng = np.random.default_rng(seed)
+    for label, name in enumerate(("benign", "malignant")):
+        (root / name).mkdir(parents=True, exist_ok=True)
+        for i in range(per_class):
+            vol = rng.normal(0.2, 0.05, (size, size, size)).astype(np.float32)
+            start = 2 if label == 0 else size // 2
+            vol[start : start + size // 3, 5:12, 5:12] += 0.7
+            nib.save(nib.Nifti1Image(vol, np.eye(4)), root / name / f"v{i:02d}.nii.gz")
+    return root

@@ -93,6 +93,14 @@ def train(
     fusion: Annotated[Optional[str], typer.Option(help="How image and covariates are joined: late (CNN features + covariate encoder -> head) or film (covariates scale and shift the last convolutional block). [default: late]")] = None,
     covariate_dropout: Annotated[Optional[float], typer.Option(help="Training: probability that a case loses all its covariates, and each block, so the model also works without them. [default: 0.25]")] = None,
     missing_values: Annotated[Optional[str], typer.Option(help="Covariate values that mean missing, comma-separated. [default: blank, nan, na, n/a, unknown]")] = None,
+    init_weights: Annotated[Optional[str], typer.Option(help="Start from these weights: a .pt/.pth/.bin/.safetensors/.ckpt file, a meddiag run or 'meddiag pretrain' folder, or an http(s) URL (URL#sha256=HEX is verified). A load report says what was loaded; under 90% of the backbone is refused.")] = None,
+    pretrained: Annotated[Optional[str], typer.Option(help="Start from published weights: imagenet (2D resnet18, resnet50, densenet121, efficientnet_b0) or medicalnet (3D resnet18, resnet50); downloaded once.")] = None,
+    allow_partial: Annotated[Optional[bool], typer.Option("--allow-partial/--no-allow-partial", help="Accept initial weights that fill under 90% of the backbone. [default: refuse]")] = None,
+    inflate: Annotated[Optional[bool], typer.Option("--inflate/--no-inflate", help="A 3D model from 2D weights: inflate the 2D kernels along depth. [default: no]")] = None,
+    freeze_backbone: Annotated[Optional[bool], typer.Option("--freeze-backbone/--no-freeze-backbone", help="Train only the head on the frozen initial weights (a linear probe).")] = None,
+    freeze_epochs: Annotated[Optional[int], typer.Option(help="Train only the head for the first N epochs, then everything. [default: 0]")] = None,
+    backbone_lr_mult: Annotated[Optional[float], typer.Option(help="The backbone's learning rate as a multiple of --lr. [default: 0.1 with initial weights, else 1]")] = None,
+    warmup_epochs: Annotated[Optional[int], typer.Option(help="Linear learning-rate warm-up over these epochs. [default: 1 with initial weights, else 0]")] = None,
     out: Annotated[Optional[str], typer.Option(help="Run folder. [default: runs/<data>-<model>]")] = None,
     config: Annotated[Optional[Path], typer.Option(help="YAML configuration (e.g. a run's config.yaml); options given here override it.")] = None,
     resume: Annotated[bool, typer.Option(help="Continue the run in --out from its last checkpoint.")] = False,
@@ -121,6 +129,8 @@ def train(
         covariates=_list(covariates), tabular=str(tabular) if tabular else None, join=join, tabular_columns=_list(tabular_columns),
         fusion=fusion, covariate_dropout=covariate_dropout, ood_keep=ood_keep, ood_method=ood_method,
         modalities=_list(modalities), missing_values=[v.strip() for v in missing_values.split(",")] if missing_values is not None else None,
+        init_weights=init_weights, pretrained=pretrained.lower() if pretrained else None, allow_partial=allow_partial, inflate=inflate,
+        freeze_backbone=freeze_backbone, freeze_epochs=freeze_epochs, backbone_lr_mult=backbone_lr_mult, warmup_epochs=warmup_epochs,
     )
     if cfg.folds > 1:
         if resume:
@@ -130,6 +140,47 @@ def train(
     result = train_and_evaluate(cfg, resume=resume, progress=progress)
     if result.test_metrics is not None:
         print(result.summary())
+
+
+@app.command()
+@friendly_errors
+def pretrain(
+    data: DataArg = None,
+    model: Annotated[Optional[str], typer.Option(help="Model name (see 'meddiag models'). [default: resnet18]")] = None,
+    method: Annotated[Optional[str], typer.Option(help="Self-supervised method: simclr. [default: simclr]")] = None,
+    epochs: Annotated[Optional[int], typer.Option(help="Epochs. [default: 50]")] = None,
+    batch_size: Annotated[Optional[int], typer.Option(help="Images per batch; more gives SimCLR more negatives. [default: 128; 32 for volumes]")] = None,
+    lr: Annotated[Optional[float], typer.Option(help="Learning rate. [default: 0.001]")] = None,
+    temperature: Annotated[Optional[float], typer.Option(help="NT-Xent temperature. [default: 0.2]")] = None,
+    image_size: Annotated[Optional[int], typer.Option(help="Input size in pixels: the size you will fine-tune at. [default: MedMNIST file's size; 128 for image files]")] = None,
+    hflip: Annotated[Optional[bool], typer.Option("--hflip/--no-hflip", help="Also flip views left-right (only where anatomy is not lateral). [default: no]")] = None,
+    volumes: Annotated[Optional[bool], typer.Option("--volumes/--no-volumes", help="DATA is a folder of volumes (NIfTI, DICOM series): pretrain a 3D network. [default: no]")] = None,
+    window: Annotated[Optional[str], typer.Option(help="DICOM window: lung, mediastinum, bone, brain, abdomen, soft_tissue or C,W. [default: each file's own]")] = None,
+    seed: Annotated[Optional[int], typer.Option(help="Random seed. [default: 0]")] = None,
+    out: Annotated[Optional[str], typer.Option(help="Output folder. [default: runs/pretrain-<data>-<model>]")] = None,
+    config: Annotated[Optional[Path], typer.Option(help="YAML configuration (e.g. a pretraining folder's config.yaml); options given here override it.")] = None,
+    resume: Annotated[bool, typer.Option(help="Continue the pretraining in --out from its last epoch.")] = False,
+    accelerator: Annotated[Optional[str], typer.Option(help="cpu, gpu or auto. [default: auto]")] = None,
+    devices: Annotated[Optional[str], typer.Option(help="Number of devices, or auto. [default: auto]")] = None,
+    progress: Annotated[Optional[bool], typer.Option("--progress/--no-progress", help="Progress bar. [default: when in a terminal]")] = None,
+) -> None:
+    """Pretrain a network on unlabelled images of DATA (self-supervised, SimCLR); 'train --init-weights OUT' fine-tunes it."""
+    from meddiag.runfolder import RunFolder
+    from meddiag.training.pretrain import PretrainConfig, pretrain as run_pretrain
+
+    logging.getLogger("lightning.pytorch").setLevel(logging.WARNING)
+    if resume and out and config is None and RunFolder(out).config.exists():
+        config = RunFolder(out).config
+    if not (data or config):
+        raise MeddiagError("give the DATA to pretrain on (or a --config file that names it)")
+    cfg = PretrainConfig.from_sources(
+        config, data=data, model=model, method=method, epochs=epochs, batch_size=batch_size, lr=lr, temperature=temperature,
+        image_size=image_size, volumes=volumes, window=window, seed=seed, out=out, accelerator=accelerator,
+        devices=int(devices) if devices and devices.isdigit() else devices,
+    )
+    if hflip is not None:
+        cfg = cfg.model_copy(update={"augment": cfg.augment.model_copy(update={"hflip": hflip})})
+    run_pretrain(cfg, resume=resume, progress=progress)
 
 
 @app.command()

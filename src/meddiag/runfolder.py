@@ -8,6 +8,8 @@
       splits/<split>.csv     the file of each image in each split (file sources)
       checkpoints/best.ckpt  the model: weights and model card, all that predicting needs
       checkpoints/last.ckpt  the full training state for ``--resume`` (every epoch; removed when training ends)
+      init_weights.json      (runs from initial weights) the load report: what was loaded, adapted, missing
+      weights.pt             (``meddiag pretrain`` folders) the pretrained network's weights, for --init-weights
       training.json          written when training has finished: epochs, seconds, validation AUC
       history.csv            per-epoch losses and validation metrics
       predictions.csv, metrics.json, report.html, report.json, plots/   the test evaluation
@@ -57,6 +59,8 @@ class RunFolder:
     checkpoints = property(lambda self: self.root / "checkpoints")
     model_checkpoint = property(lambda self: self.checkpoints / "best.ckpt")
     resume_checkpoint = property(lambda self: self.checkpoints / "last.ckpt")
+    init_weights = property(lambda self: self.root / "init_weights.json")  # the load report of --init-weights/--pretrained
+    pretrained_weights = property(lambda self: self.root / "weights.pt")  # what ``meddiag pretrain`` makes
     training_record = property(lambda self: self.root / "training.json")  # written when training has finished
     history = property(lambda self: self.root / "history.csv")
     val_predictions = property(lambda self: self.root / "predictions_val.csv")

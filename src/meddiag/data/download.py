@@ -1,4 +1,4 @@
-"""Downloading files with a progress bar, an md5 check and an atomic rename."""
+"""Downloading files with a progress bar, a checksum check (md5 or sha256) and an atomic rename."""
 
 from __future__ import annotations
 
@@ -15,26 +15,41 @@ from meddiag.errors import DownloadError
 _CHUNK = 1 << 20
 
 
-def md5sum(path: str | Path) -> str:
-    """The md5 hex digest of a file, read in 1 MiB chunks."""
-    digest = hashlib.md5(usedforsecurity=False)
+def file_digest(path: str | Path, algorithm: str = "md5") -> str:
+    """The hex digest (``md5`` or ``sha256``) of a file, read in 1 MiB chunks."""
+    digest = hashlib.new(algorithm, usedforsecurity=False)
     with open(path, "rb") as fh:
         for chunk in iter(lambda: fh.read(_CHUNK), b""):
             digest.update(chunk)
     return digest.hexdigest()
 
 
-def download_file(url: str, dest: str | Path, md5: str | None, *, progress: bool = True, timeout: float = 60) -> Path:
-    """Download ``url`` to ``dest``, verify its md5, then move it into place atomically.
+def md5sum(path: str | Path) -> str:
+    """The md5 hex digest of a file."""
+    return file_digest(path, "md5")
 
-    The data go to ``dest + ".part"`` first; ``dest`` only ever appears complete and
+
+def checksum_matches(expected: str, got: str) -> bool:
+    """Whether hex digest ``got`` is ``expected``, or starts with it when ``expected`` is a prefix of at
+    least 8 digits (torchvision's and torch.hub's file names carry the first 8 of their sha256)."""
+    expected = expected.strip().lower()
+    return got == expected or (8 <= len(expected) < len(got) and got.startswith(expected))
+
+
+def download_file(url: str, dest: str | Path, md5: str | None = None, *, sha256: str | None = None,
+                  progress: bool = True, timeout: float = 60) -> Path:
+    """Download ``url`` to ``dest``, verify its checksum (``md5`` or ``sha256``, whole or a prefix of 8+
+    hex digits; neither: none), then move it into place atomically.
+
+    The data go to ``dest.<pid>.part`` first; ``dest`` only ever appears complete and
     verified. A checksum mismatch deletes the partial file and raises
     :class:`DownloadError` with both checksums.
     """
     dest = Path(dest)
     dest.parent.mkdir(parents=True, exist_ok=True)
-    part = dest.with_name(dest.name + ".part")
-    digest = hashlib.md5(usedforsecurity=False)
+    part = dest.with_name(f"{dest.name}.{os.getpid()}.part")  # one per process: DDP ranks may fetch at once
+    algorithm, expected = ("sha256", sha256) if sha256 is not None else ("md5", md5)
+    digest = hashlib.new(algorithm, usedforsecurity=False)
     try:
         with urllib.request.urlopen(url, timeout=timeout) as resp, open(part, "wb") as fh:
             total = int(resp.headers.get("Content-Length") or 0) or None
@@ -53,10 +68,10 @@ def download_file(url: str, dest: str | Path, md5: str | None, *, progress: bool
             f"could not download {url}: {exc}. Check the network, or place the file at {dest} yourself."
         ) from None
     got = digest.hexdigest()
-    if md5 is not None and got != md5:
+    if expected is not None and not checksum_matches(expected, got):
         part.unlink(missing_ok=True)
         raise DownloadError(
-            f"checksum mismatch for {url}: expected md5 {md5}, got {got}. The download is corrupt "
+            f"checksum mismatch for {url}: expected {algorithm} {expected}, got {got}. The download is corrupt "
             f"or the server sent another file; nothing was saved to {dest}."
         )
     os.replace(part, dest)

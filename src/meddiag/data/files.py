@@ -159,6 +159,43 @@ def load_file_records(
     )
 
 
+@dataclass
+class UnlabelledImages:
+    """Images read without labels (self-supervised pretraining): uint8 (N, C, *spatial)."""
+
+    name: str
+    images: torch.Tensor
+    paths: list[str] | None
+    image_size: int
+    spatial_dims: int
+    excluded: list[tuple[str, str]] = field(default_factory=list)
+    note: str = ""  # what was read of the source (e.g. only its training split)
+
+    @property
+    def in_channels(self) -> int:
+        return int(self.images.shape[1])
+
+
+def read_unlabelled(records: list[FileRecord], name: str, *, image_size: int | None = None, fit: Fit = "pad",
+                    window: str | None = None, volume_index: int | None = None, progress: bool = True) -> UnlabelledImages:
+    """Read files as :func:`load_file_records` does (one kind, in parallel, failures excluded by name and
+    warned of), without labels or splits. Colour wins: grayscale images join colour ones as 3 channels."""
+    records, volume, excluded = _one_kind(records, name)
+    size = image_size or (DEFAULT_VOLUME_SIZE if volume else DEFAULT_FILE_IMAGE_SIZE)
+    arrays, unreadable = _read_all(records, volume, size, fit, window, volume_index, progress)
+    excluded += unreadable
+    kept = [(r, a) for r, a in zip(records, arrays) if a is not None]
+    if not kept:
+        first = f"; the first failure: {excluded[0][0]}: {excluded[0][1]}" if excluded else ""
+        raise DataError(f"none of the {len(records) + len(excluded) - len(unreadable)} files in {name} could be read{first}")
+    for path, reason in excluded:
+        warnings.warn(f"excluded {path}: {reason}", stacklevel=2)
+    colour = any(a.shape[0] == 3 for _, a in kept)
+    imgs = [np.repeat(a, 3, axis=0) if colour and a.shape[0] == 1 else a for _, a in kept]
+    return UnlabelledImages(name, torch.from_numpy(np.stack(imgs)), [str(r.path) for r, _ in kept], size,
+                            3 if volume else 2, excluded)
+
+
 def _counts(values: Iterable[str]) -> dict[str, int]:
     """How many of each non-empty value."""
     out: dict[str, int] = {}

@@ -40,6 +40,12 @@ def scan_image_folder(root: str | Path) -> list[FileRecord]:
     return _scan_classes(root, None)
 
 
+def split_folders(root: Path) -> dict[str, Path]:
+    """The split folders of ``root`` by split (train, val, test; also named training, valid, validation, testing)."""
+    subdirs = sorted(p for p in root.iterdir() if p.is_dir() and not p.name.startswith("."))
+    return {_SPLIT_NAMES[p.name.lower()]: p for p in subdirs if p.name.lower() in _SPLIT_NAMES}
+
+
 def class_items(folder: Path) -> list[Path]:
     """The images and volumes in a class folder: every file not hidden (a name starting with '.'),
     and each sub-folder that holds DICOM files as one series (a volume); other sub-folders are

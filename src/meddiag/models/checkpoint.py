@@ -68,6 +68,7 @@ class ModelCard(BaseModel):
     ood: OODRule | None = Field(None, description="the out-of-distribution rule (None: made before there was one; `meddiag calibrate-ood RUN` adds it)")
     modalities: list[str] = Field(default_factory=list, description="DICOM modalities the model is for (its training files', or declared): DICOM inputs of another are flagged; empty: no check")
     body_parts: list[str] = Field(default_factory=list, description="DICOM BodyPartExamined values of its training files: a DICOM input stating another is flagged; empty: no check")
+    init_weights: dict | None = Field(None, description="the initial weights it was trained from: source, sha256, tensors loaded/adapted/missing (None: from scratch)")
     data_name: str = ""
     meddiag_version: str = meddiag.__version__
 

@@ -11,6 +11,7 @@ from __future__ import annotations
 from monai.networks.nets import DenseNet121, EfficientNetBN, ResNet
 from torch import nn
 
+from meddiag.errors import ModelError
 from meddiag.models.registry import register_model
 
 SMALL_INPUT = 64
@@ -21,23 +22,31 @@ def cifar_stem(spatial_dims: int, image_size: int) -> bool:
     return spatial_dims == 2 and image_size <= SMALL_INPUT
 
 
-def _resnet(block: str, layers: list[int], in_channels: int, num_classes: int, spatial_dims: int, image_size: int) -> nn.Module:
+def _resnet(block: str, layers: list[int], in_channels: int, num_classes: int, spatial_dims: int, image_size: int,
+            shortcut: str, downsample_bias: bool) -> nn.Module:
+    if shortcut not in ("A", "B"):
+        raise ModelError(f"resnet shortcut must be A (parameter-free, as MedicalNet's ResNet-18) or B (1x1 convolution), not {shortcut!r}")
     small = cifar_stem(spatial_dims, image_size)
     return ResNet(
         block=block, layers=layers, block_inplanes=[64, 128, 256, 512], spatial_dims=spatial_dims,
         n_input_channels=in_channels, num_classes=num_classes,
         conv1_t_size=3 if small else 7, conv1_t_stride=1 if small else 2, no_max_pool=small,
+        shortcut_type=shortcut, bias_downsample=downsample_bias,
     )
 
 
+# shortcut and downsample_bias exist for published weights: MedicalNet's ResNet-18 has parameter-free
+# ('A') shortcuts, its ResNet-50 1x1 shortcut convolutions without bias (``--pretrained medicalnet`` sets them).
 @register_model("resnet18", spatial_dims=(2, 3), target_layer="layer4", head="fc", description="ResNet-18 (MONAI), 11M parameters")
-def resnet18(in_channels: int, num_classes: int, spatial_dims: int = 2, image_size: int = 224) -> nn.Module:
-    return _resnet("basic", [2, 2, 2, 2], in_channels, num_classes, spatial_dims, image_size)
+def resnet18(in_channels: int, num_classes: int, spatial_dims: int = 2, image_size: int = 224,
+             shortcut: str = "B", downsample_bias: bool = True) -> nn.Module:
+    return _resnet("basic", [2, 2, 2, 2], in_channels, num_classes, spatial_dims, image_size, shortcut, downsample_bias)
 
 
 @register_model("resnet50", spatial_dims=(2, 3), target_layer="layer4", head="fc", description="ResNet-50 (MONAI), 23M parameters")
-def resnet50(in_channels: int, num_classes: int, spatial_dims: int = 2, image_size: int = 224) -> nn.Module:
-    return _resnet("bottleneck", [3, 4, 6, 3], in_channels, num_classes, spatial_dims, image_size)
+def resnet50(in_channels: int, num_classes: int, spatial_dims: int = 2, image_size: int = 224,
+             shortcut: str = "B", downsample_bias: bool = True) -> nn.Module:
+    return _resnet("bottleneck", [3, 4, 6, 3], in_channels, num_classes, spatial_dims, image_size, shortcut, downsample_bias)
 
 
 @register_model("densenet121", spatial_dims=(2, 3), target_layer="features.norm5", head="class_layers.out", description="DenseNet-121 (MONAI), 7M parameters")

@@ -6,7 +6,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from meddiag.data.covariates import DEFAULT_MISSING, TabularSpec, parse_columns
 from meddiag.data.dicom import parse_window
@@ -64,6 +64,14 @@ class TrainConfig(BaseModel):
     fusion: Literal["late", "film"] = Field("late", description="late: CNN features and encoded covariates concatenated before the head; film: covariates scale and shift the last convolutional block's channels")
     covariate_dropout: float = Field(0.25, ge=0, lt=1, description="training: the probability that a case loses all its covariates, and that it loses each block, so that the model also works without them")
     missing_values: list[str] = Field(default_factory=lambda: list(DEFAULT_MISSING), description="covariate values that mean missing (compared case-insensitively)")
+    init_weights: str | None = Field(None, description="start from these weights: a file (.pt/.pth/.bin/.safetensors/.ckpt), a meddiag run or pretrain folder, or an http(s) URL (URL#sha256=<hex> is verified)")
+    pretrained: Literal["imagenet", "medicalnet"] | None = Field(None, description="start from published weights: imagenet (2D resnet18/50, densenet121, efficientnet_b0), medicalnet (3D resnet18/50)")
+    allow_partial: bool = Field(False, description="accept initial weights that fill less than 90% of the backbone's tensors")
+    inflate: bool = Field(False, description="3D models from 2D weights: inflate each 2D kernel along depth (I3D)")
+    freeze_backbone: bool = Field(False, description="train only the head on a frozen backbone (a linear probe); needs initial weights")
+    freeze_epochs: int = Field(0, ge=0, description="train only the head for the first N epochs, then everything; needs initial weights")
+    backbone_lr_mult: float | None = Field(None, gt=0, le=10, description="the backbone's learning rate as a multiple of lr; None: 0.1 with initial weights, else 1")
+    warmup_epochs: int | None = Field(None, ge=0, description="linear learning-rate warm-up (per step) over these epochs; None: 1 with initial weights, else 0")
     accelerator: str = "auto"
     devices: int | str = "auto"
     precision: str = Field("auto", description="auto: bf16-mixed where the hardware computes bf16 natively, else 32-true")
@@ -92,6 +100,31 @@ class TrainConfig(BaseModel):
         except Exception as exc:  # noqa: BLE001 - ConfigError's message is the reason
             raise ValueError(str(exc)) from None
         return value
+
+    @model_validator(mode="after")
+    def _weights_options(self) -> TrainConfig:
+        if self.init_weights and self.pretrained:
+            raise ValueError("give --init-weights or --pretrained, not both")
+        if not self.starts_from_weights and (self.freeze_backbone or self.freeze_epochs):
+            raise ValueError("--freeze-backbone and --freeze-epochs need initial weights (--init-weights or --pretrained)")
+        if self.freeze_epochs and self.freeze_epochs >= self.epochs:
+            raise ValueError(f"--freeze-epochs {self.freeze_epochs} leaves no epoch of the {self.epochs} to train the backbone; "
+                             "use --freeze-backbone for a frozen backbone throughout")
+        return self
+
+    @property
+    def starts_from_weights(self) -> bool:
+        return bool(self.init_weights or self.pretrained)
+
+    def fine_tuning(self) -> dict[str, Any] | None:
+        """The fine-tuning plan (see :mod:`meddiag.training.finetune`) for runs from initial weights or with a
+        warm-up; None otherwise (the plain per-epoch schedule)."""
+        if not self.starts_from_weights and not self.warmup_epochs:
+            return None
+        return {"freeze_epochs": self.epochs if self.freeze_backbone else self.freeze_epochs,
+                "backbone_lr_mult": 0.1 if self.backbone_lr_mult is None else self.backbone_lr_mult,
+                "warmup_epochs": 1 if self.warmup_epochs is None else self.warmup_epochs,
+                "frozen_for_good": self.freeze_backbone}
 
     @property
     def uses_covariates(self) -> bool:

@@ -16,6 +16,8 @@ from meddiag.models.checkpoint import META_KEY, ModelCard
 from meddiag.models.fusion import call, withhold_at_random
 from meddiag.models.inference import logits_to_probs
 from meddiag.training.datamodule import epoch_seed
+from meddiag.training.finetune import (FineTuning, backbone_norms, freeze_for_good, lr_factors, set_norms_frozen,
+                                       split_parameters)
 from meddiag.training.losses import DiagnosisLoss
 
 
@@ -43,7 +45,7 @@ class DiagnosisModule(L.LightningModule):
 
     def __init__(self, card: dict[str, Any], optim: dict[str, Any], augment: dict[str, Any],
                  loss: dict[str, Any] | None = None, ema_decay: float = 0.0, seed: int = 0,
-                 covariate_dropout: float = 0.0) -> None:
+                 covariate_dropout: float = 0.0, finetune: dict[str, Any] | None = None) -> None:
         super().__init__()
         self.seed, self._seeded_epoch = seed, -1
         self.save_hyperparameters()
@@ -68,11 +70,30 @@ class DiagnosisModule(L.LightningModule):
             self.val_acc = Accuracy(task="multilabel", num_labels=k, threshold=self.card.threshold, ignore_index=-1)
         self.val_loss = MeanMetric()
         self.covariate_dropout = covariate_dropout
+        self.finetune = FineTuning(**finetune) if finetune else None
+        self.backbone: set[str] = set()  # parameters the initial weights filled (see use_backbone)
+        self._backbone_norms: list[torch.nn.Module] = []
         schema = self.card.covariates
         self.covariate_blocks = [torch.tensor(ix) for ix in schema.block_features().values()] if schema else []
 
     def forward(self, x: torch.Tensor, covariates: torch.Tensor | None = None) -> torch.Tensor:
         return call(self.model, x, covariates)
+
+    def use_backbone(self, names: list[str]) -> None:
+        """Declare the parameters initial weights filled (the backbone), before training starts: fine-tuning
+        (freezing, its own learning rate) applies to them; the rest is the head."""
+        self.backbone = set(names)
+        self._backbone_norms = backbone_norms(self.model, self.backbone)
+        if self.finetune is not None and self.finetune.frozen_for_good:
+            freeze_for_good(self.model, self.backbone)
+        if self.ema is not None:  # the average starts from the loaded weights
+            self.ema.module.load_state_dict(self.model.state_dict())
+
+    def on_train_batch_start(self, batch: Any, batch_idx: int) -> None:
+        # Lightning puts the model in training mode each epoch: a frozen backbone's norms go back to eval.
+        if self.finetune is not None and self._backbone_norms:
+            frozen = self.finetune.frozen_for_good or self.current_epoch < self.finetune.freeze_epochs
+            set_norms_frozen(self._backbone_norms, frozen)
 
     def _seed_epoch(self) -> None:
         """Augmentation and dropout draw from the global generators: seeding them before an epoch's
@@ -153,13 +174,9 @@ class DiagnosisModule(L.LightningModule):
 
     def configure_optimizers(self) -> Any:
         o = self.optim
-        params = self.model.parameters()
-        if o["optimizer"] == "sgd":
-            opt = torch.optim.SGD(params, lr=o["lr"], momentum=0.9, weight_decay=o["weight_decay"], nesterov=True)
-        elif o["optimizer"] == "adam":
-            opt = torch.optim.Adam(params, lr=o["lr"], weight_decay=o["weight_decay"])
-        else:
-            opt = torch.optim.AdamW(params, lr=o["lr"], weight_decay=o["weight_decay"])
+        if self.finetune is not None:
+            return self._finetune_optimizers()
+        opt = self._make_optimizer(self.model.parameters())
         epochs = o["epochs"]
         if o["scheduler"] == "cosine":
             sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=epochs)
@@ -168,6 +185,31 @@ class DiagnosisModule(L.LightningModule):
         else:
             return opt
         return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "epoch"}}
+
+    def _make_optimizer(self, params: Any) -> torch.optim.Optimizer:
+        o = self.optim
+        if o["optimizer"] == "sgd":
+            return torch.optim.SGD(params, lr=o["lr"], momentum=0.9, weight_decay=o["weight_decay"], nesterov=True)
+        if o["optimizer"] == "adam":
+            return torch.optim.Adam(params, lr=o["lr"], weight_decay=o["weight_decay"])
+        return torch.optim.AdamW(params, lr=o["lr"], weight_decay=o["weight_decay"])
+
+    def _finetune_optimizers(self) -> Any:
+        """Two parameter groups (head, backbone) and a per-step schedule: warm-up, the backbone frozen for
+        its epochs and at its learning-rate multiple (see :mod:`meddiag.training.finetune`)."""
+        assert self.finetune is not None
+        head, body = split_parameters(self.model, self.backbone)
+        epochs = self.optim["epochs"]
+        steps = max(1, int(self.trainer.estimated_stepping_batches) // max(1, epochs)) if self._trainer is not None else 1
+        head_factor, body_factor = lr_factors(self.finetune, epochs, steps, self.optim["scheduler"])
+        groups, factors = [{"params": head}], [head_factor]
+        trainable_body = [p for p in body if p.requires_grad]
+        if trainable_body:
+            groups.append({"params": trainable_body})
+            factors.append(body_factor)
+        opt = self._make_optimizer(groups)
+        sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_lambda=factors)
+        return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}
 
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         checkpoint[META_KEY] = self.card.model_dump()

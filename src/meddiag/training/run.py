@@ -31,6 +31,7 @@ from meddiag.data.sources import load_data
 from meddiag.errors import ConfigError
 from meddiag.models.checkpoint import ModelCard, slim_checkpoint
 from meddiag.models.registry import get_entry, model_options
+from meddiag.models.weights import WeightsFile, fetch_published, initialise, published_weights, resolve_weights
 from meddiag.runfolder import RunFolder, write_text_atomic
 from meddiag.training.config import TrainConfig
 from meddiag.training.datamodule import ImageDataModule
@@ -144,6 +145,8 @@ def train(config: TrainConfig, *, resume: bool = False, progress: bool | None = 
         raise ConfigError(f"run folder {run_dir} already exists; pass --resume to continue it or choose another --out")
     if launched_rank == 0:
         check_writable(run_dir)
+    # a weights file or URL is found (downloaded) before the data are read: a wrong path fails in seconds
+    weights = resolve_weights(config.init_weights, progress=progress) if config.init_weights and not resume else None
 
     L.seed_everything(config.seed, workers=True, verbose=False)
     data = data if data is not None else load_training_data(config, progress and launched_rank == 0, run_dir if resume else None)
@@ -158,6 +161,10 @@ def train(config: TrainConfig, *, resume: bool = False, progress: bool | None = 
             raise ConfigError(f"{run_dir} finished its {record['epochs']} epochs and kept no resume state, so it cannot "
                               "train for more: start a new run (keep_resume_state: true keeps the state of a run)")
         return TrainResult(run_dir, folder.model_checkpoint, data, config, record.get("train_seconds", 0.0), record.get("val_auc"))
+    if config.pretrained and not resume:
+        published = published_weights(config.pretrained, config.model, data.spatial_dims)
+        config = config.model_copy(update={"model_kwargs": {**published.model_kwargs, **config.model_kwargs}})
+        weights = fetch_published(published, progress=progress)
     schema = fit_covariates(config, data)
     shortcuts = covariate_shortcuts(data, schema) if schema is not None else []
     if launched_rank == 0:
@@ -185,7 +192,9 @@ def train(config: TrainConfig, *, resume: bool = False, progress: bool | None = 
               if config.class_weights == "auto" else None},
         ema_decay=config.ema_decay, seed=config.seed,
         covariate_dropout=0.0 if config.model == "tabular" else config.covariate_dropout,
+        finetune=config.fine_tuning(),
     )
+    start_from_weights(module, config, data, folder, weights, resume, announce=launched_rank == 0)
     if launched_rank == 0:
         check_disk_space(run_dir, module.model)
     # best.ckpt, the model: weights and model card only (what predicting needs), written after each
@@ -234,6 +243,31 @@ def train(config: TrainConfig, *, resume: bool = False, progress: bool | None = 
         if not config.keep_resume_state:
             last.unlink(missing_ok=True)
     return TrainResult(run_dir, best, data, config, seconds, val_auc, is_global_zero=trainer.is_global_zero)
+
+
+def start_from_weights(module: DiagnosisModule, config: TrainConfig, data: ImageData, folder: RunFolder,
+                       weights: WeightsFile | None, resume: bool, announce: bool) -> None:
+    """Load the initial weights into the module's network (refusing a partial load), print the load report
+    and keep it in ``init_weights.json`` and the model card. Resuming, the weights come from the resume
+    checkpoint; only the backbone's names are read back from the report."""
+    if not config.starts_from_weights:
+        return
+    if resume:
+        try:
+            report = json.loads(folder.init_weights.read_text())
+        except (OSError, ValueError):
+            raise ConfigError(f"cannot resume: {folder.init_weights} (the load report of the initial weights) is missing or damaged") from None
+        module.use_backbone(report.get("backbone_parameters", []))
+        module.card = module.card.model_copy(update={"init_weights": report.get("summary")})
+        return
+    assert weights is not None
+    loaded = initialise(module.model, config.model, weights, allow_partial=config.allow_partial, inflate=config.inflate,
+                        image_size=data.image_size)
+    module.use_backbone(loaded.backbone_parameters)
+    module.card = module.card.model_copy(update={"init_weights": loaded.summary()})
+    if announce:
+        print(loaded.text(), file=sys.stderr, flush=True)
+        write_text_atomic(folder.init_weights, json.dumps({**loaded.to_dict(), "summary": loaded.summary()}, indent=2))
 
 
 def start_line(config: TrainConfig, data: ImageData, trainer: L.Trainer, precision: str, resume: bool) -> str:
