@@ -88,17 +88,8 @@ def load_file_records(
     elif positive_class is not None:
         raise ConfigError(f"--positive-class applies to two-class tasks; {name} has {len(class_names)} "
                           f"{'findings' if multilabel else 'classes'}")
-    records, volume, excluded = _one_kind(records, name)
+    kept, volume, size, excluded = _read_kept(records, name, image_size, fit, window, volume_index, progress)
     spatial_dims = 3 if volume else 2
-    size = image_size or (DEFAULT_VOLUME_SIZE if spatial_dims == 3 else DEFAULT_FILE_IMAGE_SIZE)
-    arrays, unreadable = _read_all(records, volume, size, fit, window, volume_index, progress)
-    excluded += unreadable
-    kept = [(r, a) for r, a in zip(records, arrays) if a is not None]
-    if not kept:
-        first = f"; the first failure: {excluded[0][0]}: {excluded[0][1]}" if excluded else ""
-        raise DataError(f"none of the {len(records) + len(excluded) - len(unreadable)} files in {name} could be read{first}")
-    for path, reason in excluded:
-        warnings.warn(f"excluded {path}: {reason}", stacklevel=2)
     channels = 3 if any(a.shape[0] == 3 for _, a in kept) else 1
 
     by_split: dict[str, list[int]] = {s: [] for s in SPLITS}
@@ -180,6 +171,18 @@ def read_unlabelled(records: list[FileRecord], name: str, *, image_size: int | N
                     window: str | None = None, volume_index: int | None = None, progress: bool = True) -> UnlabelledImages:
     """Read files as :func:`load_file_records` does (one kind, in parallel, failures excluded by name and
     warned of), without labels or splits. Colour wins: grayscale images join colour ones as 3 channels."""
+    kept, volume, size, excluded = _read_kept(records, name, image_size, fit, window, volume_index, progress)
+    colour = any(a.shape[0] == 3 for _, a in kept)
+    imgs = [np.repeat(a, 3, axis=0) if colour and a.shape[0] == 1 else a for _, a in kept]
+    return UnlabelledImages(name, torch.from_numpy(np.stack(imgs)), [str(r.path) for r, _ in kept], size,
+                            3 if volume else 2, excluded)
+
+
+def _read_kept(records: list[FileRecord], name: str, image_size: int | None, fit: Fit, window: str | None,
+               volume_index: int | None, progress: bool) -> tuple[list[tuple[FileRecord, np.ndarray]], bool, int, list[tuple[str, str]]]:
+    """Read the records of one kind at ``image_size`` (default by kind): (record, array) of each file read,
+    whether they are volumes, the size, and (path, reason) of each excluded one, each also warned of.
+    :class:`DataError` when none could be read."""
     records, volume, excluded = _one_kind(records, name)
     size = image_size or (DEFAULT_VOLUME_SIZE if volume else DEFAULT_FILE_IMAGE_SIZE)
     arrays, unreadable = _read_all(records, volume, size, fit, window, volume_index, progress)
@@ -189,11 +192,8 @@ def read_unlabelled(records: list[FileRecord], name: str, *, image_size: int | N
         first = f"; the first failure: {excluded[0][0]}: {excluded[0][1]}" if excluded else ""
         raise DataError(f"none of the {len(records) + len(excluded) - len(unreadable)} files in {name} could be read{first}")
     for path, reason in excluded:
-        warnings.warn(f"excluded {path}: {reason}", stacklevel=2)
-    colour = any(a.shape[0] == 3 for _, a in kept)
-    imgs = [np.repeat(a, 3, axis=0) if colour and a.shape[0] == 1 else a for _, a in kept]
-    return UnlabelledImages(name, torch.from_numpy(np.stack(imgs)), [str(r.path) for r, _ in kept], size,
-                            3 if volume else 2, excluded)
+        warnings.warn(f"excluded {path}: {reason}", stacklevel=3)
+    return kept, volume, size, excluded
 
 
 def _counts(values: Iterable[str]) -> dict[str, int]:
