@@ -183,26 +183,3 @@ def test_fine_tune_from_another_run_with_a_frozen_backbone(tmp_path, small_run):
     assert card.init_weights["kind"] == "run" and card.init_weights["head"] == "new" and card.init_weights["backbone_fraction"] == 1.0
     report = json.loads((result.run_dir / "init_weights.json").read_text())
     assert "classifier.3.weight" not in report["backbone_parameters"] and "features.0.weight" in report["backbone_parameters"]
-
-
-def test_pretrain_then_fine_tune_from_its_folder(tmp_path, capsys):
-    from meddiag.training.config import TrainConfig
-    from meddiag.training.pretrain import PretrainConfig, pretrain
-    from meddiag.training.run import train
-
-    data = make_image_folder(tmp_path / "images", per_class=24, splits=("train", "test"))
-    out = pretrain(PretrainConfig(data=str(data), model="seed_cnn", epochs=2, image_size=32, batch_size=16,
-                                  out=str(tmp_path / "pre")), progress=False)
-    history = (out / "history.csv").read_text().splitlines()
-    assert history[0] == "epoch,train_loss,twin_acc,lr,time_s" and len(history) == 3
-    meta = torch.load(out / "weights.pt", weights_only=True)["meddiag_pretrain"]
-    assert meta["images"] == 48 and meta["method"] == "simclr"  # the train split only: test images stay unseen
-    assert not (out / "checkpoints" / "last.ckpt").exists() and json.loads((out / "pretrain.json").read_text())["finished"]
-    with pytest.raises(ConfigError, match="has finished"):
-        pretrain(PretrainConfig(data=str(data), model="seed_cnn", epochs=3, out=str(out)), resume=True, progress=False)
-    result = train(TrainConfig(data=str(data), model="seed_cnn", epochs=1, image_size=32, batch_size=8, init_weights=str(out),
-                               out=str(tmp_path / "ft"), ood_keep=None), progress=False)
-    _, card = load_checkpoint(result.best_checkpoint)
-    assert card.init_weights["kind"] == "pretrain" and card.init_weights["pretraining"]["method"] == "simclr"
-    assert "initial weights" in capsys.readouterr().err
-

@@ -154,8 +154,10 @@ def pretrain(
     temperature: Annotated[Optional[float], typer.Option(help="NT-Xent temperature. [default: 0.2]")] = None,
     image_size: Annotated[Optional[int], typer.Option(help="Input size in pixels: the size you will fine-tune at. [default: MedMNIST file's size; 128 for image files]")] = None,
     hflip: Annotated[Optional[bool], typer.Option("--hflip/--no-hflip", help="Also flip views left-right (only where anatomy is not lateral). [default: no]")] = None,
+    fit: Annotated[Optional[str], typer.Option(help="Resize keeping the aspect ratio (pad) or not (stretch): as you will fine-tune. [default: pad]")] = None,
     volumes: Annotated[Optional[bool], typer.Option("--volumes/--no-volumes", help="DATA is a folder of volumes (NIfTI, DICOM series): pretrain a 3D network. [default: no]")] = None,
     window: Annotated[Optional[str], typer.Option(help="DICOM window: lung, mediastinum, bone, brain, abdomen, soft_tissue or C,W. [default: each file's own]")] = None,
+    volume_index: Annotated[Optional[int], typer.Option(help="4D NIfTI files: which 3D volume to use, counting from 0. [default: 4D files are refused]")] = None,
     seed: Annotated[Optional[int], typer.Option(help="Random seed. [default: 0]")] = None,
     out: Annotated[Optional[str], typer.Option(help="Output folder. [default: runs/pretrain-<data>-<model>]")] = None,
     config: Annotated[Optional[Path], typer.Option(help="YAML configuration (e.g. a pretraining folder's config.yaml); options given here override it.")] = None,
@@ -175,7 +177,8 @@ def pretrain(
         raise MeddiagError("give the DATA to pretrain on (or a --config file that names it)")
     cfg = PretrainConfig.from_sources(
         config, data=data, model=model, method=method, epochs=epochs, batch_size=batch_size, lr=lr, temperature=temperature,
-        image_size=image_size, volumes=volumes, window=window, seed=seed, out=out, accelerator=accelerator,
+        image_size=image_size, fit=fit, volumes=volumes, window=window, volume_index=volume_index, seed=seed, out=out,
+        accelerator=accelerator,
         devices=int(devices) if devices and devices.isdigit() else devices,
     )
     if hflip is not None:

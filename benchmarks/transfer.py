@@ -1,0 +1,254 @@
+"""Transfer learning (issue #18): label efficiency with self-supervised pretraining on the chest X-ray
+folder, cross-task transfer from a chest X-ray model to PneumoniaMNIST, and the cost of pretraining.
+Prints markdown tables for docs/benchmarks.md.
+
+    python benchmarks/transfer.py pretrain                 # meddiag pretrain on the X-ray training images
+    python benchmarks/transfer.py labels --seeds 0 1 2     # 1/10/100% of the labels: scratch vs pretrained
+    python benchmarks/transfer.py cross --seeds 0 1 2      # X-ray model -> PneumoniaMNIST@64, all / 200 images
+
+Every run is the real command line (``meddiag pretrain`` / ``meddiag train``) with meddiag's defaults plus
+the option under test; a finished run folder is reused, so the tables can fill in over several sittings.
+
+Label efficiency. The X-ray folder's ``train/`` (1341 normal, 3875 pneumonia) is split once (seed 0) into a
+fixed stratified 10% validation set and a pool; a run with fraction p trains on a stratified p of the pool
+(drawn anew for each seed) and is tested on the folder's ``test/`` (234 / 390). The validation images only
+choose the operating point (the default recipe keeps the final weights, so they select nothing else),
+identical in every arm. Pretraining (``meddiag pretrain``, SimCLR) sees every image of ``train/`` with its
+label removed, never ``test/``; one pretraining serves the three seeds. Reported on test: AUC, accuracy at
+threshold 0.5, and accuracy at the validation-chosen Youden point.
+
+Cross-task. The source is the scratch model trained on 100% of the X-ray labels (same seed); the targets are
+PneumoniaMNIST at 64 px (its 28 px images enlarged: no 64 px file is held here) with all 4708 training images,
+and with a stratified 200 of them (PNG files written from the .npz; the full validation and test splits).
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import json
+import os
+import platform
+import statistics
+import subprocess
+import time
+from datetime import date
+from pathlib import Path
+
+import numpy as np
+
+SHARED = Path(__file__).resolve().parents[2] / "shared" / "data"
+XRAY = SHARED / "xray" / "chest_xray_pneumonia_kermany_224"
+FRACTIONS = (0.01, 0.1, 1.0)
+
+
+def run(cmd: list[str], out: Path, done: str = "report.json") -> float:
+    """Run ``cmd`` unless ``out/done`` exists; the wall time in minutes (stored beside the run)."""
+    stamp = out / "benchmark_wall.json"
+    if (out / done).exists() and stamp.exists():
+        print("reusing", out, flush=True)
+        return json.loads(stamp.read_text())["wall_min"]
+    print("$", " ".join(map(str, cmd)), flush=True)
+    start = time.perf_counter()
+    resume = ["--resume"] if (out / "checkpoints" / "last.ckpt").exists() else []
+    subprocess.run([*map(str, cmd), *resume], check=True)
+    wall = (time.perf_counter() - start) / 60
+    stamp.write_text(json.dumps({"wall_min": wall}))
+    return wall
+
+
+def test_figures(out: Path) -> dict:
+    """Test AUC, accuracy at 0.5 and at the validation-chosen Youden point of a finished run."""
+    metrics = json.loads((out / "metrics.json").read_text())
+    report = json.loads((out / "report.json").read_text())
+    points = next(iter(report["operating_points"].values()))
+    youden = points["youden"]
+    acc = (youden["tp"] + youden["tn"]) / (youden["tp"] + youden["tn"] + youden["fp"] + youden["fn"])
+    return {"auc": metrics["auc"], "acc": metrics["acc"], "acc_youden": acc, "threshold_youden": youden["threshold"]}
+
+
+def fmt(values: list[float]) -> str:
+    if len(values) == 1:
+        return f"{values[0]:.3f}"
+    return f"{statistics.fmean(values):.3f} ± {statistics.stdev(values):.3f}"
+
+
+# -- pretraining ------------------------------------------------------------------------------------------
+
+def pretrain_folder(args: argparse.Namespace) -> Path:
+    out = args.runs / f"pretrain-xray-{args.model}-e{args.pretrain_epochs}"
+    cmd = ["meddiag", "pretrain", XRAY, "--model", args.model, "--epochs", args.pretrain_epochs, "--out", out, "--no-progress"]
+    wall = run(cmd, out, done="pretrain.json")
+    info = json.loads((out / "pretrain.json").read_text())
+    history = (out / "history.csv").read_text().splitlines()
+    print(f"\npretraining: {info['images']} images, {info['epochs']} epochs, {info['seconds_per_epoch']} s per epoch, "
+          f"{wall:.1f} min in all; last epoch: {history[-1]}")
+    return out
+
+
+# -- label efficiency -------------------------------------------------------------------------------------
+
+def xray_files() -> tuple[list[tuple[Path, str, str]], list[tuple[Path, str, str]]]:
+    """(train, test) as (path, label, split) of the folder, in a fixed order."""
+    def files(split: str) -> list[tuple[Path, str, str]]:
+        return [(p, label, split) for label in ("NORMAL", "PNEUMONIA")
+                for p in sorted((XRAY / split / label).iterdir()) if p.is_file()]
+    return files("train"), files("test")
+
+
+def label_manifest(fraction: float, seed: int, root: Path) -> Path:
+    """A manifest: a stratified ``fraction`` of the pool (seed), the fixed validation set, the test folder."""
+    from meddiag.data.splits import stratified_split
+
+    train, test = xray_files()
+    labels = np.array([0 if lab == "NORMAL" else 1 for _, lab, _ in train])
+    pool, val = stratified_split(labels, 0.1, seed=0)
+    if fraction < 1.0:
+        _, chosen = stratified_split(labels[pool], fraction, seed=seed)
+        pool = pool[chosen]
+    rows = [(train[i][0], train[i][1], "train") for i in sorted(pool)] + \
+           [(train[i][0], train[i][1], "val") for i in sorted(val)] + test
+    path = root / f"xray-labels{fraction:g}-seed{seed}.csv"
+    root.mkdir(parents=True, exist_ok=True)
+    with open(path, "w", newline="") as fh:
+        writer = csv.writer(fh)
+        writer.writerow(["path", "label", "split"])
+        writer.writerows((str(p), lab, split) for p, lab, split in rows)
+    return path
+
+
+def labels(args: argparse.Namespace) -> None:
+    weights = pretrain_folder(args)
+    rows = []
+    for fraction in args.fractions:
+        for seed in args.seeds:
+            manifest = label_manifest(fraction, seed, args.runs / "manifests")
+            n_train = sum(1 for r in csv.DictReader(open(manifest)) if r["split"] == "train")
+            for arm, extra in (("scratch", []), ("pretrained", ["--init-weights", weights])):
+                if arm == "pretrained" and fraction not in args.pretrained_fractions:
+                    continue
+                out = args.runs / "labels" / f"{arm}-{fraction:g}-seed{seed}"
+                cmd = ["meddiag", "train", manifest, "--model", args.model, "--seed", seed, "--out", out, "--no-progress", *extra]
+                wall = run(cmd, out)
+                rows.append({"arm": arm, "fraction": fraction, "seed": seed, "n_train": n_train, "wall_min": wall,
+                             **test_figures(out)})
+    (args.runs / "labels.json").write_text(json.dumps(rows, indent=2))
+    header(args)
+    print("| labels used for training | images | start | test AUC | ACC at 0.5 | ACC at the val-chosen Youden point | minutes per run |")
+    print("|---|---|---|---|---|---|---|")
+    for fraction in args.fractions:
+        for arm in ("scratch", "pretrained"):
+            mine = [r for r in rows if r["arm"] == arm and r["fraction"] == fraction]
+            if mine:
+                print(f"| {fraction:.0%} | {round(statistics.fmean(r['n_train'] for r in mine))} | {arm} | "
+                      + " | ".join(fmt([r[k] for r in mine]) for k in ("auc", "acc", "acc_youden"))
+                      + f" | {statistics.fmean(r['wall_min'] for r in mine):.1f} |")
+    print("\nPer seed (test AUC):")
+    for fraction in args.fractions:
+        for arm in ("scratch", "pretrained"):
+            mine = [r for r in rows if r["arm"] == arm and r["fraction"] == fraction]
+            if mine:
+                print(f"- {fraction:.0%} {arm}: " + ", ".join(f"{r['auc']:.4f}" for r in mine))
+    full = [r["auc"] for r in rows if r["arm"] == "scratch" and r["fraction"] == 1.0]
+    ten = [r["auc"] for r in rows if r["arm"] == "pretrained" and r["fraction"] == 0.1]
+    one_p = [r["auc"] for r in rows if r["arm"] == "pretrained" and r["fraction"] == 0.01]
+    one_s = [r["auc"] for r in rows if r["arm"] == "scratch" and r["fraction"] == 0.01]
+    if full and ten:
+        print(f"\npretrained at 10% minus scratch at 100%: {statistics.fmean(ten) - statistics.fmean(full):+.4f} AUC (target >= -0.01)")
+    if one_p and one_s:
+        print(f"pretrained at 1% minus scratch at 1%: {statistics.fmean(one_p) - statistics.fmean(one_s):+.4f} AUC (target >= +0.05)")
+
+
+# -- cross-task transfer ----------------------------------------------------------------------------------
+
+def pneumonia_subset(n: int, seed: int, root: Path) -> Path:
+    """A manifest of PNG files: a stratified ``n`` of PneumoniaMNIST's training images, its whole val and test."""
+    from PIL import Image
+
+    from meddiag.data.medmnist import load_medmnist, parse_medmnist
+    from meddiag.data.splits import stratified_split
+
+    data = load_medmnist(parse_medmnist("pneumoniamnist"))  # type: ignore[arg-type]
+    folder = root / f"pneumoniamnist-{n}-seed{seed}"
+    manifest = folder / "manifest.csv"
+    if manifest.exists():
+        return manifest
+    folder.mkdir(parents=True, exist_ok=True)
+    names = data.class_names
+    rows = []
+    for split, part in data.splits.items():
+        labels = part.labels.numpy().reshape(len(part), -1)[:, 0]
+        keep = np.arange(len(part))
+        if split == "train":
+            _, keep = stratified_split(labels, n / len(part), seed=seed)
+        for i in sorted(keep):
+            path = folder / f"{split}_{i:05d}.png"
+            Image.fromarray(part.images[i, 0].numpy()).save(path)
+            rows.append((path.name, names[int(labels[i])], split))
+    with open(manifest, "w", newline="") as fh:
+        writer = csv.writer(fh)
+        writer.writerow(["path", "label", "split"])
+        writer.writerows(rows)
+    return manifest
+
+
+def cross(args: argparse.Namespace) -> None:
+    rows = []
+    for seed in args.seeds:
+        source = args.runs / "labels" / f"scratch-1-seed{seed}"
+        if not (source / "report.json").exists():
+            manifest = label_manifest(1.0, seed, args.runs / "manifests")
+            run(["meddiag", "train", manifest, "--model", args.model, "--seed", seed, "--out", source, "--no-progress"], source)
+        targets = {"PneumoniaMNIST@64, all 4708": "pneumoniamnist",
+                   "PneumoniaMNIST@64, 200 images": pneumonia_subset(200, seed, args.runs / "pneumonia-subsets")}
+        for name, data in targets.items():
+            if "all" in name and not args.full_target:
+                continue
+            for arm, extra in (("scratch", []), ("from the X-ray model", ["--init-weights", source])):
+                out = args.runs / "cross" / f"{'all' if 'all' in name else '200'}-{'scratch' if arm == 'scratch' else 'xray'}-seed{seed}"
+                cmd = ["meddiag", "train", data, "--model", args.model, "--image-size", 64, "--seed", seed, "--out", out,
+                       "--no-progress", *extra]
+                wall = run(cmd, out)
+                rows.append({"target": name, "arm": arm, "seed": seed, "wall_min": wall, **test_figures(out)})
+    (args.runs / "cross.json").write_text(json.dumps(rows, indent=2))
+    header(args)
+    print("| target | start | test AUC | ACC at 0.5 | ACC at the val-chosen Youden point | minutes per run |")
+    print("|---|---|---|---|---|---|")
+    for name in dict.fromkeys(r["target"] for r in rows):
+        for arm in ("scratch", "from the X-ray model"):
+            mine = [r for r in rows if r["target"] == name and r["arm"] == arm]
+            print(f"| {name} | {arm} | " + " | ".join(fmt([r[k] for r in mine]) for k in ("auc", "acc", "acc_youden"))
+                  + f" | {statistics.fmean(r['wall_min'] for r in mine):.1f} |")
+
+
+def header(args: argparse.Namespace) -> None:
+    import torch
+
+    print(f"\n{args.part}, seeds {' '.join(map(str, args.seeds))}, model {args.model} — {date.today()}, "
+          f"{platform.processor() or platform.machine()}, {os.cpu_count()} CPUs, torch {torch.__version__}\n")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("part", choices=("pretrain", "labels", "cross"))
+    parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
+    parser.add_argument("--model", default="resnet18")
+    parser.add_argument("--pretrain-epochs", type=int, default=50)
+    parser.add_argument("--fractions", type=float, nargs="+", default=list(FRACTIONS))
+    parser.add_argument("--pretrained-fractions", type=float, nargs="+", default=list(FRACTIONS),
+                        help="the fractions that also get a pretrained run")
+    parser.add_argument("--full-target", action=argparse.BooleanOptionalAction, default=True,
+                        help="cross: also the whole PneumoniaMNIST training split (the long runs)")
+    parser.add_argument("--runs", type=Path, default=Path("runs/benchmarks/transfer"))
+    args = parser.parse_args()
+    args.runs.mkdir(parents=True, exist_ok=True)
+    if args.part == "pretrain":
+        pretrain_folder(args)
+    elif args.part == "labels":
+        labels(args)
+    else:
+        cross(args)
+
+
+if __name__ == "__main__":
+    main()

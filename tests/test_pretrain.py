@@ -1,0 +1,144 @@
+"""``meddiag pretrain``: self-supervised pretraining on unlabelled images — the loss, what it reads (training
+images only, bad files named and skipped), resuming a killed run, volumes, and fine-tuning from its folder."""
+
+from __future__ import annotations
+
+import csv
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+import torch
+
+from meddiag.errors import ConfigError, DataError
+from meddiag.models.checkpoint import load_checkpoint
+from meddiag.training.pretrain import PretrainConfig, nt_xent, pretrain
+
+from conftest import make_image_folder, make_volume_folder, write_csv
+
+
+def history_epochs(folder) -> list[int]:
+    path = folder / "history.csv"
+    if not path.exists():
+        return []
+    with open(path) as fh:
+        return [int(r["epoch"]) for r in csv.DictReader(fh)]
+
+
+def test_nt_xent_is_low_when_each_view_finds_its_twin_and_chance_level_otherwise():
+    torch.manual_seed(0)
+    n, d = 32, 64
+    z = torch.randn(n, d)
+    loss, twin = nt_xent(z, z + 0.01 * torch.randn(n, d), temperature=0.1)
+    assert twin == 1.0 and loss < 0.1
+    # views that share nothing: every other view is as likely, the loss is about log(2N - 1)
+    loss, twin = nt_xent(torch.randn(n, d), torch.randn(n, d), temperature=1.0)
+    assert abs(loss.item() - torch.log(torch.tensor(2.0 * n - 1)).item()) < 0.15 and twin < 0.2
+    # the loss pulls twins together: its gradient raises the similarity of a pair
+    z1, z2 = torch.randn(n, d, requires_grad=True), torch.randn(n, d)
+    nt_xent(z1, z2, 0.2)[0].backward()
+    step = z1.detach() - 0.5 * z1.grad
+    before = torch.nn.functional.cosine_similarity(z1.detach(), z2).mean()
+    assert torch.nn.functional.cosine_similarity(step, z2).mean() > before
+
+
+def test_pretrain_reads_only_a_manifests_training_rows_and_names_bad_files(tmp_path):
+    images = make_image_folder(tmp_path / "img", per_class=20)
+    files = sorted(images.rglob("*.png"))
+    (tmp_path / "broken.png").write_bytes(b"\x89PNG\r\n\x1a\n not really")
+    rows = [{"path": str(f), "split": "train"} for f in files[:30]] + [{"path": "broken.png", "split": "train"}]
+    rows += [{"path": str(f), "split": "test"} for f in files[30:]]  # held out: never seen by pretraining
+    manifest = write_csv(tmp_path / "unlabelled.csv", rows)  # no label column at all
+    with pytest.warns(UserWarning, match="broken.png"):
+        out = pretrain(PretrainConfig(data=str(manifest), model="seed_cnn", epochs=1, image_size=32, batch_size=8,
+                                      out=str(tmp_path / "pre")), progress=False)
+    info = json.loads((out / "pretrain.json").read_text())
+    assert info["images"] == 30 and [e["path"] for e in info["excluded"]] == [str(tmp_path / "broken.png")]
+    assert "decode" in info["excluded"][0]["reason"]  # why, in words
+    config = (out / "config.yaml").read_text()
+    assert "image_size: 32" in config and "batch_size: 8" in config  # resolved, so the run can be repeated
+
+
+def test_pretrain_refuses_what_it_cannot_use_with_a_clear_message(tmp_path):
+    few = make_image_folder(tmp_path / "few", per_class=3)
+    with pytest.raises(ConfigError, match="too few to pretrain"):
+        pretrain(PretrainConfig(data=str(few), model="seed_cnn", epochs=1, image_size=32, out=str(tmp_path / "a")), progress=False)
+    with pytest.raises(DataError, match="nowhere: no such file or folder"):
+        pretrain(PretrainConfig(data=str(tmp_path / "nowhere"), model="seed_cnn", out=str(tmp_path / "b")), progress=False)
+    (tmp_path / "used").mkdir()
+    (tmp_path / "used" / "something.txt").write_text("x")
+    with pytest.raises(ConfigError, match="already exists; pass --resume"):
+        pretrain(PretrainConfig(data=str(few), model="seed_cnn", out=str(tmp_path / "used")), progress=False)
+    with pytest.raises(ConfigError, match="method"):
+        PretrainConfig.from_sources(data=str(few), method="byol")
+    # through the command line: exit code 2 and the message, no traceback
+    done = subprocess.run([sys.executable, "-m", "meddiag", "pretrain", str(tmp_path / "nowhere"), "--out", str(tmp_path / "c")],
+                          capture_output=True, text=True, timeout=120)
+    assert done.returncode == 2 and "no such file or folder" in done.stderr and "Traceback" not in done.stderr
+
+
+def test_a_killed_pretraining_resumes_from_its_last_epoch(tmp_path):
+    data = make_image_folder(tmp_path / "images", per_class=64)
+    out = tmp_path / "pre"
+    command = [sys.executable, "-m", "meddiag", "pretrain", str(data), "--model", "seed_cnn", "--epochs", "4",
+               "--image-size", "32", "--batch-size", "16", "--out", str(out), "--no-progress"]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
+    proc = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=env)
+    deadline = time.time() + 300
+    while len(history_epochs(out)) < 2 and proc.poll() is None and time.time() < deadline:
+        time.sleep(0.02)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    assert proc.returncode == -signal.SIGKILL, "the pretraining finished before it could be killed"
+    done_epochs = history_epochs(out)
+    assert 2 <= len(done_epochs) < 4
+    # whatever the moment of the kill, the weights on disk load and say how far they got
+    meta = torch.load(out / "weights.pt", weights_only=True)["meddiag_pretrain"]
+    assert meta["epochs"] >= done_epochs[-1] - 1 and not (out / "pretrain.json").exists()
+    resumed = subprocess.run([*command, "--resume"], capture_output=True, text=True, env=env, timeout=300)
+    assert resumed.returncode == 0, resumed.stderr
+    assert "resuming seed_cnn" in resumed.stderr
+    assert history_epochs(out) == [1, 2, 3, 4]
+    assert json.loads((out / "pretrain.json").read_text())["epochs"] == 4
+    assert torch.load(out / "weights.pt", weights_only=True)["meddiag_pretrain"]["epochs"] == 4
+    assert not (out / "checkpoints" / "last.ckpt").exists()
+
+
+def test_pretrain_then_fine_tune_from_its_folder(tmp_path, capsys):
+    from meddiag.training.config import TrainConfig
+    from meddiag.training.run import train
+
+    data = make_image_folder(tmp_path / "images", per_class=24, splits=("train", "test"))
+    out = pretrain(PretrainConfig(data=str(data), model="seed_cnn", epochs=2, image_size=32, batch_size=16,
+                                  out=str(tmp_path / "pre")), progress=False)
+    history = (out / "history.csv").read_text().splitlines()
+    assert history[0] == "epoch,train_loss,twin_acc,lr,time_s" and len(history) == 3
+    meta = torch.load(out / "weights.pt", weights_only=True)["meddiag_pretrain"]
+    assert meta["images"] == 48 and meta["method"] == "simclr"  # the train split only: test images stay unseen
+    assert not (out / "checkpoints" / "last.ckpt").exists() and json.loads((out / "pretrain.json").read_text())["finished"]
+    with pytest.raises(ConfigError, match="has finished"):
+        pretrain(PretrainConfig(data=str(data), model="seed_cnn", epochs=3, out=str(out)), resume=True, progress=False)
+    result = train(TrainConfig(data=str(data), model="seed_cnn", epochs=1, image_size=32, batch_size=8, init_weights=str(out),
+                               out=str(tmp_path / "ft"), ood_keep=None), progress=False)
+    _, card = load_checkpoint(result.best_checkpoint)
+    assert card.init_weights["kind"] == "pretrain" and card.init_weights["pretraining"]["method"] == "simclr"
+    assert "initial weights" in capsys.readouterr().err
+
+
+def test_pretrain_a_3d_network_on_volumes_and_fine_tune_it(tmp_path):
+    from meddiag.training.config import TrainConfig
+    from meddiag.training.run import train
+
+    vols = make_volume_folder(tmp_path / "vols", per_class=8, size=16)
+    out = pretrain(PretrainConfig(data=str(vols), model="resnet18", volumes=True, epochs=1, image_size=16, batch_size=8,
+                                  out=str(tmp_path / "pre3d")), progress=False)
+    meta = torch.load(out / "weights.pt", weights_only=True)["meddiag_pretrain"]
+    assert meta["spatial_dims"] == 3 and meta["images"] == 16
+    result = train(TrainConfig(data=str(vols), model="resnet18", epochs=1, image_size=16, batch_size=4, init_weights=str(out),
+                               out=str(tmp_path / "ft3d"), ood_keep=None), progress=False)
+    report = json.loads((result.run_dir / "init_weights.json").read_text())
+    assert report["backbone_fraction"] == 1.0 and report["head"] == ["fc.weight", "fc.bias"]
