@@ -183,3 +183,45 @@ def test_fine_tune_from_another_run_with_a_frozen_backbone(tmp_path, small_run):
     assert card.init_weights["kind"] == "run" and card.init_weights["head"] == "new" and card.init_weights["backbone_fraction"] == 1.0
     report = json.loads((result.run_dir / "init_weights.json").read_text())
     assert "classifier.3.weight" not in report["backbone_parameters"] and "features.0.weight" in report["backbone_parameters"]
+
+
+def test_torchvision_densenet121_names_are_mapped_onto_monais(tmp_path):
+    """torchvision's DenseNet names (``denselayer1.norm1``; before 0.3 ``norm.1``) and ``classifier`` map onto
+    MONAI's ``denselayer1.layers.norm1`` and ``class_layers.out``."""
+    import re
+
+    torch.manual_seed(0)
+    monai_names = create_model("densenet121", 3, 1000, 2, 224).state_dict()
+
+    def torchvision_name(key: str, old: bool) -> str:
+        key = key.replace(".layers.", ".").replace("class_layers.out.", "classifier.")
+        return re.sub(r"\.(norm|relu|conv)([12])\.", r".\1.\2.", key) if old else key
+
+    for old in (False, True):
+        path = tmp_path / f"densenet121-{'old' if old else 'new'}.pth"
+        saved = {torchvision_name(k, old): v for k, v in monai_names.items() if "num_batches_tracked" not in k}
+        torch.save(saved, path)
+        model = create_model("densenet121", 1, 2, 2, 28)  # grayscale, small-image stem, 2 classes
+        report = initialise(model, "densenet121", resolve_weights(str(path), progress=False))
+        assert report.fraction == 1.0 and not report.unexpected, report.text()
+        # every dense layer's tensors and the classifier's were renamed (58 layers x 10 tensors + 2)
+        assert report.renamed == sum(k not in monai_names for k in saved) == 58 * 10 + 2
+        assert report.head == ["class_layers.out.weight", "class_layers.out.bias"]  # 1000 classes: a new head
+        assert "3 -> 1 input channels (summed)" in report.adapted["features.conv0.weight"]
+        key = "features.denseblock2.denselayer3.layers.conv2.weight"
+        assert torch.equal(model.state_dict()[key], monai_names[key])
+
+
+def test_a_lightning_checkpoint_of_another_project_loads_its_model(tmp_path):
+    """A Lightning .ckpt: the weights under ``state_dict`` with the module's attribute as prefix (``model.``),
+    beside optimiser states and hyper-parameters of plain types."""
+    source = create_model("resnet18", 1, 5, 2, 64)
+    path = tmp_path / "epoch=9-step=100.ckpt"
+    torch.save({"epoch": 9, "global_step": 100, "pytorch-lightning_version": "2.4.0",
+                "state_dict": {f"model.{k}": v for k, v in source.state_dict().items()},
+                "optimizer_states": [{"state": {}, "param_groups": [{"lr": 0.001}]}],
+                "hyper_parameters": {"lr": 0.001, "classes": 5}}, path)
+    model = create_model("resnet18", 1, 5, 2, 64)
+    report = initialise(model, "resnet18", resolve_weights(str(path), progress=False))
+    assert report.fraction == 1.0 and report.prefixes_stripped == ["model."] and report.head_loaded
+    assert all(torch.equal(a, b) for a, b in zip(model.state_dict().values(), source.state_dict().values()))
