@@ -18,7 +18,7 @@ from meddiag.errors import ConfigError, DataError
 from meddiag.models.checkpoint import load_checkpoint
 from meddiag.training.pretrain import PretrainConfig, nt_xent, pretrain
 
-from conftest import make_image_folder, make_volume_folder, write_csv
+from conftest import make_image_folder, make_volume_folder, synthetic_image, write_csv, write_dicom
 
 
 def history_epochs(folder) -> list[int]:
@@ -61,6 +61,25 @@ def test_pretrain_reads_only_a_manifests_training_rows_and_names_bad_files(tmp_p
     assert "decode" in info["excluded"][0]["reason"]  # why, in words
     config = (out / "config.yaml").read_text()
     assert "image_size: 32" in config and "batch_size: 8" in config  # resolved, so the run can be repeated
+
+
+def test_pretrain_reads_a_dicom_tree_of_patients_studies_and_series(tmp_path):
+    import numpy as np
+
+    rng = np.random.default_rng(0)
+    for i in range(24):  # PATIENT/STUDY/SERIES/IMAGE.dcm, 16-bit CT slices, no labels anywhere
+        pixels = (synthetic_image(i % 2, rng, size=48).astype(np.uint16) * 8)
+        write_dicom(tmp_path / "pacs" / f"P{i % 4}" / f"study{i % 3}" / "series1" / f"IM{i:04d}.dcm", pixels,
+                    PatientID=f"P{i % 4}", WindowCenter=1000, WindowWidth=2000)
+    (tmp_path / "pacs" / "P0" / "notes.txt").write_text("not an image")  # named too: nothing is left out unseen
+    (tmp_path / "pacs" / "P1" / "broken.dcm").write_bytes(b"\0" * 128 + b"DICM" + b"\x02\x00")  # named and skipped
+    with pytest.warns(UserWarning, match="broken.dcm"):
+        out = pretrain(PretrainConfig(data=str(tmp_path / "pacs"), model="seed_cnn", epochs=1, image_size=32, batch_size=8,
+                                      out=str(tmp_path / "pre")), progress=False)
+    info = json.loads((out / "pretrain.json").read_text())
+    assert info["images"] == 24
+    assert sorted(e["path"] for e in info["excluded"]) == [str(tmp_path / "pacs" / "P0" / "notes.txt"),
+                                                          str(tmp_path / "pacs" / "P1" / "broken.dcm")]
 
 
 def test_pretrain_refuses_what_it_cannot_use_with_a_clear_message(tmp_path):
