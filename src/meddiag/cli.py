@@ -76,7 +76,7 @@ def train(
     select: Annotated[Optional[str], typer.Option(help="The weights kept as the model: last (the final, averaged ones) or best (the epoch with the best validation AUC). [default: last]")] = None,
     early_stopping_patience: Annotated[Optional[int], typer.Option(help="Stop after this many epochs without a better validation AUC; 0 = never. [default: 0]")] = None,
     ema_decay: Annotated[Optional[float], typer.Option(help="Keep an exponential moving average of the weights (per step, warmed up) and use it to validate and predict; 0 = off. [default: 0.99]")] = None,
-    operating_point: Annotated[Optional[str], typer.Option(help="Choose the decision threshold on validation: youden, sens90, sens95, spec90 (binary tasks). [default: 0.5]")] = None,
+    operating_point: Annotated[Optional[str], typer.Option(help="Choose the decision threshold on validation: youden, sens90, sens95, spec90 (binary tasks). [default: none, threshold 0.5]")] = None,
     positive_class: Annotated[Optional[str], typer.Option(help="Two-class data: the class that is the finding (sensitivity, PPV and thresholds are about it). [default: MedMNIST's; else the class that is not normal/benign/negative...]")] = None,
     calibrate: Annotated[Optional[bool], typer.Option("--calibrate/--no-calibrate", help="Fit temperature scaling on validation; stored in the checkpoint. [default: no]")] = None,
     subgroups: Annotated[Optional[str], typer.Option(help="Manifest columns to report every metric by, e.g. sex,age_group,site.")] = None,
@@ -95,7 +95,7 @@ def train(
     missing_values: Annotated[Optional[str], typer.Option(help="Covariate values that mean missing, comma-separated. [default: blank, nan, na, n/a, unknown]")] = None,
     init_weights: Annotated[Optional[str], typer.Option(help="Start from these weights: a .pt/.pth/.bin/.safetensors/.ckpt file, a meddiag run or 'meddiag pretrain' folder, or an http(s) URL (URL#sha256=HEX is verified). A load report says what was loaded; under 90% of the backbone is refused.")] = None,
     pretrained: Annotated[Optional[str], typer.Option(help="Start from published weights: imagenet (2D resnet18, resnet50, densenet121, efficientnet_b0) or medicalnet (3D resnet18, resnet50); downloaded once.")] = None,
-    allow_partial: Annotated[Optional[bool], typer.Option("--allow-partial/--no-allow-partial", help="Accept initial weights that fill under 90% of the backbone. [default: refuse]")] = None,
+    allow_partial: Annotated[Optional[bool], typer.Option("--allow-partial/--no-allow-partial", help="Accept initial weights that fill under 90% of the backbone. [default: no]")] = None,
     inflate: Annotated[Optional[bool], typer.Option("--inflate/--no-inflate", help="A 3D model from 2D weights: inflate the 2D kernels along depth. [default: no]")] = None,
     freeze_backbone: Annotated[Optional[bool], typer.Option("--freeze-backbone/--no-freeze-backbone", help="Train only the head on the frozen initial weights (a linear probe).")] = None,
     freeze_epochs: Annotated[Optional[int], typer.Option(help="Train only the head for the first N epochs, then everything. [default: 0]")] = None,
@@ -110,19 +110,13 @@ def train(
     progress: Annotated[Optional[bool], typer.Option("--progress/--no-progress", help="Progress bar. [default: when in a terminal]")] = None,
 ) -> None:
     """Train a model on DATA, evaluate it on the test split, and write a run folder."""
-    from meddiag.runfolder import RunFolder
-    from meddiag.training.config import TrainConfig
-    from meddiag.workflow import cross_validate, train_and_evaluate
+    from meddiag import api
 
     # Lightning announces its hardware probe and tips at INFO; meddiag prints its own summary.
     logging.getLogger("lightning.pytorch").setLevel(logging.WARNING)
-
-    if resume and out and config is None and RunFolder(out).config.exists():
-        config = RunFolder(out).config
-    if not (data or config):
-        raise MeddiagError("give the DATA to train on (or a --config file that names it)")
-    cfg = TrainConfig.from_sources(
-        config, data=data, model=model, epochs=epochs, batch_size=batch_size, lr=lr, image_size=image_size,
+    run = api.train(
+        data, config=config, resume=resume, progress=progress,
+        model=model, epochs=epochs, batch_size=batch_size, lr=lr, image_size=image_size,
         seed=seed, fit=fit, window=window, volume_index=volume_index, class_weights=class_weights, loss=loss, sampler=sampler, select=select, early_stopping_patience=early_stopping_patience, ema_decay=ema_decay, operating_point=operating_point, calibrate=calibrate,
         positive_class=positive_class,
         subgroups=_columns(subgroups), tta=tta, mc_dropout=mc_dropout, coverage=coverage, out=out, folds=folds, accelerator=accelerator, devices=int(devices) if devices and devices.isdigit() else devices,
@@ -132,14 +126,8 @@ def train(
         init_weights=init_weights, pretrained=pretrained.lower() if pretrained else None, allow_partial=allow_partial, inflate=inflate,
         freeze_backbone=freeze_backbone, freeze_epochs=freeze_epochs, backbone_lr_mult=backbone_lr_mult, warmup_epochs=warmup_epochs,
     )
-    if cfg.folds > 1:
-        if resume:
-            raise MeddiagError("--resume continues one run; it does not apply to --folds")
-        print(cross_validate(cfg, progress=progress).summary())
-        return
-    result = train_and_evaluate(cfg, resume=resume, progress=progress)
-    if result.test_metrics is not None:
-        print(result.summary())
+    if run.summary:
+        print(run.summary)
 
 
 @app.command()
@@ -167,23 +155,15 @@ def pretrain(
     progress: Annotated[Optional[bool], typer.Option("--progress/--no-progress", help="Progress bar. [default: when in a terminal]")] = None,
 ) -> None:
     """Pretrain a network on unlabelled images of DATA (self-supervised, SimCLR); 'train --init-weights OUT' fine-tunes it."""
-    from meddiag.runfolder import RunFolder
-    from meddiag.training.pretrain import PretrainConfig, pretrain as run_pretrain
+    from meddiag import api
 
     logging.getLogger("lightning.pytorch").setLevel(logging.WARNING)
-    if resume and out and config is None and RunFolder(out).config.exists():
-        config = RunFolder(out).config
-    if not (data or config):
-        raise MeddiagError("give the DATA to pretrain on (or a --config file that names it)")
-    cfg = PretrainConfig.from_sources(
-        config, data=data, model=model, method=method, epochs=epochs, batch_size=batch_size, lr=lr, temperature=temperature,
+    api.pretrain(
+        data, config=config, resume=resume, progress=progress, hflip=hflip,
+        model=model, method=method, epochs=epochs, batch_size=batch_size, lr=lr, temperature=temperature,
         image_size=image_size, fit=fit, volumes=volumes, window=window, volume_index=volume_index, seed=seed, out=out,
-        accelerator=accelerator,
-        devices=int(devices) if devices and devices.isdigit() else devices,
+        accelerator=accelerator, devices=int(devices) if devices and devices.isdigit() else devices,
     )
-    if hflip is not None:
-        cfg = cfg.model_copy(update={"augment": cfg.augment.model_copy(update={"hflip": hflip})})
-    run_pretrain(cfg, resume=resume, progress=progress)
 
 
 @app.command()
@@ -234,11 +214,12 @@ def evaluate(
 ) -> None:
     """Evaluate a trained run: metrics.json, predictions.csv, plots and report.html/report.json
     (CIs, operating points, calibration, decision curve, patient data, subgroups, failure gallery)."""
-    from meddiag.evaluation.evaluate import evaluate_run, summary_line
+    from meddiag import api
+    from meddiag.evaluation.evaluate import summary_line
 
-    metrics = evaluate_run(run, data=data, split=split, out_dir=out, progress=sys.stderr.isatty(),
-                           subgroups=_columns(subgroups), n_resamples=resamples, compare=compare or [])
-    print(summary_line(metrics))
+    report = api.evaluate(run, data=data, split=split, out=out, progress=sys.stderr.isatty(), subgroups=_columns(subgroups),
+                          resamples=resamples, compare=compare or [])
+    print(summary_line(report.metrics))
 
 
 @app.command()

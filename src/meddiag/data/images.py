@@ -10,7 +10,7 @@ from pathlib import Path
 from typing import Literal
 
 import numpy as np
-from PIL import Image, ImageFile, UnidentifiedImageError
+from PIL import Image, UnidentifiedImageError
 
 from meddiag.data.dicom import DicomIdentity, DicomImage, is_dicom_file, read_dicom, require_finite, unit_to_uint8
 from meddiag.data.volumes import is_nifti_file
@@ -19,10 +19,9 @@ from meddiag.errors import ImageReadError, WrongKindError, reads_one_file
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".dcm", ".dicom")
 Fit = Literal["pad", "stretch"]
 
-# A truncated file must fail loudly, never be padded with grey and trained on.
-ImageFile.LOAD_TRUNCATED_IMAGES = False
-# Refuse decompression bombs (PIL raises DecompressionBombError above 2x this many pixels).
-Image.MAX_IMAGE_PIXELS = 20_000 * 20_000
+# Pillow's own guards are left as the process has them (importing meddiag changes no global setting): a
+# truncated file fails (ImageFile.LOAD_TRUNCATED_IMAGES is off by default) and a decompression bomb is
+# refused (DecompressionBombError above 2 x Image.MAX_IMAGE_PIXELS, about 179 million pixels by default).
 
 
 def is_image_file(path: Path) -> bool:

@@ -110,7 +110,7 @@ def evaluate_run(run_dir: str | Path, data: str | ImageData | None = None, split
                                  n_resamples=n_resamples, compare=others)
         write_text_atomic(fusion_file, json.dumps(json_safe(fusion), indent=2))
     report = write_report(out_dir, home, card, split=split, subgroups=subgroups, n_resamples=n_resamples, seed=0)
-    metrics.update(split=split, data=dataset.name, checkpoint=str(checkpoint),
+    metrics.update(split=split, data=dataset.name, checkpoint=str(checkpoint), report=str(out_dir / "report.html"),
                    model=card.model_name, meddiag_version=meddiag.__version__,
                    auc_ci=report["discrimination"]["auc_ci"], ci_method=f"bootstrap, {n_resamples} resamples of {report['discrimination']['resampled']}")
     write_text_atomic(out_dir / METRICS, json.dumps(json_safe(metrics), indent=2))

@@ -6,15 +6,19 @@ import math
 from pathlib import Path
 from typing import BinaryIO
 
-import matplotlib
+import numpy as np
+from matplotlib.figure import Figure
+from matplotlib.ticker import MaxNLocator
 
-matplotlib.use("Agg")
-import matplotlib.pyplot as plt  # noqa: E402
-from matplotlib.ticker import MaxNLocator  # noqa: E402
-import numpy as np  # noqa: E402
+from meddiag.evaluation.metrics import roc_auc
+from meddiag.evaluation.stats import roc_curve
 
-from meddiag.evaluation.metrics import roc_auc  # noqa: E402
-from meddiag.evaluation.stats import roc_curve  # noqa: E402
+
+def subplots(*grid: int, figsize: tuple[float, float], dpi: int, squeeze: bool = True):  # noqa: ANN201 - (Figure, axes)
+    """A figure and its axes, as ``pyplot.subplots`` gives them, but outside pyplot: no backend is chosen and
+    no global figure state is touched, so meddiag draws the same in a notebook, a server and a terminal."""
+    fig = Figure(figsize=figsize, dpi=dpi)
+    return fig, fig.subplots(*grid, squeeze=squeeze)
 
 
 def roc_series(labels: np.ndarray, probs: np.ndarray, task: str, class_names: list[str]) -> list[tuple[str, np.ndarray, np.ndarray, float]]:
@@ -38,7 +42,7 @@ def plot_roc(labels: np.ndarray, probs: np.ndarray, task: str, class_names: list
     """ROC curve of the positive class (binary) or one-vs-rest per class, with AUCs in the legend.
     Multi-label findings not recorded for an image (NaN) leave that image out of the finding's
     curve, as they are left out of its AUC in the report."""
-    fig, ax = plt.subplots(figsize=(5, 5), dpi=120)
+    fig, ax = subplots(figsize=(5, 5), dpi=120)
     for name, fpr, tpr, auc in roc_series(labels, probs, task, class_names):
         ax.plot(fpr, tpr, lw=1.5, label=f"{name} (AUC {auc:.3f})")
     ax.plot([0, 1], [0, 1], ls="--", c="grey", lw=1)
@@ -52,7 +56,7 @@ def plot_confusion_matrix(cm: np.ndarray, class_names: list[str], path: Path) ->
     """Counts with row-normalised shading; rows are the true class."""
     cm = np.asarray(cm)
     k = len(class_names)
-    fig, ax = plt.subplots(figsize=(2.2 + 0.6 * k, 1.8 + 0.6 * k), dpi=120)
+    fig, ax = subplots(figsize=(2.2 + 0.6 * k, 1.8 + 0.6 * k), dpi=120)
     frac = cm / np.maximum(cm.sum(1, keepdims=True), 1)
     ax.imshow(frac, cmap="Blues", vmin=0, vmax=1)
     for i in range(k):
@@ -67,7 +71,7 @@ def plot_confusion_matrix(cm: np.ndarray, class_names: list[str], path: Path) ->
 def plot_training_curves(history: list[dict[str, float]], path: Path) -> Path:
     """Loss (train and val) and validation AUC/ACC per epoch."""
     epochs = [h["epoch"] for h in history]
-    fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(9, 3.5), dpi=120)
+    fig, (ax1, ax2) = subplots(1, 2, figsize=(9, 3.5), dpi=120)
     ax1.plot(epochs, [h["train_loss"] for h in history], label="train loss")
     ax1.plot(epochs, [h["val_loss"] for h in history], label="val loss")
     ax1.set(xlabel="epoch", ylabel="loss", title="Loss")
@@ -85,7 +89,7 @@ def plot_precision_recall(truth: np.ndarray, probs: np.ndarray, classes: list[in
     """Precision-recall curve per reported class, with average precision and prevalence."""
     from meddiag.evaluation.stats import average_precision, precision_recall_curve
 
-    fig, ax = plt.subplots(figsize=(5, 5), dpi=120)
+    fig, ax = subplots(figsize=(5, 5), dpi=120)
     for i in classes:
         known = np.isfinite(truth[:, i])
         t, p = truth[known, i].astype(bool), probs[known, i]
@@ -101,7 +105,7 @@ def plot_precision_recall(truth: np.ndarray, probs: np.ndarray, classes: list[in
 
 def plot_reliability(curves: dict[str, list[dict]], path: Path, xlabel: str = "predicted probability") -> Path:
     """Reliability diagram: observed frequency against mean predicted probability per bin."""
-    fig, ax = plt.subplots(figsize=(5, 5), dpi=120)
+    fig, ax = subplots(figsize=(5, 5), dpi=120)
     ax.plot([0, 1], [0, 1], ls="--", c="grey", lw=1, label="perfect calibration")
     for name, bins in curves.items():
         ax.plot([b["confidence"] for b in bins], [b["observed"] for b in bins], marker="o", ms=3, lw=1.5, label=name)
@@ -112,7 +116,7 @@ def plot_reliability(curves: dict[str, list[dict]], path: Path, xlabel: str = "p
 
 def plot_decision_curve(curve: dict, path: Path) -> Path:
     """Net benefit of the model against treating everyone and no one, over threshold probabilities."""
-    fig, ax = plt.subplots(figsize=(6, 4), dpi=120)
+    fig, ax = subplots(figsize=(6, 4), dpi=120)
     t = curve["threshold"]
     ax.plot(t, curve["model"], lw=1.8, label="model")
     ax.plot(t, curve["treat_all"], lw=1, c="grey", label="treat all")
@@ -126,7 +130,7 @@ def plot_decision_curve(curve: dict, path: Path) -> Path:
 
 def plot_risk_coverage(selective: dict, path: Path) -> Path:
     """Error among the cases answered against the share answered (most certain first)."""
-    fig, ax = plt.subplots(figsize=(5.5, 4), dpi=120)
+    fig, ax = subplots(figsize=(5.5, 4), dpi=120)
     curve = selective["curve"]
     ax.plot(curve["coverage"], curve["risk"], lw=1.8, label="answer the most certain first")
     rule = selective.get("rule")
@@ -140,7 +144,7 @@ def plot_risk_coverage(selective: dict, path: Path) -> Path:
 def plot_fusion(fusion: dict, path: Path, top: int = 15) -> Path:
     """Left: the fused model's AUC as more test covariates are withheld, against the covariates-only
     model; right: each covariate block's importance (AUC lost when it alone is withheld)."""
-    fig, (left, right) = plt.subplots(1, 2, figsize=(10, 4), dpi=120)
+    fig, (left, right) = subplots(1, 2, figsize=(10, 4), dpi=120)
     curve = fusion["robustness"]
     left.plot([100 * r["withheld"] for r in curve], [r["auc"] for r in curve], marker="o", lw=1.8, label="fused model")
     for name, m in fusion["models"].items():
@@ -159,7 +163,7 @@ def plot_fusion(fusion: dict, path: Path, top: int = 15) -> Path:
 def plot_gallery(images: list[np.ndarray], captions: list[str], path: Path, title: str, columns: int = 4) -> Path:
     """A grid of uint8 images (H, W) or (H, W, 3), each with its caption."""
     rows = max(1, math.ceil(len(images) / columns))
-    fig, axes = plt.subplots(rows, columns, figsize=(2.4 * columns, 2.6 * rows), dpi=100, squeeze=False)
+    fig, axes = subplots(rows, columns, figsize=(2.4 * columns, 2.6 * rows), dpi=100, squeeze=False)
     for ax in axes.ravel():
         ax.axis("off")
     for ax, image, caption in zip(axes.ravel(), images, captions):
@@ -174,7 +178,7 @@ def plot_shift(reference_scores: np.ndarray | None, batch_scores: np.ndarray | N
     """A batch against the model's validation reference: the OOD scores' histograms (with the flag threshold)
     and the predicted-class shares side by side."""
     panels = 2 if reference_scores is not None and batch_scores is not None else 1
-    fig, axes = plt.subplots(1, panels, figsize=(5.2 * panels, 3.4), dpi=100, squeeze=False)
+    fig, axes = subplots(1, panels, figsize=(5.2 * panels, 3.4), dpi=100, squeeze=False)
     if panels == 2:
         ax = axes[0, 0]
         both = np.concatenate([reference_scores, batch_scores])
@@ -201,7 +205,7 @@ def plot_shift(reference_scores: np.ndarray | None, batch_scores: np.ndarray | N
     return save_figure(fig, path)
 
 
-def save_figure(fig: plt.Figure, path: Path | BinaryIO) -> Path | BinaryIO:
+def save_figure(fig: Figure, path: Path | BinaryIO) -> Path | BinaryIO:
     """Write ``fig`` as a PNG at ``path`` (folders made as needed; or into an open binary
     stream) and free it."""
     fig.tight_layout()
@@ -209,5 +213,5 @@ def save_figure(fig: plt.Figure, path: Path | BinaryIO) -> Path | BinaryIO:
         path = Path(path)
         path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, format="png")
-    plt.close(fig)
+    fig.clear()
     return path

@@ -5,11 +5,11 @@ from __future__ import annotations
 from pathlib import Path
 from typing import BinaryIO
 
-import matplotlib.pyplot as plt
 import numpy as np
+from matplotlib import colormaps
 from PIL import Image
 
-from meddiag.evaluation.plots import save_figure  # also selects matplotlib's file-only backend
+from meddiag.evaluation.plots import save_figure, subplots
 
 
 def map_to_original(heat: np.ndarray, height: int, width: int, fit: str = "pad") -> np.ndarray:
@@ -34,7 +34,7 @@ def overlay_image(original: np.ndarray, heat: np.ndarray, fit: str = "pad", alph
         image.thumbnail((max_side, max_side), Image.Resampling.BILINEAR)
     base = np.asarray(image.convert("RGB"), dtype=np.float32) / 255.0
     full = map_to_original(heat, base.shape[0], base.shape[1], fit)
-    colour = plt.get_cmap("jet")(full)[..., :3]
+    colour = colormaps["jet"](full)[..., :3]
     return np.round(((1 - alpha) * base + alpha * colour) * 255).astype(np.uint8)
 
 
@@ -43,7 +43,7 @@ def overlay_figure(original: np.ndarray, heat: np.ndarray, caption: str, path: P
     """PNG: the original (its own resolution; DICOM as windowed) beside the heatmap over it."""
     h, w = original.shape[:2]
     aspect = w / h
-    fig, axes = plt.subplots(1, 2, figsize=(2 * 4 * min(aspect, 2), 4.6), dpi=110)
+    fig, axes = subplots(1, 2, figsize=(2 * 4 * min(aspect, 2), 4.6), dpi=110)
     cmap = "gray" if original.ndim == 2 else None
     axes[0].imshow(original, cmap=cmap, vmin=0, vmax=255)
     axes[1].imshow(overlay_image(original, heat, fit, alpha))
@@ -60,7 +60,7 @@ def volume_figure(volume: np.ndarray, heat: np.ndarray, caption: str, path: Path
     ``volume`` and ``heat`` are (X, Y, Z) arrays in the model's frame (RAS+, voxels of equal size)."""
     peak = np.unravel_index(int(np.argmax(heat)), heat.shape)
     planes = [("sagittal", np.s_[peak[0], :, :]), ("coronal", np.s_[:, peak[1], :]), ("axial", np.s_[:, :, peak[2]])]
-    fig, axes = plt.subplots(1, 3, figsize=(11, 4.2), dpi=110)
+    fig, axes = subplots(1, 3, figsize=(11, 4.2), dpi=110)
     for ax, (name, index) in zip(axes, planes):
         # Show with the superior (or anterior) direction up: transpose, then flip rows.
         ax.imshow(np.flipud(volume[index].T), cmap="gray", vmin=0, vmax=255)
