@@ -55,6 +55,12 @@ def shared_medmnist(monkeypatch: pytest.MonkeyPatch) -> Path:
     return MEDMNIST_DIR
 
 
+@pytest.fixture(scope="session", autouse=True)
+def _private_cache(tmp_path_factory: pytest.TempPathFactory) -> None:
+    # The prepared-image and weights caches of the tests live in a folder of their own, never the user's ~/.cache.
+    os.environ["MEDDIAG_CACHE"] = str(tmp_path_factory.mktemp("meddiag-cache"))
+
+
 @pytest.fixture(autouse=True)
 def _few_threads() -> None:
     # Tests train tiny models; keep them from oversubscribing a 2-core machine.

@@ -101,6 +101,7 @@ def train(
     freeze_epochs: Annotated[Optional[int], typer.Option(help="Train only the head for the first N epochs, then everything. [default: 0]")] = None,
     backbone_lr_mult: Annotated[Optional[float], typer.Option(help="The backbone's learning rate as a multiple of --lr. [default: 0.1 with initial weights, else 1]")] = None,
     warmup_epochs: Annotated[Optional[int], typer.Option(help="Linear learning-rate warm-up over these epochs. [default: 1 with initial weights, else 0]")] = None,
+    cache: Annotated[Optional[str], typer.Option(help="Keep files, once decoded and prepared, for later runs: auto ($MEDDIAG_CACHE/prepared, by default ~/.cache/meddiag/prepared), off, or a folder. [default: auto]")] = None,
     out: Annotated[Optional[str], typer.Option(help="Run folder. [default: runs/<data>-<model>]")] = None,
     config: Annotated[Optional[Path], typer.Option(help="YAML configuration (e.g. a run's config.yaml); options given here override it.")] = None,
     resume: Annotated[bool, typer.Option(help="Continue the run in --out from its last checkpoint.")] = False,
@@ -125,6 +126,7 @@ def train(
         modalities=_list(modalities), missing_values=[v.strip() for v in missing_values.split(",")] if missing_values is not None else None,
         init_weights=init_weights, pretrained=pretrained.lower() if pretrained else None, allow_partial=allow_partial, inflate=inflate,
         freeze_backbone=freeze_backbone, freeze_epochs=freeze_epochs, backbone_lr_mult=backbone_lr_mult, warmup_epochs=warmup_epochs,
+        cache=cache,
     )
     if run.summary:
         print(run.summary)
@@ -147,6 +149,7 @@ def pretrain(
     window: Annotated[Optional[str], typer.Option(help="DICOM window: lung, mediastinum, bone, brain, abdomen, soft_tissue or C,W. [default: each file's own]")] = None,
     volume_index: Annotated[Optional[int], typer.Option(help="4D NIfTI files: which 3D volume to use, counting from 0. [default: 4D files are refused]")] = None,
     seed: Annotated[Optional[int], typer.Option(help="Random seed. [default: 0]")] = None,
+    cache: Annotated[Optional[str], typer.Option(help="Keep files, once decoded and prepared, for later runs: auto, off, or a folder. [default: auto]")] = None,
     out: Annotated[Optional[str], typer.Option(help="Output folder. [default: runs/pretrain-<data>-<model>]")] = None,
     config: Annotated[Optional[Path], typer.Option(help="YAML configuration (e.g. a pretraining folder's config.yaml); options given here override it.")] = None,
     resume: Annotated[bool, typer.Option(help="Continue the pretraining in --out from its last epoch.")] = False,
@@ -162,7 +165,7 @@ def pretrain(
         data, config=config, resume=resume, progress=progress, hflip=hflip,
         model=model, method=method, epochs=epochs, batch_size=batch_size, lr=lr, temperature=temperature,
         image_size=image_size, fit=fit, volumes=volumes, window=window, volume_index=volume_index, seed=seed, out=out,
-        accelerator=accelerator, devices=int(devices) if devices and devices.isdigit() else devices,
+        accelerator=accelerator, devices=int(devices) if devices and devices.isdigit() else devices, cache=cache,
     )
 
 
@@ -502,6 +505,29 @@ def inspect(
     print(render(report))
     if json_out:
         json_out.write_text(json.dumps(report.to_dict(), indent=2))
+
+
+@app.command("cache")
+@friendly_errors
+def cache_command(
+    action: Annotated[str, typer.Argument(help="info: what the cache holds; clear: remove it all.")] = "info",
+    cache: Annotated[Optional[str], typer.Option(help="The cache folder. [default: $MEDDIAG_CACHE/prepared, by default ~/.cache/meddiag/prepared]")] = None,
+) -> None:
+    """The prepared-image cache: files decoded and prepared once, read by every later run instead of decoding them again."""
+    from meddiag.data.cache import PreparedCache
+
+    if action not in ("info", "clear"):
+        raise MeddiagError(f"meddiag cache {action}: choose info or clear")
+    store = PreparedCache(Path(cache).expanduser() if cache else None)
+    if action == "clear":
+        freed = store.clear()
+        print(f"cleared {store.root}: {freed / 2**20:.1f} MiB freed")
+        return
+    info = store.info()
+    print(f"{info['root']}: {info['entries']} prepared files, {info['bytes_held'] / 2**20:.1f} MiB "
+          f"({info['bytes_on_disk'] / 2**20:.1f} MiB on disk)")
+    for key, held in sorted(info["preparations"].items()):
+        print(f"  {key:<40} {held['entries']:>8} files  {held['bytes'] / 2**20:>9.1f} MiB")
 
 
 @app.command("models")

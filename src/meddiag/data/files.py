@@ -9,6 +9,7 @@ patient-grouped) split.
 from __future__ import annotations
 
 import os
+import sqlite3
 import warnings
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -19,6 +20,7 @@ import numpy as np
 import torch
 from rich.progress import Progress
 
+from meddiag.data.cache import EntryDamaged, Preparation, PreparedCache, file_identity, open_cache
 from meddiag.data.classes import positive_class_of, positive_last
 from meddiag.data.covariates import CovariateTable
 from meddiag.data.dataset import SPLITS, ImageData, Split
@@ -66,6 +68,7 @@ def load_file_records(
     progress: bool = True,
     positive_class: str | None = None,
     covariates: CovariateTable | None = None,
+    cache: str | Path | None = "auto",
 ) -> ImageData:
     """Read labelled files into memory at ``image_size`` and split them.
 
@@ -75,7 +78,8 @@ def load_file_records(
     Records without a split are training files. When no record is in "val" (or "test"),
     that split is carved from the training files, keeping each patient's files together
     (patient ids from the manifest, or for DICOM files a one-way key of their PatientID). Unreadable files are listed in
-    ``ImageData.excluded`` and a warning names each one.
+    ``ImageData.excluded`` and a warning names each one. ``cache``: the prepared-image cache (see
+    :func:`meddiag.data.cache.open_cache`): files prepared before are read from it, not decoded again.
     """
     multilabel = bool(records) and records[0].targets is not None
     class_names = list(records[0].targets) if multilabel else sorted({r.label for r in records})  # type: ignore[arg-type]
@@ -88,7 +92,7 @@ def load_file_records(
     elif positive_class is not None:
         raise ConfigError(f"--positive-class applies to two-class tasks; {name} has {len(class_names)} "
                           f"{'findings' if multilabel else 'classes'}")
-    kept, volume, size, excluded = _read_kept(records, name, image_size, fit, window, volume_index, progress)
+    kept, volume, size, excluded = _read_kept(records, name, image_size, fit, window, volume_index, progress, cache)
     spatial_dims = 3 if volume else 2
     channels = 3 if any(a.shape[0] == 3 for _, a in kept) else 1
 
@@ -168,10 +172,12 @@ class UnlabelledImages:
 
 
 def read_unlabelled(records: list[FileRecord], name: str, *, image_size: int | None = None, fit: Fit = "pad",
-                    window: str | None = None, volume_index: int | None = None, progress: bool = True) -> UnlabelledImages:
+                    window: str | None = None, volume_index: int | None = None, progress: bool = True,
+                    cache: str | Path | None = "auto") -> UnlabelledImages:
     """Read files as :func:`load_file_records` does (one kind, in parallel, failures excluded by name and
-    warned of), without labels or splits. Colour wins: grayscale images join colour ones as 3 channels."""
-    kept, volume, size, excluded = _read_kept(records, name, image_size, fit, window, volume_index, progress)
+    warned of, through the prepared-image cache), without labels or splits. Colour wins: grayscale images join
+    colour ones as 3 channels."""
+    kept, volume, size, excluded = _read_kept(records, name, image_size, fit, window, volume_index, progress, cache)
     colour = any(a.shape[0] == 3 for _, a in kept)
     imgs = [np.repeat(a, 3, axis=0) if colour and a.shape[0] == 1 else a for _, a in kept]
     return UnlabelledImages(name, torch.from_numpy(np.stack(imgs)), [str(r.path) for r, _ in kept], size,
@@ -179,13 +185,14 @@ def read_unlabelled(records: list[FileRecord], name: str, *, image_size: int | N
 
 
 def _read_kept(records: list[FileRecord], name: str, image_size: int | None, fit: Fit, window: str | None,
-               volume_index: int | None, progress: bool) -> tuple[list[tuple[FileRecord, np.ndarray]], bool, int, list[tuple[str, str]]]:
+               volume_index: int | None, progress: bool, cache: str | Path | None = "auto",
+               ) -> tuple[list[tuple[FileRecord, np.ndarray]], bool, int, list[tuple[str, str]]]:
     """Read the records of one kind at ``image_size`` (default by kind): (record, array) of each file read,
     whether they are volumes, the size, and (path, reason) of each excluded one, each also warned of.
     :class:`DataError` when none could be read."""
     records, volume, excluded = _one_kind(records, name)
     size = image_size or (DEFAULT_VOLUME_SIZE if volume else DEFAULT_FILE_IMAGE_SIZE)
-    arrays, unreadable = _read_all(records, volume, size, fit, window, volume_index, progress)
+    arrays, unreadable = _read_all(records, volume, size, fit, window, volume_index, progress, open_cache(cache))
     excluded += unreadable
     kept = [(r, a) for r, a in zip(records, arrays) if a is not None]
     if not kept:
@@ -243,42 +250,101 @@ def _workers() -> int:
     return min(8, (os.cpu_count() or 1) * 2)
 
 
-def _read_volume(rec: FileRecord, size: int, window: str | None, fit: Fit, volume_index: int | None) -> np.ndarray | str:
-    """A volume record as (1, S, S, S) uint8, or the reason it cannot be used."""
+def _read_volume(rec: FileRecord, size: int, window: str | None, fit: Fit, volume_index: int | None) -> tuple[np.ndarray, dict] | str:
+    """A volume record as (1, S, S, S) uint8 with what its files say (see :func:`_file_facts`), or the reason it cannot be used."""
     volumes = read_volumes(rec.path, volume_index)
     if len(volumes) != 1:
         return f"the folder holds {len(volumes)} DICOM series; put each series in a folder of its own"
-    rec.modality, rec.body_part = volumes[0].modality.strip().upper(), volumes[0].body_part
-    if rec.patient_id is None and volumes[0].sources and is_dicom_file(Path(volumes[0].sources[0])):
-        rec.patient_id = read_dicom_identity(volumes[0].sources[0]).patient_key
-    return volume_to_model_input(volumes[0], size, 1, window, fit)
+    key = ""
+    if volumes[0].sources and is_dicom_file(Path(volumes[0].sources[0])):
+        key = read_dicom_identity(volumes[0].sources[0]).patient_key or ""
+    facts = {"modality": volumes[0].modality.strip().upper(), "body_part": volumes[0].body_part, "patient_key": key}
+    return volume_to_model_input(volumes[0], size, 1, window, fit), facts
+
+
+def _file_facts(rec: FileRecord, facts: dict) -> None:
+    """What reading a file told besides its pixels, onto its record: DICOM Modality and BodyPartExamined,
+    and — where the record has no patient id of its own — the one-way key of its PatientID."""
+    rec.modality, rec.body_part = facts.get("modality", ""), facts.get("body_part", "")
+    rec.patient_id = rec.patient_id or facts.get("patient_key") or None
 
 
 def _read_all(records: list[FileRecord], volume: bool, size: int, fit: Fit, window: str | None,
-              volume_index: int | None, progress: bool) -> tuple[list[np.ndarray | None], list[tuple[str, str]]]:
-    """Decode and resize every file in parallel; (arrays with None for failures, excluded)."""
+              volume_index: int | None, progress: bool, cache: PreparedCache | None = None,
+              ) -> tuple[list[np.ndarray | None], list[tuple[str, str]]]:
+    """Every file prepared at ``size``: from ``cache`` where it holds the file as it is now, else decoded and
+    resized in parallel (and kept in ``cache``). Returns (arrays with None for failures, excluded)."""
+    preparation = Preparation(volume, size, fit, window, volume_index)
+    identities = [_identity(r.path) for r in records]
+    held = cache.lookup(preparation, [i for i in identities if i]) if cache is not None else {}
+    results: list[np.ndarray | str | None] = [None] * len(records)
+    damaged = []
+    for k, (rec, identity) in enumerate(zip(records, identities)):
+        entry = held.get(identity) if identity else None
+        if entry is None:
+            continue
+        try:
+            results[k] = cache.read(entry)  # type: ignore[union-attr]
+        except EntryDamaged:
+            damaged.append(identity)
+            continue
+        _file_facts(rec, entry.meta)
+    if damaged:
+        cache.forget(preparation, damaged)  # type: ignore[union-attr]
+        warnings.warn(f"{len(damaged)} entries of the prepared-image cache were damaged; those files are decoded again",
+                      stacklevel=3)
 
-    def read_one(rec: FileRecord) -> np.ndarray | str:
+    def read_one(rec: FileRecord) -> tuple[np.ndarray, dict] | str:
         try:
             if volume:
                 return _read_volume(rec, size, window, fit, volume_index)
+            facts: dict = {}
             if is_dicom_file(Path(rec.path)):
                 image = read_dicom(rec.path, window)
                 arr = dicom_as_2d(image, rec.path)
-                rec.patient_id = rec.patient_id or image.identity.patient_key
-                rec.modality, rec.body_part = image.identity.modality, image.identity.body_part
+                facts = {"modality": image.identity.modality, "body_part": image.identity.body_part,
+                         "patient_key": image.identity.patient_key or ""}
             else:
                 arr = read_image(rec.path, window)
-            return to_model_input(arr, size, 3 if arr.ndim == 3 else 1, fit)
+            return to_model_input(arr, size, 3 if arr.ndim == 3 else 1, fit), facts
         except Exception as exc:  # noqa: BLE001 - one file's failure, whatever raised it, excludes that file only
             return source_failure(exc, rec.path)
 
-    results: list[np.ndarray | str] = []
-    with ThreadPoolExecutor(_workers()) as pool, Progress(disable=not progress, transient=True) as bar:
-        task = bar.add_task(f"reading {len(records)} images", total=len(records))
-        for res in pool.map(read_one, records, chunksize=32):
-            results.append(res)
+    todo = [k for k, r in enumerate(results) if r is None]
+    pending: list[tuple[str, np.ndarray, dict]] = []
+    with ThreadPoolExecutor(_workers()) as pool, Progress(disable=not progress or not todo, transient=True) as bar:
+        task = bar.add_task(f"reading {len(todo)} images" + (f" ({len(records) - len(todo)} from the cache)" if held else ""),
+                            total=len(todo))
+        for k, res in zip(todo, pool.map(read_one, [records[k] for k in todo], chunksize=32)):
             bar.advance(task)
+            if isinstance(res, str):
+                results[k] = res
+                continue
+            results[k], facts = res
+            _file_facts(records[k], facts)
+            if cache is not None and identities[k]:
+                pending.append((identities[k], res[0], facts))
+                if len(pending) >= 256:
+                    _keep(cache, preparation, pending)
+                    pending = []
+    if cache is not None and pending:
+        _keep(cache, preparation, pending)
     arrays = [r if isinstance(r, np.ndarray) else None for r in results]
     excluded = [(str(rec.path), r) for rec, r in zip(records, results) if isinstance(r, str)]
     return arrays, excluded
+
+
+def _identity(path: Path) -> str | None:
+    try:
+        return file_identity(path)
+    except OSError:
+        return None  # decoding says what is wrong with it
+
+
+def _keep(cache: PreparedCache, preparation: Preparation, items: list[tuple[str, np.ndarray, dict]]) -> None:
+    """Store ``items`` in the cache; a cache that cannot be written costs a warning, never the run."""
+    try:
+        cache.store(preparation, items)
+    except (OSError, sqlite3.Error) as exc:
+        warnings.warn(f"the prepared-image cache {cache.root} could not be written ({exc.__class__.__name__}: {exc}); "
+                      "training goes on without keeping these files prepared", stacklevel=3)

@@ -28,6 +28,7 @@ def load_data(
     medmnist_root: str | Path | None = None,
     positive_class: str | None = None,
     covariates: TabularSpec | None = None,
+    cache: str | Path | None = "auto",
 ) -> ImageData:
     """Read the data set ``spec`` into memory with train/val/test splits.
 
@@ -39,6 +40,8 @@ def load_data(
     MedMNIST files (default ``$MEDDIAG_DATA``). ``positive_class``: the finding of a two-class task
     (see :mod:`meddiag.data.classes`). ``covariates``: the patient data to read with each image
     (manifest columns and/or a joined table; see :mod:`meddiag.data.covariates`); manifests only.
+    ``cache``: where files prepared once are kept for every later run (``auto``, ``off`` or a folder; see
+    :mod:`meddiag.data.cache`); MedMNIST files are arrays already and need none.
     """
     mnist = parse_medmnist(spec)
     wants_covariates = covariates is not None and (covariates.columns or covariates.tabular is not None)
@@ -68,7 +71,7 @@ def load_data(
     data = load_file_records(
         records, str(path), image_size=image_size, fit=fit, window=window, volume_index=volume_index, seed=seed,
         val_fraction=val_fraction, test_fraction=test_fraction, progress=progress, positive_class=positive_class,
-        covariates=table,
+        covariates=table, cache=cache,
     )
     data.source = str(path.resolve())
     data.covariate_join = join

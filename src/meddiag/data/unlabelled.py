@@ -22,7 +22,7 @@ from meddiag.errors import DataError
 
 def load_unlabelled(spec: str, *, image_size: int | None = None, fit: Fit = "pad", window: str | None = None,
                     volume_index: int | None = None, volumes: bool = False, progress: bool = True,
-                    medmnist_root: str | Path | None = None) -> UnlabelledImages:
+                    medmnist_root: str | Path | None = None, cache: str | Path | None = "auto") -> UnlabelledImages:
     """The images of ``spec`` (see the module's docstring), labels ignored. ``volumes``: look for 3D
     volumes (NIfTI files, DICOM series folders) under a folder rather than for 2D image files."""
     mnist = parse_medmnist(spec)
@@ -49,7 +49,7 @@ def load_unlabelled(spec: str, *, image_size: int | None = None, fit: Fit = "pad
     else:
         raise DataError(f"{spec}: expected a folder, a .csv manifest or a MedMNIST name")
     data = read_unlabelled(records, str(path), image_size=image_size, fit=fit, window=window,
-                           volume_index=volume_index, progress=progress)
+                           volume_index=volume_index, progress=progress, cache=cache)
     data.note = note or f"{len(data.images)} images under {path}"
     return data
 

@@ -66,7 +66,7 @@ def evaluate_run(run_dir: str | Path, data: str | ImageData | None = None, split
         dataset = load_data(data, image_size=card.image_size, fit=card.fit, window=card.window,
                             volume_index=card.volume_index, progress=progress,
                             positive_class=card.positive_class if card.task == "binary" else None,
-                            covariates=_covariate_spec(card, config, data))
+                            covariates=_covariate_spec(card, config, data), cache=config.cache if config else "auto")
     if split not in dataset.splits:
         raise DataError(f"no split '{split}' in {dataset.name}; choose one of {', '.join(dataset.splits)}")
     if dataset.class_names != card.class_names:

@@ -72,6 +72,7 @@ class TrainConfig(BaseModel):
     freeze_epochs: int = Field(0, ge=0, description="train only the head for the first N epochs, then everything; needs initial weights")
     backbone_lr_mult: float | None = Field(None, gt=0, le=10, description="the backbone's learning rate as a multiple of lr; None: 0.1 with initial weights, else 1")
     warmup_epochs: int | None = Field(None, ge=0, description="linear learning-rate warm-up (per step) over these epochs; None: 1 with initial weights, else 0")
+    cache: str = Field("auto", description="where files, once decoded and prepared, are kept for later runs: auto ($MEDDIAG_CACHE/prepared), off, or a folder")
     accelerator: str = "auto"
     devices: int | str = "auto"
     precision: str = Field("auto", description="auto: bf16-mixed where the hardware computes bf16 natively, else 32-true")

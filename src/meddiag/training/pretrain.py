@@ -75,6 +75,7 @@ class PretrainConfig(BaseModel):
     mean: float = 0.5
     std: float = Field(0.5, gt=0)
     seed: int = 0
+    cache: str = Field("auto", description="where files, once decoded and prepared, are kept for later runs: auto ($MEDDIAG_CACHE/prepared), off, or a folder")
     accelerator: str = "auto"
     devices: int | str = "auto"
     precision: str = "auto"
@@ -219,7 +220,8 @@ def pretrain(config: PretrainConfig, *, resume: bool = False, progress: bool | N
     check_writable(run_dir)
     L.seed_everything(config.seed, workers=True, verbose=False)
     data = images or load_unlabelled(config.data, image_size=config.image_size, fit=config.fit, window=config.window,
-                                     volume_index=config.volume_index, volumes=config.volumes, progress=progress)
+                                     volume_index=config.volume_index, volumes=config.volumes, progress=progress,
+                                     cache=config.cache)
     n = len(data.images)
     batch = config.batch_size or default_batch_size(n, data.spatial_dims)
     if n < 2 * min(batch, 8):
