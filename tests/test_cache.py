@@ -170,3 +170,59 @@ def test_cache_info_and_clear_from_the_command_line(tmp_path):
     assert "0 prepared files" in run("info").stdout
     bad = run("shred")
     assert bad.returncode == 2 and "choose info or clear" in bad.stderr
+
+
+def test_disk_images_answer_as_the_in_memory_tensor_does(tmp_path):
+    from meddiag.data.cache import DiskImages
+    from meddiag.data.channels import match_channels
+
+    data = make_image_folder(tmp_path / "images", per_class=12)
+    Image.fromarray(np.stack([synthetic_image(0, np.random.default_rng(1))] * 3, -1) + np.uint8(1)).save(
+        data / "normal" / "colour.png")  # one colour image: every image is given as 3 channels
+    memory = load_data(str(data), image_size=32, cache=tmp_path / "cache", progress=False)
+    disk = load_data(str(data), image_size=32, cache=tmp_path / "cache", memory_mb=0, progress=False)
+    for name, part in disk.splits.items():
+        held, lazy = memory.splits[name].images, part.images
+        assert isinstance(lazy, DiskImages) and isinstance(held, torch.Tensor)
+        assert lazy.shape == held.shape and len(lazy) == len(held) and lazy.dtype == torch.uint8 and lazy.ndim == 4
+        assert torch.equal(lazy[0], held[0]) and torch.equal(lazy[-1], held[-1])
+        n = len(held)
+        pick = torch.tensor([n - 1, 0, n // 2])
+        assert torch.equal(lazy[1:5], held[1:5]) and torch.equal(lazy[pick], held[pick])
+        assert torch.equal(lazy[[1, 1]], held[[1, 1]]) and torch.equal(lazy[np.array([n - 1])], held[np.array([n - 1])])
+        assert torch.equal(match_channels(lazy, 1)[:], match_channels(held, 1))
+    train = disk.splits["train"]
+    sub = train.subset([4, 0, 3])
+    assert isinstance(sub.images, DiskImages) and torch.equal(sub.images[:], memory.splits["train"].subset([4, 0, 3]).images)
+    joined = type(train).concat([disk.splits["train"], disk.splits["val"]])
+    assert isinstance(joined.images, DiskImages)
+    assert torch.equal(joined.images[:], torch.cat([memory.splits["train"].images, memory.splits["val"].images]))
+
+
+def test_a_damaged_entry_found_while_training_reads_is_prepared_again(tmp_path):
+    data = make_image_folder(tmp_path / "images", per_class=10)
+    memory = load_data(str(data), image_size=32, cache=tmp_path / "cache", progress=False)
+    disk = load_data(str(data), image_size=32, cache=tmp_path / "cache", memory_mb=0, progress=False)
+    lazy = disk.splits["train"].images
+    entry = lazy.entries[2]
+    with open(entry.shard, "r+b") as fh:
+        fh.seek(entry.slot * entry.nbytes)
+        fh.write(b"\xff" * 16)
+    assert torch.equal(lazy[:], memory.splits["train"].images)  # the damaged image came from its file, not the bytes
+    fresh = load_data(str(data), image_size=32, cache=tmp_path / "cache", progress=False)
+    assert torch.equal(fresh.splits["train"].images, memory.splits["train"].images)  # and the cache holds it whole again
+
+
+def test_training_from_disk_gives_the_model_training_in_memory_gives(tmp_path):
+    from meddiag.training.config import TrainConfig
+    from meddiag.workflow import train_and_evaluate
+
+    data = make_image_folder(tmp_path / "images", per_class=24)
+    results = []
+    for name, memory_mb in (("memory", 1024), ("disk", 0)):
+        config = TrainConfig(data=str(data), model="seed_cnn", epochs=2, image_size=32, batch_size=8, precision="32-true",
+                             out=str(tmp_path / name), cache=str(tmp_path / "cache"), memory_mb=memory_mb)
+        results.append(train_and_evaluate(config, progress=False))
+    a, b = (r.test_metrics for r in results)
+    assert a["auc"] == b["auc"] and a["acc"] == b["acc"]
+    assert (tmp_path / "memory" / "predictions.csv").read_text() == (tmp_path / "disk" / "predictions.csv").read_text()

@@ -102,6 +102,7 @@ def train(
     backbone_lr_mult: Annotated[Optional[float], typer.Option(help="The backbone's learning rate as a multiple of --lr. [default: 0.1 with initial weights, else 1]")] = None,
     warmup_epochs: Annotated[Optional[int], typer.Option(help="Linear learning-rate warm-up over these epochs. [default: 1 with initial weights, else 0]")] = None,
     cache: Annotated[Optional[str], typer.Option(help="Keep files, once decoded and prepared, for later runs: auto ($MEDDIAG_CACHE/prepared, by default ~/.cache/meddiag/prepared), off, or a folder. [default: auto]")] = None,
+    memory_mb: Annotated[Optional[int], typer.Option(help="Prepared images up to this many MiB are held in memory; a larger data set is read from the cache as training uses it. [default: 1024]")] = None,
     out: Annotated[Optional[str], typer.Option(help="Run folder. [default: runs/<data>-<model>]")] = None,
     config: Annotated[Optional[Path], typer.Option(help="YAML configuration (e.g. a run's config.yaml); options given here override it.")] = None,
     resume: Annotated[bool, typer.Option(help="Continue the run in --out from its last checkpoint.")] = False,
@@ -126,7 +127,7 @@ def train(
         modalities=_list(modalities), missing_values=[v.strip() for v in missing_values.split(",")] if missing_values is not None else None,
         init_weights=init_weights, pretrained=pretrained.lower() if pretrained else None, allow_partial=allow_partial, inflate=inflate,
         freeze_backbone=freeze_backbone, freeze_epochs=freeze_epochs, backbone_lr_mult=backbone_lr_mult, warmup_epochs=warmup_epochs,
-        cache=cache,
+        cache=cache, memory_mb=memory_mb,
     )
     if run.summary:
         print(run.summary)
@@ -150,6 +151,7 @@ def pretrain(
     volume_index: Annotated[Optional[int], typer.Option(help="4D NIfTI files: which 3D volume to use, counting from 0. [default: 4D files are refused]")] = None,
     seed: Annotated[Optional[int], typer.Option(help="Random seed. [default: 0]")] = None,
     cache: Annotated[Optional[str], typer.Option(help="Keep files, once decoded and prepared, for later runs: auto, off, or a folder. [default: auto]")] = None,
+    memory_mb: Annotated[Optional[int], typer.Option(help="Prepared images up to this many MiB are held in memory; more are read from the cache as they are used. [default: 1024]")] = None,
     out: Annotated[Optional[str], typer.Option(help="Output folder. [default: runs/pretrain-<data>-<model>]")] = None,
     config: Annotated[Optional[Path], typer.Option(help="YAML configuration (e.g. a pretraining folder's config.yaml); options given here override it.")] = None,
     resume: Annotated[bool, typer.Option(help="Continue the pretraining in --out from its last epoch.")] = False,
@@ -166,6 +168,7 @@ def pretrain(
         model=model, method=method, epochs=epochs, batch_size=batch_size, lr=lr, temperature=temperature,
         image_size=image_size, fit=fit, volumes=volumes, window=window, volume_index=volume_index, seed=seed, out=out,
         accelerator=accelerator, devices=int(devices) if devices and devices.isdigit() else devices, cache=cache,
+        memory_mb=memory_mb,
     )
 
 

@@ -34,7 +34,7 @@ import sqlite3
 import threading
 import time
 import zlib
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -289,3 +289,127 @@ def open_cache(setting: str | Path | None) -> PreparedCache | None:
                       "every file is decoded without it (--cache DIR chooses another folder, --cache off silences this)",
                       stacklevel=2)
         return None
+
+
+class DiskImages:
+    """uint8 images (N, C, *spatial) lying in the prepared-image cache, read when indexed: what a split holds
+    when its images do not fit in memory. It answers what meddiag asks of a split's image tensor — ``len``,
+    ``shape``, ``dtype``, an image by position, a slice or an index (a tensor, list or array) as a uint8
+    tensor — reading only what is asked for, so memory does not grow with the data set.
+
+    ``channels``: what every image is given as (grayscale repeated to 3 channels beside colour images).
+    ``repair(i)``: decode image ``i``'s file again and return its array, for an entry whose bytes fail their
+    checksum (each entry is checked the first time this process reads it); None: such an entry is an error."""
+
+    def __init__(self, cache: PreparedCache, entries: list[Entry], channels: int, spatial: tuple[int, ...],
+                 repair: Callable[[int], np.ndarray] | None = None, sources: list[str] | None = None) -> None:
+        import torch
+
+        self.cache, self.entries, self.channels, self.spatial = cache, list(entries), channels, tuple(spatial)
+        self.repair, self.sources = repair, sources
+        self.dtype = torch.uint8
+        self._checked = np.zeros(len(self.entries), dtype=bool)
+
+    @property
+    def shape(self):  # noqa: ANN201 - torch.Size
+        import torch
+
+        return torch.Size((len(self.entries), self.channels, *self.spatial))
+
+    @property
+    def ndim(self) -> int:
+        return 2 + len(self.spatial)
+
+    def __len__(self) -> int:
+        return len(self.entries)
+
+    def numel(self) -> int:
+        return len(self.entries) * self.channels * int(np.prod(self.spatial))
+
+    def _one(self, i: int, out: np.ndarray) -> None:
+        """Image ``i`` into ``out`` (channels, *spatial)."""
+        entry = self.entries[i]
+        have = entry.shape[0]
+        target = out if have == self.channels else np.empty(entry.shape, dtype=np.uint8)
+        if self._checked[i]:
+            self.cache.read_into(entry, target)
+        else:
+            try:
+                target[...] = self.cache.read(entry)
+            except EntryDamaged:
+                if self.repair is None:
+                    where = self.sources[i] if self.sources else f"image {i}"
+                    raise EntryDamaged(f"{where}: its prepared copy in the cache is damaged; run 'meddiag cache clear' "
+                                       "and start again (the file is then decoded anew)") from None
+                fresh = self.repair(i)
+                target[...] = fresh
+            self._checked[i] = True
+        if target is not out:  # gray among colour images repeated, colour for a gray model as luminance
+            if have == 1:
+                out[...] = np.repeat(target, self.channels, axis=0)
+            else:
+                from meddiag.data.channels import luminance
+
+                out[...] = luminance(target)
+
+    def __getitem__(self, index):  # noqa: ANN001, ANN204 - int, slice, tensor, list or array -> torch.Tensor
+        import torch
+
+        if isinstance(index, (int, np.integer)) or (isinstance(index, torch.Tensor) and index.ndim == 0):
+            i = int(index)
+            i = i + len(self) if i < 0 else i
+            out = np.empty((self.channels, *self.spatial), dtype=np.uint8)
+            self._one(i, out)
+            return torch.from_numpy(out)
+        rows = self._rows(index)
+        out = np.empty((len(rows), self.channels, *self.spatial), dtype=np.uint8)
+        for k, i in enumerate(rows):
+            self._one(i, out[k])
+        return torch.from_numpy(out)
+
+    def _rows(self, index) -> list[int]:  # noqa: ANN001
+        import torch
+
+        if isinstance(index, slice):
+            return list(range(*index.indices(len(self))))
+        if isinstance(index, torch.Tensor):
+            index = index.cpu().numpy()
+        rows = np.asarray(index)
+        if rows.dtype == bool:
+            rows = np.flatnonzero(rows)
+        return [int(i) + len(self) if i < 0 else int(i) for i in rows.reshape(-1)]
+
+    def take(self, index) -> DiskImages:  # noqa: ANN001
+        """The images at ``index``, still on disk."""
+        rows = self._rows(index)
+        repair = (lambda k, _rows=rows, _repair=self.repair: _repair(_rows[k])) if self.repair else None
+        taken = DiskImages(self.cache, [self.entries[i] for i in rows], self.channels, self.spatial, repair,
+                           [self.sources[i] for i in rows] if self.sources else None)
+        taken._checked = self._checked[rows] if rows else np.zeros(0, dtype=bool)
+        return taken
+
+    def with_channels(self, channels: int) -> DiskImages:
+        """The same images given as ``channels`` channels (gray repeated, or colour as luminance)."""
+        same = DiskImages(self.cache, self.entries, channels, self.spatial, self.repair, self.sources)
+        same._checked = self._checked
+        return same
+
+    @staticmethod
+    def concat(parts: list[DiskImages]) -> DiskImages:
+        first = parts[0]
+        repairs = [(p.repair, len(p)) for p in parts]
+
+        def repair(i: int) -> np.ndarray:
+            for fn, n in repairs:
+                if i < n:
+                    if fn is None:
+                        raise EntryDamaged("a prepared copy in the cache is damaged; run 'meddiag cache clear' and start again")
+                    return fn(i)
+                i -= n
+            raise IndexError(i)
+
+        sources = [s for p in parts for s in p.sources] if all(p.sources for p in parts) else None
+        joined = DiskImages(first.cache, [e for p in parts for e in p.entries], max(p.channels for p in parts), first.spatial,
+                            repair, sources)
+        joined._checked = np.concatenate([p._checked for p in parts])
+        return joined

@@ -1,4 +1,5 @@
-"""In-memory image data sets: the common form every data source is read into."""
+"""Image data sets split for training: the common form every data source is read into (in memory, or on disk
+in the prepared-image cache when larger than memory)."""
 
 from __future__ import annotations
 
@@ -7,6 +8,8 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Literal
 
 import torch
+
+from meddiag.data.cache import DiskImages
 
 if TYPE_CHECKING:
     from meddiag.data.covariates import CovariateTable
@@ -19,7 +22,8 @@ SPLITS = ("train", "val", "test")
 class Split:
     """One split of a data set, held in memory.
 
-    images: uint8 tensor (N, C, H, W), or (N, C, D, H, W) for volumes.
+    images: uint8 tensor (N, C, H, W), or (N, C, D, H, W) for volumes; for data sets larger than memory a
+        :class:`~meddiag.data.cache.DiskImages`, which reads them from the prepared-image cache when indexed.
     labels: int64 (N,) class indices, or float32 (N, K) 0/1 for multi-label tasks.
     paths: the source file of each image, or None for array sources (MedMNIST).
     """
@@ -41,7 +45,8 @@ class Split:
         groups = [self.groups[i] for i in rows] if self.groups is not None else None
         meta = {k: [v[i] for i in rows] for k, v in self.meta.items()}
         covariates = self.covariates.take(rows) if self.covariates is not None else None
-        return Split(self.images[idx], self.labels[idx], paths, groups, meta, covariates)
+        images = self.images.take(rows) if isinstance(self.images, DiskImages) else self.images[idx]
+        return Split(images, self.labels[idx], paths, groups, meta, covariates)
 
     @staticmethod
     def concat(parts: list[Split]) -> Split:
@@ -55,7 +60,11 @@ class Split:
             from meddiag.data.covariates import CovariateTable
 
             covariates = CovariateTable.concat([part.covariates for part in parts])  # type: ignore[misc]
-        return Split(torch.cat([p.images for p in parts]), torch.cat([p.labels for p in parts]), paths, groups, meta, covariates)
+        if all(isinstance(p.images, DiskImages) for p in parts):
+            images = DiskImages.concat([p.images for p in parts])  # type: ignore[misc]
+        else:
+            images = torch.cat([p.images if isinstance(p.images, torch.Tensor) else p.images[:] for p in parts])
+        return Split(images, torch.cat([p.labels for p in parts]), paths, groups, meta, covariates)
 
     def __len__(self) -> int:
         return int(self.images.shape[0])

@@ -13,14 +13,14 @@ import sqlite3
 import warnings
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from pathlib import Path
 
 import numpy as np
 import torch
 from rich.progress import Progress
 
-from meddiag.data.cache import EntryDamaged, Preparation, PreparedCache, file_identity, open_cache
+from meddiag.data.cache import DiskImages, Entry, EntryDamaged, Preparation, PreparedCache, file_identity, open_cache
 from meddiag.data.classes import positive_class_of, positive_last
 from meddiag.data.covariates import CovariateTable
 from meddiag.data.dataset import SPLITS, ImageData, Split
@@ -69,6 +69,7 @@ def load_file_records(
     positive_class: str | None = None,
     covariates: CovariateTable | None = None,
     cache: str | Path | None = "auto",
+    memory_mb: float | None = None,
 ) -> ImageData:
     """Read labelled files into memory at ``image_size`` and split them.
 
@@ -80,6 +81,8 @@ def load_file_records(
     (patient ids from the manifest, or for DICOM files a one-way key of their PatientID). Unreadable files are listed in
     ``ImageData.excluded`` and a warning names each one. ``cache``: the prepared-image cache (see
     :func:`meddiag.data.cache.open_cache`): files prepared before are read from it, not decoded again.
+    ``memory_mb``: when the prepared images would take more, the splits hold them as
+    :class:`~meddiag.data.cache.DiskImages`, read from the cache as training uses them (None: in memory always).
     """
     multilabel = bool(records) and records[0].targets is not None
     class_names = list(records[0].targets) if multilabel else sorted({r.label for r in records})  # type: ignore[arg-type]
@@ -92,9 +95,10 @@ def load_file_records(
     elif positive_class is not None:
         raise ConfigError(f"--positive-class applies to two-class tasks; {name} has {len(class_names)} "
                           f"{'findings' if multilabel else 'classes'}")
-    kept, volume, size, excluded = _read_kept(records, name, image_size, fit, window, volume_index, progress, cache)
+    read = _read_kept(records, name, image_size, fit, window, volume_index, progress, cache, memory_mb)
+    kept, volume, size, excluded = read.items, read.volume, read.size, read.excluded
     spatial_dims = 3 if volume else 2
-    channels = 3 if any(a.shape[0] == 3 for _, a in kept) else 1
+    channels = read.channels
 
     by_split: dict[str, list[int]] = {s: [] for s in SPLITS}
     for i, (rec, _) in enumerate(kept):
@@ -125,11 +129,8 @@ def load_file_records(
         idx = by_split[split]
         if not idx:
             raise DataError(f"{name}: the {split} split is empty; add images or use larger data")
-        imgs = [kept[i][1] for i in idx]
-        if channels == 3:
-            imgs = [np.repeat(a, 3, axis=0) if a.shape[0] == 1 else a for a in imgs]
         splits[split] = Split(
-            images=torch.from_numpy(np.stack(imgs)),
+            images=read.images(idx),
             labels=torch.from_numpy(labels[idx] if multilabel else labels[idx].astype(np.int64)),
             paths=[str(kept[i][0].path) for i in idx],
             groups=[patient_key(patients[i]) if patients[i] else f"#{kept[i][0].path}" for i in idx] if has_patients else None,
@@ -173,26 +174,56 @@ class UnlabelledImages:
 
 def read_unlabelled(records: list[FileRecord], name: str, *, image_size: int | None = None, fit: Fit = "pad",
                     window: str | None = None, volume_index: int | None = None, progress: bool = True,
-                    cache: str | Path | None = "auto") -> UnlabelledImages:
+                    cache: str | Path | None = "auto", memory_mb: float | None = None) -> UnlabelledImages:
     """Read files as :func:`load_file_records` does (one kind, in parallel, failures excluded by name and
     warned of, through the prepared-image cache), without labels or splits. Colour wins: grayscale images join
     colour ones as 3 channels."""
-    kept, volume, size, excluded = _read_kept(records, name, image_size, fit, window, volume_index, progress, cache)
-    colour = any(a.shape[0] == 3 for _, a in kept)
-    imgs = [np.repeat(a, 3, axis=0) if colour and a.shape[0] == 1 else a for _, a in kept]
-    return UnlabelledImages(name, torch.from_numpy(np.stack(imgs)), [str(r.path) for r, _ in kept], size,
-                            3 if volume else 2, excluded)
+    read = _read_kept(records, name, image_size, fit, window, volume_index, progress, cache, memory_mb)
+    return UnlabelledImages(name, read.images(list(range(len(read.items)))), [str(r.path) for r, _ in read.items], read.size,
+                            3 if read.volume else 2, read.excluded)
+
+
+@dataclass
+class _Kept:
+    """The files read: (record, array — or cache entry, for data sets kept on disk) of each, whether they are
+    volumes, their size, (path, reason) of each excluded, and how to prepare a record again (or None)."""
+
+    items: list[tuple[FileRecord, np.ndarray | Entry]]
+    volume: bool
+    size: int
+    excluded: list[tuple[str, str]]
+    cache: PreparedCache | None = None
+    repair: Callable[[FileRecord], np.ndarray] | None = None
+
+    @property
+    def channels(self) -> int:
+        """3 when any image is in colour (gray ones then join them as 3 channels), else 1."""
+        return 3 if any(a.shape[0] == 3 for _, a in self.items) else 1
+
+    def images(self, index: list[int]) -> torch.Tensor | DiskImages:
+        """The images of ``index`` (positions in ``items``) as (N, C, *spatial) uint8: a tensor in memory, or
+        :class:`DiskImages` read from the cache as they are used."""
+        channels, chosen = self.channels, [self.items[i] for i in index]
+        if chosen and self.cache is not None and all(isinstance(a, Entry) for _, a in chosen):
+            records = [r for r, _ in chosen]
+            repair = (lambda k: self.repair(records[k])) if self.repair else None  # type: ignore[misc]
+            spatial = (self.size,) * (3 if self.volume else 2)
+            return DiskImages(self.cache, [a for _, a in chosen], channels, spatial, repair, [str(r.path) for r in records])  # type: ignore[misc]
+        arrays = [self.cache.read(a) if isinstance(a, Entry) else a for _, a in chosen]  # type: ignore[union-attr]
+        arrays = [np.repeat(a, 3, axis=0) if channels == 3 and a.shape[0] == 1 else a for a in arrays]
+        return torch.from_numpy(np.stack(arrays))
 
 
 def _read_kept(records: list[FileRecord], name: str, image_size: int | None, fit: Fit, window: str | None,
-               volume_index: int | None, progress: bool, cache: str | Path | None = "auto",
-               ) -> tuple[list[tuple[FileRecord, np.ndarray]], bool, int, list[tuple[str, str]]]:
-    """Read the records of one kind at ``image_size`` (default by kind): (record, array) of each file read,
-    whether they are volumes, the size, and (path, reason) of each excluded one, each also warned of.
+               volume_index: int | None, progress: bool, cache: str | Path | None = "auto", memory_mb: float | None = None,
+               ) -> _Kept:
+    """Read the records of one kind at ``image_size`` (default by kind), each excluded file warned of (see
+    :class:`_Kept`). Prepared data larger than ``memory_mb`` stays in the cache (when there is one).
     :class:`DataError` when none could be read."""
     records, volume, excluded = _one_kind(records, name)
     size = image_size or (DEFAULT_VOLUME_SIZE if volume else DEFAULT_FILE_IMAGE_SIZE)
-    arrays, unreadable = _read_all(records, volume, size, fit, window, volume_index, progress, open_cache(cache))
+    store = open_cache(cache)
+    arrays, unreadable, repair = _read_all(records, volume, size, fit, window, volume_index, progress, store, memory_mb)
     excluded += unreadable
     kept = [(r, a) for r, a in zip(records, arrays) if a is not None]
     if not kept:
@@ -200,7 +231,7 @@ def _read_kept(records: list[FileRecord], name: str, image_size: int | None, fit
         raise DataError(f"none of the {len(records) + len(excluded) - len(unreadable)} files in {name} could be read{first}")
     for path, reason in excluded:
         warnings.warn(f"excluded {path}: {reason}", stacklevel=3)
-    return kept, volume, size, excluded
+    return _Kept(kept, volume, size, excluded, store, repair)
 
 
 def _counts(values: Iterable[str]) -> dict[str, int]:
@@ -270,24 +301,33 @@ def _file_facts(rec: FileRecord, facts: dict) -> None:
 
 
 def _read_all(records: list[FileRecord], volume: bool, size: int, fit: Fit, window: str | None,
-              volume_index: int | None, progress: bool, cache: PreparedCache | None = None,
-              ) -> tuple[list[np.ndarray | None], list[tuple[str, str]]]:
+              volume_index: int | None, progress: bool, cache: PreparedCache | None = None, memory_mb: float | None = None,
+              ) -> tuple[list[np.ndarray | Entry | None], list[tuple[str, str]], Callable[[FileRecord], np.ndarray] | None]:
     """Every file prepared at ``size``: from ``cache`` where it holds the file as it is now, else decoded and
-    resized in parallel (and kept in ``cache``). Returns (arrays with None for failures, excluded)."""
+    resized in parallel (and kept in ``cache``). Returns (for each record its array — or, when the prepared
+    data would take more than ``memory_mb`` and the cache holds it, its cache :class:`Entry`, read later —
+    or None for a failure; excluded (path, reason); a function preparing one record again, for a cache entry
+    found damaged later; None without a cache)."""
     preparation = Preparation(volume, size, fit, window, volume_index)
     identities = [_identity(r.path) for r in records]
     held = cache.lookup(preparation, [i for i in identities if i]) if cache is not None else {}
-    results: list[np.ndarray | str | None] = [None] * len(records)
+    unit = size ** (3 if volume else 2)
+    estimate = sum(e.nbytes for e in held.values()) + unit * (len(records) - len(held))
+    on_disk = cache is not None and memory_mb is not None and estimate > memory_mb * 2**20
+    results: list[np.ndarray | Entry | str | None] = [None] * len(records)
     damaged = []
     for k, (rec, identity) in enumerate(zip(records, identities)):
         entry = held.get(identity) if identity else None
         if entry is None:
             continue
-        try:
-            results[k] = cache.read(entry)  # type: ignore[union-attr]
-        except EntryDamaged:
-            damaged.append(identity)
-            continue
+        if on_disk:  # read (and checked) when training asks for it
+            results[k] = entry
+        else:
+            try:
+                results[k] = cache.read(entry)  # type: ignore[union-attr]
+            except EntryDamaged:
+                damaged.append(identity)
+                continue
         _file_facts(rec, entry.meta)
     if damaged:
         cache.forget(preparation, damaged)  # type: ignore[union-attr]
@@ -311,7 +351,14 @@ def _read_all(records: list[FileRecord], volume: bool, size: int, fit: Fit, wind
             return source_failure(exc, rec.path)
 
     todo = [k for k, r in enumerate(results) if r is None]
-    pending: list[tuple[str, np.ndarray, dict]] = []
+    pending: list[tuple[int, np.ndarray, dict]] = []
+
+    def keep(items: list[tuple[int, np.ndarray, dict]]) -> None:
+        stored = _keep(cache, preparation, [(identities[k], a, f) for k, a, f in items])  # type: ignore[arg-type]
+        if on_disk and stored is not None:  # the arrays leave memory: training reads them from the cache
+            for k, _, _ in items:
+                results[k] = stored[identities[k]]  # type: ignore[index]
+
     with ThreadPoolExecutor(_workers()) as pool, Progress(disable=not progress or not todo, transient=True) as bar:
         task = bar.add_task(f"reading {len(todo)} images" + (f" ({len(records) - len(todo)} from the cache)" if held else ""),
                             total=len(todo))
@@ -323,15 +370,26 @@ def _read_all(records: list[FileRecord], volume: bool, size: int, fit: Fit, wind
             results[k], facts = res
             _file_facts(records[k], facts)
             if cache is not None and identities[k]:
-                pending.append((identities[k], res[0], facts))
+                pending.append((k, res[0], facts))
                 if len(pending) >= 256:
-                    _keep(cache, preparation, pending)
+                    keep(pending)
                     pending = []
     if cache is not None and pending:
-        _keep(cache, preparation, pending)
-    arrays = [r if isinstance(r, np.ndarray) else None for r in results]
+        keep(pending)
+    kept = [r if isinstance(r, (np.ndarray, Entry)) else None for r in results]
     excluded = [(str(rec.path), r) for rec, r in zip(records, results) if isinstance(r, str)]
-    return arrays, excluded
+
+    def repair(rec: FileRecord) -> np.ndarray:
+        """Prepare ``rec`` again (its cache entry was found damaged) and keep the new array."""
+        res = read_one(rec)
+        if isinstance(res, str):
+            raise DataError(f"{rec.path}: its prepared copy in the cache is damaged and the file can no longer be read: {res}")
+        identity = _identity(rec.path)
+        if identity:
+            _keep(cache, preparation, [(identity, res[0], res[1])])  # type: ignore[arg-type]
+        return res[0]
+
+    return kept, excluded, (repair if cache is not None else None)
 
 
 def _identity(path: Path) -> str | None:
@@ -341,10 +399,11 @@ def _identity(path: Path) -> str | None:
         return None  # decoding says what is wrong with it
 
 
-def _keep(cache: PreparedCache, preparation: Preparation, items: list[tuple[str, np.ndarray, dict]]) -> None:
-    """Store ``items`` in the cache; a cache that cannot be written costs a warning, never the run."""
+def _keep(cache: PreparedCache, preparation: Preparation, items: list[tuple[str, np.ndarray, dict]]) -> dict[str, Entry] | None:
+    """Store ``items`` in the cache (their entries); a cache that cannot be written costs a warning and None, never the run."""
     try:
-        cache.store(preparation, items)
+        return cache.store(preparation, items)
     except (OSError, sqlite3.Error) as exc:
         warnings.warn(f"the prepared-image cache {cache.root} could not be written ({exc.__class__.__name__}: {exc}); "
                       "training goes on without keeping these files prepared", stacklevel=3)
+        return None

@@ -29,6 +29,7 @@ def load_data(
     positive_class: str | None = None,
     covariates: TabularSpec | None = None,
     cache: str | Path | None = "auto",
+    memory_mb: float | None = None,
 ) -> ImageData:
     """Read the data set ``spec`` into memory with train/val/test splits.
 
@@ -41,7 +42,8 @@ def load_data(
     (see :mod:`meddiag.data.classes`). ``covariates``: the patient data to read with each image
     (manifest columns and/or a joined table; see :mod:`meddiag.data.covariates`); manifests only.
     ``cache``: where files prepared once are kept for every later run (``auto``, ``off`` or a folder; see
-    :mod:`meddiag.data.cache`); MedMNIST files are arrays already and need none.
+    :mod:`meddiag.data.cache`); MedMNIST files are arrays already and need none. ``memory_mb``: prepared
+    images taking more than this stay in the cache and are read as they are used (None: always in memory).
     """
     mnist = parse_medmnist(spec)
     wants_covariates = covariates is not None and (covariates.columns or covariates.tabular is not None)
@@ -71,7 +73,7 @@ def load_data(
     data = load_file_records(
         records, str(path), image_size=image_size, fit=fit, window=window, volume_index=volume_index, seed=seed,
         val_fraction=val_fraction, test_fraction=test_fraction, progress=progress, positive_class=positive_class,
-        covariates=table, cache=cache,
+        covariates=table, cache=cache, memory_mb=memory_mb,
     )
     data.source = str(path.resolve())
     data.covariate_join = join

@@ -22,7 +22,8 @@ from meddiag.errors import DataError
 
 def load_unlabelled(spec: str, *, image_size: int | None = None, fit: Fit = "pad", window: str | None = None,
                     volume_index: int | None = None, volumes: bool = False, progress: bool = True,
-                    medmnist_root: str | Path | None = None, cache: str | Path | None = "auto") -> UnlabelledImages:
+                    medmnist_root: str | Path | None = None, cache: str | Path | None = "auto",
+                    memory_mb: float | None = None) -> UnlabelledImages:
     """The images of ``spec`` (see the module's docstring), labels ignored. ``volumes``: look for 3D
     volumes (NIfTI files, DICOM series folders) under a folder rather than for 2D image files."""
     mnist = parse_medmnist(spec)
@@ -49,7 +50,7 @@ def load_unlabelled(spec: str, *, image_size: int | None = None, fit: Fit = "pad
     else:
         raise DataError(f"{spec}: expected a folder, a .csv manifest or a MedMNIST name")
     data = read_unlabelled(records, str(path), image_size=image_size, fit=fit, window=window,
-                           volume_index=volume_index, progress=progress, cache=cache)
+                           volume_index=volume_index, progress=progress, cache=cache, memory_mb=memory_mb)
     data.note = note or f"{len(data.images)} images under {path}"
     return data
 

@@ -119,7 +119,9 @@ class WeightsFile:
 
 
 def cache_dir() -> Path:
-    return Path(os.environ.get("MEDDIAG_CACHE") or Path.home() / ".cache" / "meddiag") / "weights"
+    from meddiag.data.cache import cache_root
+
+    return cache_root() / "weights"
 
 
 def resolve_weights(spec: str, *, progress: bool = True) -> WeightsFile:

@@ -73,6 +73,7 @@ class TrainConfig(BaseModel):
     backbone_lr_mult: float | None = Field(None, gt=0, le=10, description="the backbone's learning rate as a multiple of lr; None: 0.1 with initial weights, else 1")
     warmup_epochs: int | None = Field(None, ge=0, description="linear learning-rate warm-up (per step) over these epochs; None: 1 with initial weights, else 0")
     cache: str = Field("auto", description="where files, once decoded and prepared, are kept for later runs: auto ($MEDDIAG_CACHE/prepared), off, or a folder")
+    memory_mb: int = Field(1024, ge=0, description="prepared images up to this many MiB are held in memory; a larger data set is read from the cache as training uses it (needs the cache)")
     accelerator: str = "auto"
     devices: int | str = "auto"
     precision: str = Field("auto", description="auto: bf16-mixed where the hardware computes bf16 natively, else 32-true")

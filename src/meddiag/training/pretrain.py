@@ -76,6 +76,7 @@ class PretrainConfig(BaseModel):
     std: float = Field(0.5, gt=0)
     seed: int = 0
     cache: str = Field("auto", description="where files, once decoded and prepared, are kept for later runs: auto ($MEDDIAG_CACHE/prepared), off, or a folder")
+    memory_mb: int = Field(1024, ge=0, description="prepared images up to this many MiB are held in memory; more are read from the cache as training uses them")
     accelerator: str = "auto"
     devices: int | str = "auto"
     precision: str = "auto"
@@ -116,6 +117,19 @@ def encoder_of(model_name: str, in_channels: int, spatial_dims: int, image_size:
     width = net.get_submodule(entry.head).in_features
     net.set_submodule(entry.head, nn.Identity())
     return net, width
+
+
+class ImagesOnly(torch.utils.data.Dataset):
+    """(image,) of uint8 images (N, C, *spatial): a tensor, or images read from the cache as they are used."""
+
+    def __init__(self, images: Any) -> None:
+        self.images = images
+
+    def __len__(self) -> int:
+        return len(self.images)
+
+    def __getitem__(self, i: int) -> tuple[torch.Tensor]:
+        return (self.images[i],)
 
 
 class SimCLRModule(L.LightningModule):
@@ -221,7 +235,7 @@ def pretrain(config: PretrainConfig, *, resume: bool = False, progress: bool | N
     L.seed_everything(config.seed, workers=True, verbose=False)
     data = images or load_unlabelled(config.data, image_size=config.image_size, fit=config.fit, window=config.window,
                                      volume_index=config.volume_index, volumes=config.volumes, progress=progress,
-                                     cache=config.cache)
+                                     cache=config.cache, memory_mb=config.memory_mb)
     n = len(data.images)
     batch = config.batch_size or default_batch_size(n, data.spatial_dims)
     if n < 2 * min(batch, 8):
@@ -237,7 +251,7 @@ def pretrain(config: PretrainConfig, *, resume: bool = False, progress: bool | N
             "image_size": data.image_size, "in_channels": data.in_channels, "spatial_dims": data.spatial_dims,
             "data": config.data, "temperature": config.temperature, "meddiag_version": meddiag.__version__}
     generator = torch.Generator().manual_seed(config.seed)
-    loader = torch.utils.data.DataLoader(torch.utils.data.TensorDataset(data.images), batch_size=batch, shuffle=True,
+    loader = torch.utils.data.DataLoader(ImagesOnly(data.images), batch_size=batch, shuffle=True,
                                          drop_last=True, generator=generator)
     precision = resolve_precision(config.precision, config.accelerator, data.spatial_dims)
     trainer = L.Trainer(

@@ -71,7 +71,7 @@ def load_training_data(config: TrainConfig, progress: bool = True, run: str | Pa
         volume_index=config.volume_index, seed=config.seed,
         val_fraction=config.val_fraction, test_fraction=config.test_fraction, progress=progress,
         medmnist_root=_recorded_medmnist_root(config, run), positive_class=config.positive_class,
-        covariates=config.tabular_spec(), cache=config.cache,
+        covariates=config.tabular_spec(), cache=config.cache, memory_mb=config.memory_mb,
     )
 
 
