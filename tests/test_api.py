@@ -160,11 +160,37 @@ def test_every_setting_is_a_command_line_option_with_the_configs_default(command
         match = re.search(r"\[default: ([^\]]+)\]", text)
         if name not in fields or not match or not re.fullmatch(r"[\w.]+", match.group(1)):
             continue  # descriptive defaults ("128; 32 for volumes") are read, not compared
-        shown, default = match.group(1), fields[name].default
+        shown, default = match.group(1), fields[name].get_default(call_default_factory=True)
         if isinstance(default, bool):
             assert shown == ("yes" if default else "no"), f"--{name.replace('_', '-')}: help says {shown}, the default is {default}"
             continue
-        if shown == "none" and default in (None, "none"):
+        if shown == "none" and default in (None, "none", []):
             continue
         assert str(default).lower() == shown.lower() or (isinstance(default, float) and float(shown) == default), \
             f"--{name.replace('_', '-')}: help says {shown}, the config's default is {default!r}"
+
+
+def test_experiment_loggers_get_the_config_every_epoch_and_the_test_figures(tmp_path, monkeypatch):
+    """--logger csv,tensorboard,mlflow: a local MLflow store, TensorBoard event files and Lightning's CSV."""
+    import mlflow
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    data = make_image_folder(tmp_path / "images", per_class=20)
+    run = meddiag.train(data, model="seed_cnn", epochs=2, image_size=32, batch_size=8, out=tmp_path / "runs" / "a",
+                        loggers=["csv", "tensorboard", "mlflow"])
+    logs = run.path / "logs"
+    rows = (logs / "csv" / "metrics.csv").read_text().splitlines()
+    assert "val_auc" in rows[0] and "test_auc" in rows[0] and "model: seed_cnn" in (logs / "csv" / "hparams.yaml").read_text()
+    events = EventAccumulator(str(logs / "tensorboard")).Reload()
+    assert {"val_auc", "train_loss", "test_auc"} <= set(events.Tags()["scalars"]) and "report/roc" in events.Tags()["images"]
+    assert len(events.Scalars("val_auc")) == 2  # one point per epoch
+    client = mlflow.tracking.MlflowClient(f"sqlite:///{tmp_path / 'runs' / 'mlflow.db'}")
+    logged = client.get_run((logs / "mlflow_run_id").read_text().strip())
+    assert logged.info.run_name == "a" and logged.data.params["model"] == "seed_cnn" and logged.data.params["epochs"] == "2"
+    assert logged.data.metrics["test_auc"] == pytest.approx(run.metrics["auc"])
+    assert len(client.get_metric_history(logged.info.run_id, "val_auc")) == 2
+    artifacts = {a.path for a in client.list_artifacts(logged.info.run_id)}
+    assert {"report.html", "metrics.json", "plots"} <= artifacts
+    with pytest.raises(ConfigError, match="logger"):
+        meddiag.training_config(data, loggers=["wandb"])

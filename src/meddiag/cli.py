@@ -103,12 +103,15 @@ def train(
     warmup_epochs: Annotated[Optional[int], typer.Option(help="Linear learning-rate warm-up over these epochs. [default: 1 with initial weights, else 0]")] = None,
     cache: Annotated[Optional[str], typer.Option(help="Keep files, once decoded and prepared, for later runs: auto ($MEDDIAG_CACHE/prepared, by default ~/.cache/meddiag/prepared), off, or a folder. [default: auto]")] = None,
     memory_mb: Annotated[Optional[int], typer.Option(help="Prepared images up to this many MiB are held in memory; a larger data set is read from the cache as training uses it. [default: 1024]")] = None,
+    loggers: Annotated[Optional[str], typer.Option("--logger", help="Experiment loggers, comma-separated: csv (RUN/logs/csv), tensorboard (RUN/logs/tensorboard), mlflow ($MLFLOW_TRACKING_URI, else <runs>/mlflow.db). [default: none]")] = None,
     out: Annotated[Optional[str], typer.Option(help="Run folder. [default: runs/<data>-<model>]")] = None,
     config: Annotated[Optional[Path], typer.Option(help="YAML configuration (e.g. a run's config.yaml); options given here override it.")] = None,
     resume: Annotated[bool, typer.Option(help="Continue the run in --out from its last checkpoint.")] = False,
     folds: Annotated[Optional[int], typer.Option(help="K-fold cross-validation over train+val (patients kept whole).")] = None,
     accelerator: Annotated[Optional[str], typer.Option(help="cpu, gpu or auto. [default: auto]")] = None,
-    devices: Annotated[Optional[str], typer.Option(help="Number of devices, or auto. [default: auto]")] = None,
+    devices: Annotated[Optional[str], typer.Option(help="Devices per node (GPUs, or processes on a CPU), or auto. [default: auto]")] = None,
+    num_nodes: Annotated[Optional[int], typer.Option(help="Machines the run spans (under torchrun or SLURM, as they say). [default: 1]")] = None,
+    strategy: Annotated[Optional[str], typer.Option(help="ddp (a model copy per device) or fsdp (parameters sharded); auto: ddp when there are several devices. [default: auto]")] = None,
     progress: Annotated[Optional[bool], typer.Option("--progress/--no-progress", help="Progress bar. [default: when in a terminal]")] = None,
 ) -> None:
     """Train a model on DATA, evaluate it on the test split, and write a run folder."""
@@ -127,7 +130,7 @@ def train(
         modalities=_list(modalities), missing_values=[v.strip() for v in missing_values.split(",")] if missing_values is not None else None,
         init_weights=init_weights, pretrained=pretrained.lower() if pretrained else None, allow_partial=allow_partial, inflate=inflate,
         freeze_backbone=freeze_backbone, freeze_epochs=freeze_epochs, backbone_lr_mult=backbone_lr_mult, warmup_epochs=warmup_epochs,
-        cache=cache, memory_mb=memory_mb,
+        cache=cache, memory_mb=memory_mb, num_nodes=num_nodes, strategy=strategy, loggers=_list(loggers),
     )
     if run.summary:
         print(run.summary)

@@ -50,6 +50,10 @@ def train_and_evaluate(config: TrainConfig, *, resume: bool = False, progress: b
     except Exception as exc:  # noqa: BLE001 - a figure of the report must never cost a trained run its evaluation
         warnings.warn(f"the report's example heatmaps could not be drawn: {exc.__class__.__name__}: {exc}", stacklevel=2)
     metrics = evaluate_run(result.run_dir, data=result.data, split="test", progress=bool(progress))
+    if config.loggers:
+        from meddiag.training.loggers import log_results
+
+        log_results(config.loggers, result.run_dir, metrics, step=config.epochs)
     return TrainEvalResult(result, metrics)
 
 

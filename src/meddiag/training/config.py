@@ -72,10 +72,13 @@ class TrainConfig(BaseModel):
     freeze_epochs: int = Field(0, ge=0, description="train only the head for the first N epochs, then everything; needs initial weights")
     backbone_lr_mult: float | None = Field(None, gt=0, le=10, description="the backbone's learning rate as a multiple of lr; None: 0.1 with initial weights, else 1")
     warmup_epochs: int | None = Field(None, ge=0, description="linear learning-rate warm-up (per step) over these epochs; None: 1 with initial weights, else 0")
+    loggers: list[Literal["csv", "tensorboard", "mlflow"]] = Field(default_factory=list, description="experiment loggers (Lightning's): csv, tensorboard, mlflow; the config, every epoch's metrics and the test figures")
     cache: str = Field("auto", description="where files, once decoded and prepared, are kept for later runs: auto ($MEDDIAG_CACHE/prepared), off, or a folder")
     memory_mb: int = Field(1024, ge=0, description="prepared images up to this many MiB are held in memory; a larger data set is read from the cache as training uses it (needs the cache)")
     accelerator: str = "auto"
-    devices: int | str = "auto"
+    devices: int | str = Field("auto", description="devices per node (GPUs, or CPU processes): a number, or auto")
+    num_nodes: int = Field(1, ge=1, description="machines the run spans (Lightning: torchrun, SLURM or its own launcher)")
+    strategy: Literal["auto", "ddp", "fsdp"] = Field("auto", description="how several devices share the work: ddp (a copy of the model each), fsdp (the model's parameters sharded); auto: ddp where there are several")
     precision: str = Field("auto", description="auto: bf16-mixed where the hardware computes bf16 natively, else 32-true")
     num_workers: int = Field(0, ge=0)
     keep_resume_state: bool = Field(False, description="keep checkpoints/last.ckpt (optimizer state, for --resume) after training has finished; by default it is removed")

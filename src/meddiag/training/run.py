@@ -20,6 +20,7 @@ import time
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import lightning as L
 import torch
@@ -101,6 +102,28 @@ def check_writable(run_dir: Path) -> None:
         raise ConfigError(f"cannot write the run folder {run_dir}: {exc.strerror or exc}; choose another --out") from None
 
 
+def process_rank() -> int:
+    """0 in a distributed run's first process (the one that writes the run folder), else another number; known
+    before the trainer exists: ``RANK`` (torchrun), ``SLURM_PROCID`` (srun), else Lightning's own launcher's
+    ``NODE_RANK`` and ``LOCAL_RANK``. 0 in a run of one process."""
+    for name in ("RANK", "SLURM_PROCID"):
+        if os.environ.get(name, "").isdigit():
+            return int(os.environ[name])
+    node, local = (int(os.environ.get(n, "0") or 0) for n in ("NODE_RANK", "LOCAL_RANK"))
+    return local if node == 0 else 1 + local
+
+
+def trainer_strategy(strategy: str, accelerator: str) -> Any:
+    """Lightning's strategy for ``strategy``: DDP on CPUs speaks gloo (NCCL is for GPUs); FSDP shards parameters."""
+    if strategy == "auto":
+        return "auto"
+    if strategy == "ddp":
+        from lightning.pytorch.strategies import DDPStrategy
+
+        return DDPStrategy(process_group_backend="gloo" if accelerator == "cpu" else None)
+    return "fsdp"
+
+
 def check_disk_space(run_dir: Path, model: torch.nn.Module) -> None:
     """:class:`ConfigError` before the first epoch when the disk of ``run_dir`` lacks room for the
     checkpoints (rather than failing hours later at the first one). The estimate is generous: the
@@ -132,9 +155,9 @@ def train(config: TrainConfig, *, resume: bool = False, progress: bool | None = 
         raise ConfigError(f"model {config.model} has no option {', '.join(unknown)}; its options: "
                           f"{', '.join(model_options(config.model)) or 'none'}")
     progress = sys.stderr.isatty() if progress is None else progress
-    # Under DDP, Lightning re-runs this command once per extra process: those processes find the
-    # run folder made by process 0 and must join it, not refuse it or write it again.
-    launched_rank = int(os.environ.get("LOCAL_RANK", "0"))
+    # Under DDP, Lightning re-runs this command once per extra process (torchrun and SLURM start them all):
+    # the others find the run folder made by process 0 and must join it, not refuse it or write it again.
+    launched_rank = process_rank()
     run_dir = Path(config.out) if config.out else default_run_dir(config)
     folder = RunFolder(run_dir)
     last = folder.resume_checkpoint
@@ -212,11 +235,19 @@ def train(config: TrainConfig, *, resume: bool = False, progress: bool | None = 
     if config.early_stopping_patience:
         callbacks.append(EarlyStopping(monitor="val_auc", mode="max", patience=config.early_stopping_patience))
     precision = resolve_precision(config.precision, config.accelerator, data.spatial_dims)
+    loggers: Any = False
+    if config.loggers and launched_rank == 0:  # loggers write from the first process only
+        from lightning.pytorch.callbacks import LearningRateMonitor
+
+        from meddiag.training.loggers import make_loggers
+
+        loggers = make_loggers(config.loggers, run_dir, config.model_dump(mode="json"))
+        callbacks.append(LearningRateMonitor(logging_interval="epoch"))
     trainer = L.Trainer(
-        max_epochs=config.epochs, accelerator=config.accelerator, devices=config.devices,
-        precision=precision, callbacks=callbacks, logger=False, default_root_dir=run_dir,
-        enable_progress_bar=progress, enable_model_summary=False, num_sanity_val_steps=0,
-        deterministic=False,
+        max_epochs=config.epochs, accelerator=config.accelerator, devices=config.devices, num_nodes=config.num_nodes,
+        strategy=trainer_strategy(config.strategy, config.accelerator), precision=precision, callbacks=callbacks, logger=loggers,
+        default_root_dir=run_dir, enable_progress_bar=progress, enable_model_summary=False, num_sanity_val_steps=0,
+        deterministic=False, use_distributed_sampler=False,  # the data module shards every split itself
     )
     if trainer.is_global_zero:
         print(start_line(config, data, trainer, precision, resume), file=sys.stderr, flush=True)
@@ -229,6 +260,8 @@ def train(config: TrainConfig, *, resume: bool = False, progress: bool | None = 
         warnings.filterwarnings("ignore", message=".*overridden `on_after_batch_transfer`.*")
         # Raised inside Lightning itself against newer torch; nothing a user can act on.
         warnings.filterwarnings("ignore", message=".*isinstance\\(treespec, LeafSpec\\).*")
+        # meddiag logs per epoch, not per step: Lightning's step interval does not apply.
+        warnings.filterwarnings("ignore", message=".*smaller than the logging interval.*")
         datamodule = ImageDataModule(data, config.batch_size, config.num_workers, config.sampler == "balanced", config.seed, schema)
         trainer.fit(module, datamodule=datamodule, ckpt_path=last if resume else None)
     seconds = time.perf_counter() - start
@@ -276,6 +309,10 @@ def start_line(config: TrainConfig, data: ImageData, trainer: L.Trainer, precisi
     steps = max(1, n["train"] // config.batch_size)
     size = "x".join([str(data.image_size)] * data.spatial_dims)
     device = f"{trainer.accelerator.__class__.__name__.replace('Accelerator', '').lower()} x{trainer.num_devices}"
+    if trainer.num_nodes > 1:
+        device += f" on each of {trainer.num_nodes} nodes ({trainer.world_size} processes, {config.batch_size} images per batch each)"
+    elif trainer.world_size > 1:
+        device += f" ({trainer.world_size} processes, {config.batch_size} images per batch each)"
     verb = f"resuming {config.model} at epoch {trainer.current_epoch + 1}" if resume else f"training {config.model}"
     return (f"{verb} on {data.name}: {n['train']} train / {n['val']} val / {n['test']} test images, {size} px, "
             f"{data.in_channels} channel(s), {len(data.class_names)} classes"
