@@ -28,7 +28,7 @@ def history(run) -> list[dict]:  # noqa: ANN001
 
 def predictions(run) -> dict[str, float]:  # noqa: ANN001
     with open(run / "predictions.csv") as fh:
-        return {r["path"]: float(r["prob_pneumonia"]) for r in csv.DictReader(fh)}
+        return {r["image"]: float(r["prob_pneumonia"]) for r in csv.DictReader(fh)}
 
 
 def test_two_nodes_under_torchrun_train_the_run_one_process_trains(tmp_path):
