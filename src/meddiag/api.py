@@ -36,22 +36,25 @@ def training_config(data: str | Path | None = None, *, config: str | Path | None
                     **options: Any) -> TrainConfig:
     """The configuration ``train`` would run: the defaults, then ``config`` (YAML), then ``options``.
     Resuming a folder (``out=...``) without ``config`` takes that run's own ``config.yaml``."""
-    from meddiag.errors import ConfigError
-    from meddiag.runfolder import RunFolder
     from meddiag.training.config import TrainConfig
 
-    options = _plain(options)
+    return _configuration(TrainConfig, "train", data, config, resume, options)
+
+
+def _configuration(kind: Any, verb: str, data: str | Path | None, config: str | Path | None, resume: bool,
+                   options: dict[str, Any]) -> Any:
+    """``kind`` (a config model) from its defaults, ``config`` and ``options`` (paths as text); resuming a
+    folder without ``config``, from that folder's own ``config.yaml``."""
+    from meddiag.errors import ConfigError
+    from meddiag.runfolder import RunFolder
+
+    options = {k: str(v) if isinstance(v, Path) else v for k, v in options.items()}
     out = options.get("out")
     if resume and out and config is None and RunFolder(out).config.exists():
         config = RunFolder(out).config
     if data is None and config is None:
-        raise ConfigError("give the DATA to train on (or a config file that names it)")
-    return TrainConfig.from_sources(config, data=str(data) if data is not None else None, **options)
-
-
-def _plain(options: dict[str, Any]) -> dict[str, Any]:
-    """Paths as the text the configuration holds (``out=Path(...)`` is as good as ``out="..."``)."""
-    return {k: str(v) if isinstance(v, Path) else v for k, v in options.items()}
+        raise ConfigError(f"give the DATA to {verb} on (or a config file that names it)")
+    return kind.from_sources(config, data=str(data) if data is not None else None, **options)
 
 
 def train(data: str | Path | None = None, *, config: str | Path | None = None, resume: bool = False,
@@ -77,17 +80,9 @@ def pretrain(data: str | Path | None = None, *, config: str | Path | None = None
     """Self-supervised pretraining on ``data``'s images without labels, as ``meddiag pretrain`` does; returns
     the folder that ``train(..., init_weights=folder)`` starts from. ``options``: ``model``, ``epochs``,
     ``image_size``, ``temperature``, ... as in its ``config.yaml``; ``hflip``: also flip the views left-right."""
-    from meddiag.errors import ConfigError
-    from meddiag.runfolder import RunFolder
     from meddiag.training.pretrain import PretrainConfig, pretrain as run_pretrain
 
-    options = _plain(options)
-    out = options.get("out")
-    if resume and out and config is None and RunFolder(out).config.exists():
-        config = RunFolder(out).config
-    if data is None and config is None:
-        raise ConfigError("give the DATA to pretrain on (or a config file that names it)")
-    cfg: PretrainConfig = PretrainConfig.from_sources(config, data=str(data) if data is not None else None, **options)
+    cfg: PretrainConfig = _configuration(PretrainConfig, "pretrain", data, config, resume, options)
     if hflip is not None:
         cfg = cfg.model_copy(update={"augment": cfg.augment.model_copy(update={"hflip": hflip})})
     return run_pretrain(cfg, resume=resume, progress=progress)
