@@ -226,3 +226,13 @@ def test_training_from_disk_gives_the_model_training_in_memory_gives(tmp_path):
     a, b = (r.test_metrics for r in results)
     assert a["auc"] == b["auc"] and a["acc"] == b["acc"]
     assert (tmp_path / "memory" / "predictions.csv").read_text() == (tmp_path / "disk" / "predictions.csv").read_text()
+
+
+def test_disk_images_travel_to_loader_worker_processes(tmp_path):
+    import pickle
+
+    data = make_image_folder(tmp_path / "images", per_class=10)
+    memory = load_data(str(data), image_size=32, cache=tmp_path / "cache", progress=False)
+    disk = load_data(str(data), image_size=32, cache=tmp_path / "cache", memory_mb=0, progress=False)
+    copy = pickle.loads(pickle.dumps(disk.splits["train"].images))
+    assert torch.equal(copy[:], memory.splits["train"].images)

@@ -253,6 +253,16 @@ class PreparedCache:
             db.executescript(_SCHEMA)
         return freed
 
+    def __getstate__(self) -> dict:
+        """For loader worker processes: the folder travels; connections and open files are made anew there."""
+        return {"root": self.root}
+
+    def __setstate__(self, state: dict) -> None:
+        self.root = state["root"]
+        self._local = threading.local()
+        self._fds = {}
+        self._fd_lock = threading.Lock()
+
     def close(self) -> None:
         with self._fd_lock:
             for fd in self._fds.values():
@@ -382,7 +392,7 @@ class DiskImages:
     def take(self, index) -> DiskImages:  # noqa: ANN001
         """The images at ``index``, still on disk."""
         rows = self._rows(index)
-        repair = (lambda k, _rows=rows, _repair=self.repair: _repair(_rows[k])) if self.repair else None
+        repair = _Reindexed(self.repair, rows) if self.repair else None
         taken = DiskImages(self.cache, [self.entries[i] for i in rows], self.channels, self.spatial, repair,
                            [self.sources[i] for i in rows] if self.sources else None)
         taken._checked = self._checked[rows] if rows else np.zeros(0, dtype=bool)
@@ -397,19 +407,36 @@ class DiskImages:
     @staticmethod
     def concat(parts: list[DiskImages]) -> DiskImages:
         first = parts[0]
-        repairs = [(p.repair, len(p)) for p in parts]
-
-        def repair(i: int) -> np.ndarray:
-            for fn, n in repairs:
-                if i < n:
-                    if fn is None:
-                        raise EntryDamaged("a prepared copy in the cache is damaged; run 'meddiag cache clear' and start again")
-                    return fn(i)
-                i -= n
-            raise IndexError(i)
-
+        repair = _Joined([(p.repair, len(p)) for p in parts])
         sources = [s for p in parts for s in p.sources] if all(p.sources for p in parts) else None
         joined = DiskImages(first.cache, [e for p in parts for e in p.entries], max(p.channels for p in parts), first.spatial,
                             repair, sources)
         joined._checked = np.concatenate([p._checked for p in parts])
         return joined
+
+
+@dataclass
+class _Reindexed:
+    """A subset's ``repair``: its k-th image is the ``rows[k]``-th of the whole."""
+
+    repair: Callable[[int], np.ndarray]
+    rows: list[int]
+
+    def __call__(self, k: int) -> np.ndarray:
+        return self.repair(self.rows[k])
+
+
+@dataclass
+class _Joined:
+    """A concatenation's ``repair``: each part's own, by position."""
+
+    parts: list[tuple[Callable[[int], np.ndarray] | None, int]]
+
+    def __call__(self, i: int) -> np.ndarray:
+        for repair, n in self.parts:
+            if i < n:
+                if repair is None:
+                    raise EntryDamaged("a prepared copy in the cache is damaged; run 'meddiag cache clear' and start again")
+                return repair(i)
+            i -= n
+        raise IndexError(i)

@@ -206,7 +206,7 @@ class _Kept:
         channels, chosen = self.channels, [self.items[i] for i in index]
         if chosen and self.cache is not None and all(isinstance(a, Entry) for _, a in chosen):
             records = [r for r, _ in chosen]
-            repair = (lambda k: self.repair(records[k])) if self.repair else None  # type: ignore[misc]
+            repair = RecordRepair(self.repair, records) if self.repair else None
             spatial = (self.size,) * (3 if self.volume else 2)
             return DiskImages(self.cache, [a for _, a in chosen], channels, spatial, repair, [str(r.path) for r in records])  # type: ignore[misc]
         arrays = [self.cache.read(a) if isinstance(a, Entry) else a for _, a in chosen]  # type: ignore[union-attr]
@@ -300,6 +300,58 @@ def _file_facts(rec: FileRecord, facts: dict) -> None:
     rec.patient_id = rec.patient_id or facts.get("patient_key") or None
 
 
+@dataclass
+class Preparer:
+    """Prepares one file as model input (decoded, windowed, resized: uint8 (C, S, S) or (1, S, S, S)); a plain
+    object, so that images read from the cache can travel to loader processes with what repairs them."""
+
+    volume: bool
+    size: int
+    fit: Fit
+    window: str | None
+    volume_index: int | None
+    cache: PreparedCache | None = None
+
+    def prepare(self, rec: FileRecord) -> tuple[np.ndarray, dict] | str:
+        """(array, what the file said besides its pixels: see :func:`_file_facts`), or why it cannot be used."""
+        try:
+            if self.volume:
+                return _read_volume(rec, self.size, self.window, self.fit, self.volume_index)
+            facts: dict = {}
+            if is_dicom_file(Path(rec.path)):
+                image = read_dicom(rec.path, self.window)
+                arr = dicom_as_2d(image, rec.path)
+                facts = {"modality": image.identity.modality, "body_part": image.identity.body_part,
+                         "patient_key": image.identity.patient_key or ""}
+            else:
+                arr = read_image(rec.path, self.window)
+            return to_model_input(arr, self.size, 3 if arr.ndim == 3 else 1, self.fit), facts
+        except Exception as exc:  # noqa: BLE001 - one file's failure, whatever raised it, excludes that file only
+            return source_failure(exc, rec.path)
+
+    def repair(self, rec: FileRecord) -> np.ndarray:
+        """Prepare ``rec`` again (its cache entry was found damaged) and keep the new array in the cache."""
+        res = self.prepare(rec)
+        if isinstance(res, str):
+            raise DataError(f"{rec.path}: its prepared copy in the cache is damaged and the file can no longer be read: {res}")
+        identity = _identity(rec.path)
+        if identity and self.cache is not None:
+            _keep(self.cache, Preparation(self.volume, self.size, self.fit, self.window, self.volume_index),
+                  [(identity, res[0], res[1])])
+        return res[0]
+
+
+@dataclass
+class RecordRepair:
+    """``repair(k)`` of :class:`~meddiag.data.cache.DiskImages`: prepare the file of the k-th of ``records`` again."""
+
+    repair: Callable[[FileRecord], np.ndarray]
+    records: list[FileRecord]
+
+    def __call__(self, k: int) -> np.ndarray:
+        return self.repair(self.records[k])
+
+
 def _read_all(records: list[FileRecord], volume: bool, size: int, fit: Fit, window: str | None,
               volume_index: int | None, progress: bool, cache: PreparedCache | None = None, memory_mb: float | None = None,
               ) -> tuple[list[np.ndarray | Entry | None], list[tuple[str, str]], Callable[[FileRecord], np.ndarray] | None]:
@@ -334,21 +386,7 @@ def _read_all(records: list[FileRecord], volume: bool, size: int, fit: Fit, wind
         warnings.warn(f"{len(damaged)} entries of the prepared-image cache were damaged; those files are decoded again",
                       stacklevel=3)
 
-    def read_one(rec: FileRecord) -> tuple[np.ndarray, dict] | str:
-        try:
-            if volume:
-                return _read_volume(rec, size, window, fit, volume_index)
-            facts: dict = {}
-            if is_dicom_file(Path(rec.path)):
-                image = read_dicom(rec.path, window)
-                arr = dicom_as_2d(image, rec.path)
-                facts = {"modality": image.identity.modality, "body_part": image.identity.body_part,
-                         "patient_key": image.identity.patient_key or ""}
-            else:
-                arr = read_image(rec.path, window)
-            return to_model_input(arr, size, 3 if arr.ndim == 3 else 1, fit), facts
-        except Exception as exc:  # noqa: BLE001 - one file's failure, whatever raised it, excludes that file only
-            return source_failure(exc, rec.path)
+    preparer = Preparer(volume, size, fit, window, volume_index, cache)
 
     todo = [k for k, r in enumerate(results) if r is None]
     pending: list[tuple[int, np.ndarray, dict]] = []
@@ -362,7 +400,7 @@ def _read_all(records: list[FileRecord], volume: bool, size: int, fit: Fit, wind
     with ThreadPoolExecutor(_workers()) as pool, Progress(disable=not progress or not todo, transient=True) as bar:
         task = bar.add_task(f"reading {len(todo)} images" + (f" ({len(records) - len(todo)} from the cache)" if held else ""),
                             total=len(todo))
-        for k, res in zip(todo, pool.map(read_one, [records[k] for k in todo], chunksize=32)):
+        for k, res in zip(todo, pool.map(preparer.prepare, [records[k] for k in todo], chunksize=32)):
             bar.advance(task)
             if isinstance(res, str):
                 results[k] = res
@@ -379,17 +417,7 @@ def _read_all(records: list[FileRecord], volume: bool, size: int, fit: Fit, wind
     kept = [r if isinstance(r, (np.ndarray, Entry)) else None for r in results]
     excluded = [(str(rec.path), r) for rec, r in zip(records, results) if isinstance(r, str)]
 
-    def repair(rec: FileRecord) -> np.ndarray:
-        """Prepare ``rec`` again (its cache entry was found damaged) and keep the new array."""
-        res = read_one(rec)
-        if isinstance(res, str):
-            raise DataError(f"{rec.path}: its prepared copy in the cache is damaged and the file can no longer be read: {res}")
-        identity = _identity(rec.path)
-        if identity:
-            _keep(cache, preparation, [(identity, res[0], res[1])])  # type: ignore[arg-type]
-        return res[0]
-
-    return kept, excluded, (repair if cache is not None else None)
+    return kept, excluded, (preparer.repair if cache is not None else None)
 
 
 def _identity(path: Path) -> str | None:
