@@ -146,15 +146,24 @@ def _prepare(path: str) -> int:
     return int(to_model_input(read_image(path), 128, 1, "pad").sum() > 0)
 
 
+SERIES = Path(__file__).resolve().parents[2] / "shared" / "data" / "dicom" / "vs_seg_001_t1_series"
+
+
 def decode(args: argparse.Namespace) -> None:
-    files = [str(p) for p in sorted((args.root / "images").rglob("*.png"), key=lambda p: p.name)[: args.n]]
+    if args.dicom:  # 512x512 16-bit MR slices, each read args.n // 120 times over
+        slices = sorted(str(p) for p in SERIES.iterdir() if p.is_file())
+        files = (slices * (args.n // len(slices) + 1))[: args.n]
+        what = f"{len(files)} reads of the 120 DICOM files (512x512, 16-bit MR) of {SERIES.name}"
+    else:
+        files = [str(p) for p in sorted((args.root / "images").rglob("*.png"), key=lambda p: p.name)[: args.n]]
+        what = f"{len(files)} PNG files of 256 px"
     rows = []
     for name, pool_type, workers in (("threads (meddiag)", ThreadPoolExecutor, 8), ("processes", ProcessPoolExecutor, os.cpu_count())):
         start = time.perf_counter()
         with pool_type(workers) as pool:
             list(pool.map(_prepare, files, chunksize=64))
         rows.append((name, workers, len(files) / (time.perf_counter() - start)))
-    header(args, f"first pass over {len(files)} PNG files of 256 px, prepared at 128 px (read_image + to_model_input)")
+    header(args, f"first pass over {what}, prepared at 128 px (read_image + to_model_input)")
     print("| pool | workers | images/s |")
     print("|---|---|---|")
     for name, workers, rate in rows:
@@ -211,11 +220,11 @@ def runs(args: argparse.Namespace) -> None:
     for n in args.sizes:
         data = manifest(args, n)
         shutil.rmtree(args.root / "cache", ignore_errors=True)
-        for attempt in ("first run (empty cache)", "second run"):
+        for attempt in ("without the cache (--cache off)", "first run (empty cache)", "second run"):
             out = args.root / f"run-{n}-{attempt.split()[0]}"
             shutil.rmtree(out, ignore_errors=True)
             command = [sys.executable, "-m", "meddiag", "train", str(data), "--model", args.model, "--epochs", "1",
-                       "--out", str(out), "--no-progress"]
+                       "--out", str(out), "--no-progress", *(["--cache", "off"] if "off" in attempt else [])]
             got = watch(command, args.seconds, env)
             rows.append({"n": n, "run": attempt, **got})
             print(rows[-1], flush=True)
@@ -233,11 +242,11 @@ def runs(args: argparse.Namespace) -> None:
         throughput.append((name, float(history[0]["time_s"]), got["training_rss_mib"]))
     (args.root / "runs.json").write_text(json.dumps({"rows": rows, "throughput": throughput}, indent=2))
     header(args, f"meddiag train MANIFEST --model {args.model} --epochs 1 (128 px; default --memory-mb 1024)")
-    print("| images | run | time to the first training step | first pass, images/s | peak RSS while loading | "
+    print("| images | run | time to the first training step | images/s to it | peak RSS while loading | "
           f"peak RSS training (first {args.seconds:.0f} s) |")
     print("|---|---|---|---|---|---|")
     for r in rows:
-        rate = f"{r['n'] / r['to_first_step_s']:.0f}" if r["run"].startswith("first") else "–"
+        rate = f"{r['n'] / r['to_first_step_s']:.0f}" if not r["run"].startswith("second") else "–"
         print(f"| {r['n']:,} | {r['run']} | {r['to_first_step_s']:.1f} s | {rate} | {r['loading_rss_mib']:.0f} MiB | "
               f"{r['training_rss_mib']:.0f} MiB |")
     print(f"\ncache after the largest size: {cache_bytes / 2**30:.2f} GiB")
@@ -259,6 +268,7 @@ def main() -> None:
     parser.add_argument("--sizes", type=int, nargs="+", default=[10_000, 100_000])
     parser.add_argument("--seconds", type=float, default=240, help="runs: how long into the epoch RSS is watched")
     parser.add_argument("--model", default="seed_cnn")
+    parser.add_argument("--dicom", action="store_true", help="decode: DICOM slices instead of the PNG folder")
     parser.add_argument("--root", type=Path, default=ROOT)
     args = parser.parse_args()
     {"make": make, "formats": formats, "decode": decode, "runs": runs}[args.part](args)

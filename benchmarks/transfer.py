@@ -117,6 +117,17 @@ def label_manifest(fraction: float, seed: int, root: Path) -> Path:
     return path
 
 
+LR1 = "pretrained, --backbone-lr-mult 1"
+ARM_FOLDERS = {"scratch": "scratch", "pretrained": "pretrained", LR1: "pretrained-lr1"}
+
+
+def arms(weights: Path) -> dict[str, list]:
+    """The starts compared: from scratch, from the pretraining with the fine-tuning defaults (the backbone at a
+    tenth of the learning rate, a warm-up epoch), and with the backbone at the full learning rate."""
+    return {"scratch": [], "pretrained": ["--init-weights", weights],
+            LR1: ["--init-weights", weights, "--backbone-lr-mult", "1"]}
+
+
 def labels(args: argparse.Namespace) -> None:
     weights = pretrain_folder(args)
     rows = []
@@ -124,10 +135,10 @@ def labels(args: argparse.Namespace) -> None:
         for seed in args.seeds:
             manifest = label_manifest(fraction, seed, args.runs / "manifests")
             n_train = sum(1 for r in csv.DictReader(open(manifest)) if r["split"] == "train")
-            for arm, extra in (("scratch", []), ("pretrained", ["--init-weights", weights])):
-                if arm == "pretrained" and fraction not in args.pretrained_fractions:
+            for arm, extra in arms(weights).items():
+                if ARM_FOLDERS[arm] not in args.arms or (arm == LR1 and fraction not in args.lr1_fractions):
                     continue
-                out = args.runs / "labels" / f"{arm}-{fraction:g}-seed{seed}"
+                out = args.runs / "labels" / f"{ARM_FOLDERS[arm]}-{fraction:g}-seed{seed}"
                 cmd = ["meddiag", "train", manifest, "--model", args.model, "--seed", seed, "--out", out, "--no-progress", *extra]
                 wall = run(cmd, out)
                 rows.append({"arm": arm, "fraction": fraction, "seed": seed, "n_train": n_train, "wall_min": wall,
@@ -137,7 +148,7 @@ def labels(args: argparse.Namespace) -> None:
     print("| labels used for training | images | start | test AUC | ACC at 0.5 | ACC at the val-chosen Youden point | minutes per run |")
     print("|---|---|---|---|---|---|---|")
     for fraction in args.fractions:
-        for arm in ("scratch", "pretrained"):
+        for arm in ARM_FOLDERS:
             mine = [r for r in rows if r["arm"] == arm and r["fraction"] == fraction]
             if mine:
                 print(f"| {fraction:.0%} | {round(statistics.fmean(r['n_train'] for r in mine))} | {arm} | "
@@ -145,7 +156,7 @@ def labels(args: argparse.Namespace) -> None:
                       + f" | {statistics.fmean(r['wall_min'] for r in mine):.1f} |")
     print("\nPer seed (test AUC):")
     for fraction in args.fractions:
-        for arm in ("scratch", "pretrained"):
+        for arm in ARM_FOLDERS:
             mine = [r for r in rows if r["arm"] == arm and r["fraction"] == fraction]
             if mine:
                 print(f"- {fraction:.0%} {arm}: " + ", ".join(f"{r['auc']:.4f}" for r in mine))
@@ -235,8 +246,10 @@ def main() -> None:
     parser.add_argument("--model", default="resnet18")
     parser.add_argument("--pretrain-epochs", type=int, default=50)
     parser.add_argument("--fractions", type=float, nargs="+", default=list(FRACTIONS))
-    parser.add_argument("--pretrained-fractions", type=float, nargs="+", default=list(FRACTIONS),
-                        help="the fractions that also get a pretrained run")
+    parser.add_argument("--arms", nargs="+", default=list(ARM_FOLDERS.values()), choices=list(ARM_FOLDERS.values()),
+                        help="the starts compared")
+    parser.add_argument("--lr1-fractions", type=float, nargs="+", default=[0.01, 0.1],
+                        help="the fractions that also get the full-learning-rate fine-tuning")
     parser.add_argument("--full-target", action=argparse.BooleanOptionalAction, default=True,
                         help="cross: also the whole PneumoniaMNIST training split (the long runs)")
     parser.add_argument("--runs", type=Path, default=Path("runs/benchmarks/transfer"))

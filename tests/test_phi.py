@@ -9,7 +9,7 @@ import numpy as np
 from conftest import synthetic_image, write_dicom
 from test_end_to_end import meddiag
 
-PHI = ["Doe^Jane", "DOE", "PID-SECRET", "19700101", "ACC-XYZ-", "Springfield General"]
+PHI = ["Doe^Jane", "DOE", "PID-SECRET", "19700101", "ACC-XYZ-", "Springfield General", "WARDSECRET"]
 
 
 def _phi_folder(root: Path) -> Path:
@@ -21,6 +21,7 @@ def _phi_folder(root: Path) -> Path:
                 write_dicom(root / name / f"p{k}_{i}.dcm", synthetic_image(label, rng).astype(np.uint16),
                             PatientName=f"Doe^Jane{k}", PatientID=f"PID-SECRET-{k}", PatientBirthDate="19700101",
                             AccessionNumber=f"ACC-XYZ-{k}", InstitutionName="Springfield General",
+                            ReferringPhysicianName="WARDSECRET",  # one component: highdicom warns of it, quoting it
                             WindowCenter=128, WindowWidth=256)
     broken = root / "normal" / "broken.dcm"
     broken.write_bytes((root / "normal" / "p0_0.dcm").read_bytes()[:700])  # header with PHI, pixels cut
@@ -41,9 +42,14 @@ def test_no_phi_in_any_output_and_patients_stay_in_one_split(tmp_path):
     outputs.append(proc.stdout + proc.stderr)
     proc = meddiag("evaluate", str(run), "--split", "val")
     outputs.append(proc.stdout + proc.stderr)
-    proc = meddiag("predict", str(run), str(data), "--output", str(tmp_path / "preds.csv"))
+    proc = meddiag("predict", str(run), str(data), "--output", str(tmp_path / "preds.csv"), "--dicom-out", str(tmp_path / "dicom"))
     assert proc.returncode == 1  # broken.dcm
     outputs.append(proc.stdout + proc.stderr)
+    # the DICOM results carry the patient and study modules (so the PACS files them right), and are named by UIDs
+    results = sorted((tmp_path / "dicom").rglob("*.dcm"))
+    assert len(results) == 2 * 40 and all(re.fullmatch(r"[0-9.]+\.dcm", p.name) for p in results)
+    assert all(b"PID-SECRET" in p.read_bytes() for p in results)
+    assert not any(secret in str(p) for p in results for secret in PHI)
 
     blobs = [o.encode() for o in outputs]
     blobs += [p.read_bytes() for p in run.rglob("*") if p.is_file()]

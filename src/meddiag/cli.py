@@ -277,6 +277,7 @@ def predict(
     backend: Annotated[str, typer.Option(help="torch, or onnx (ONNX Runtime; exports the run on first use).")] = "torch",
     covariates: Annotated[Optional[Path], typer.Option(help="CSV of the cases' patient data: a 'path' column naming each image and the model's covariate columns; missing rows and values are allowed.")] = None,
     tabular: Annotated[Optional[Path], typer.Option(help="The joined table (e.g. genomics.csv) for a model trained with --tabular; rows found by the model's join key in --covariates.")] = None,
+    dicom_out: Annotated[Optional[Path], typer.Option(help="Also write each DICOM input's result as DICOM into this folder: a Structured Report and a Secondary Capture of the heatmap, in the source's study.")] = None,
 ) -> None:
     """Diagnose images: the predicted class and each class's probability, per file.
 
@@ -305,6 +306,14 @@ def predict(
 
         explained, _ = explain_files(predictor.model, predictor.card, [p.path for p in predictions], explain, patients=patients)
         print(f"{len(explained)} heatmaps -> {explain}", file=sys.stderr if not output else sys.stdout)
+    if dicom_out:
+        require("pacs", "--dicom-out", ("highdicom",))
+        from meddiag.pacs.store import write_results
+
+        written, skipped, failed = write_results(predictor, predictions, dicom_out)
+        failures += failed
+        print(f"{written} DICOM result(s) (SR + heatmap SC) -> {dicom_out}"
+              + (f"; {skipped} input(s) were not DICOM, so have none" if skipped else ""), file=sys.stderr if not output else sys.stdout)
     for f in failures:
         print(f"error: {f.path}: {f.reason}", file=sys.stderr)
     if failures:

@@ -10,6 +10,8 @@ from meddiag.errors import MeddiagError
 EXTRAS: dict[str, tuple[str, ...]] = {
     "serve": ("fastapi", "uvicorn", "multipart", "onnx", "onnxruntime", "onnxscript"),
     "tune": ("optuna",),
+    "loggers": ("tensorboard", "mlflow"),
+    "pacs": ("highdicom", "dicomweb_client", "pynetdicom"),
 }
 
 

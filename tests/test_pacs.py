@@ -1,0 +1,147 @@
+"""DICOM results: the Structured Report and the heatmap Secondary Capture of each diagnosis, in the source's
+study, referencing the source, validated by highdicom, pydicom and dicom3tools' dciodvfy; the same objects again
+when the same image is diagnosed again."""
+
+from __future__ import annotations
+
+import csv
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pydicom
+import pytest
+
+from conftest import SHARED_DATA, synthetic_image, write_dicom
+
+CR = SHARED_DATA / "dicom" / "pydicom_data" / "RG1_UNCR.dcm"  # a real chest CR, 1955 x 1841
+DCIODVFY = shutil.which("dciodvfy")
+
+
+def predict(run: Path, *args: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "meddiag", "predict", str(run), *args], capture_output=True, text=True,
+                          timeout=600)
+
+
+def content_items(ds) -> list:  # noqa: ANN001
+    """Every content item of an SR, depth first."""
+    out = []
+    for item in getattr(ds, "ContentSequence", []):
+        out.append(item)
+        out += content_items(item)
+    return out
+
+
+def dciodvfy_errors(path: Path) -> list[str]:
+    assert DCIODVFY, "dciodvfy (Debian's dicom3tools) is not installed: the README's test command installs it"
+    done = subprocess.run([DCIODVFY, "-new", str(path)], capture_output=True, text=True, timeout=120)
+    return [line for line in (done.stdout + done.stderr).splitlines() if line.startswith("Error")]
+
+
+@pytest.fixture(scope="module")
+def dicom_sources(tmp_path_factory) -> list[Path]:
+    root = tmp_path_factory.mktemp("sources")
+    made = write_dicom(root / "synthetic.dcm", synthetic_image(1, np.random.default_rng(4), size=64).astype(np.uint16) * 16,
+                       PatientName="Roe^Richard", PatientID="MRN-77", Modality="DX", PatientOrientation=["AL", "F"],
+                       PixelSpacing=[0.2, 0.2], WindowCenter=2048, WindowWidth=4096)
+    return [CR, made]
+
+
+def test_predict_writes_a_valid_sr_and_heatmap_sc_into_the_source_study(small_run, dicom_sources, tmp_path):
+    out = tmp_path / "dicom"
+    proc = predict(small_run, *map(str, dicom_sources), "--output", str(tmp_path / "p.csv"), "--dicom-out", str(out))
+    assert proc.returncode == 0, proc.stderr
+    rows = {r["path"]: r for r in csv.DictReader(open(tmp_path / "p.csv"))}
+    written = sorted(out.rglob("*.dcm"))
+    assert len(written) == 4
+    for source_path in dicom_sources:
+        source = pydicom.dcmread(source_path, stop_before_pixels=True)
+        mine = [pydicom.dcmread(p) for p in written if p.parts[-3] == source.StudyInstanceUID]
+        kinds = {d.SOPClassUID.name: d for d in mine}
+        assert set(kinds) == {"Comprehensive 3D SR Storage", "Secondary Capture Image Storage"}
+        sr, sc = kinds["Comprehensive 3D SR Storage"], kinds["Secondary Capture Image Storage"]
+        for ds in (sr, sc):  # the source's patient and study; a series of its own
+            assert ds.StudyInstanceUID == source.StudyInstanceUID and ds.PatientID == source.PatientID
+            assert ds.PatientName == source.PatientName and ds.SeriesInstanceUID != source.SeriesInstanceUID
+            assert "RESEARCH USE - NOT FOR DIAGNOSIS" in ds.SeriesDescription
+        assert sr.VerificationFlag == "UNVERIFIED" and sr.CompletionFlag == "COMPLETE"
+        evidence = sr.CurrentRequestedProcedureEvidenceSequence[0].ReferencedSeriesSequence[0].ReferencedSOPSequence[0]
+        assert evidence.ReferencedSOPInstanceUID == source.SOPInstanceUID
+        items = content_items(sr)
+        images = [i for i in items if i.ValueType == "IMAGE"]
+        assert images[0].ReferencedSOPSequence[0].ReferencedSOPInstanceUID == source.SOPInstanceUID
+        row = rows[str(source_path)]
+        numbers = {i.ConceptNameCodeSequence[0].CodeMeaning: float(i.MeasuredValueSequence[0].NumericValue)
+                   for i in items if i.ValueType == "NUM"}
+        for name in ("normal", "pneumonia"):
+            assert numbers[f"Probability of {name}"] == pytest.approx(float(row[f"prob_{name}"]), abs=1e-5)
+        assert numbers["Certainty of Finding"] == pytest.approx(100 * float(row[f"prob_{row['prediction']}"]), abs=1e-3)
+        codes = {i.ConceptNameCodeSequence[0].CodeMeaning: i.ConceptCodeSequence[0] for i in items if i.ValueType == "CODE"}
+        assert codes["Finding"].CodeMeaning.lower() == row["prediction"].lower()
+        assert codes["Input unlike the training data"].CodeMeaning == ("Yes" if row["ood"] == "1" else "No")
+        assert any("meddiag" in str(i.get("TextValue", "")) for i in items)  # the algorithm's name (TID 4019)
+        # the heatmap at the source's own size and spacing, the result burned in and said so
+        assert (sc.Rows, sc.Columns) == (source.Rows, source.Columns) and sc.SamplesPerPixel == 3
+        assert sc.BurnedInAnnotation == "YES" and sc.SourceImageSequence[0].ReferencedSOPInstanceUID == source.SOPInstanceUID
+        if float(source.get("PixelSpacing", [0])[0] or 0) > 0:
+            assert [float(v) for v in sc.PixelSpacing] == [float(v) for v in source.PixelSpacing]
+        assert sc.pixel_array.shape == (source.Rows, source.Columns, 3)
+    for path in written:
+        assert dciodvfy_errors(path) == [], path
+
+
+def test_the_same_diagnosis_again_makes_the_same_objects_and_non_dicom_inputs_none(small_run, dicom_sources, tmp_path):
+    png = sorted((small_run.parent / "images").rglob("*.png"))[0]
+    first = predict(small_run, str(dicom_sources[1]), str(png), "--dicom-out", str(tmp_path / "a"))
+    again = predict(small_run, str(dicom_sources[1]), "--dicom-out", str(tmp_path / "b"))
+    assert first.returncode == 0 and again.returncode == 0, first.stderr + again.stderr
+    assert "1 input(s) were not DICOM" in first.stderr
+    names = lambda root: sorted(p.relative_to(root) for p in root.rglob("*.dcm"))  # noqa: E731
+    assert names(tmp_path / "a") == names(tmp_path / "b") and len(names(tmp_path / "a")) == 2
+
+
+def test_a_source_that_cannot_be_read_again_costs_its_result_only(small_run, dicom_sources, tmp_path, monkeypatch):
+    from meddiag import load
+    from meddiag.pacs.store import write_results
+
+    model = load(small_run)
+    copies = []
+    for k in range(2):
+        copies.append(tmp_path / f"s{k}.dcm")
+        shutil.copy(dicom_sources[1], copies[-1])
+    predictions = model.predict([str(p) for p in copies])
+    copies[0].write_bytes(copies[0].read_bytes()[:300])  # damaged after it was diagnosed
+    written, skipped, failures = write_results(model.predictor, list(predictions), tmp_path / "out")
+    assert written == 1 and skipped == 0 and len(failures) == 1 and "s0.dcm" in failures[0].path
+
+
+def test_a_series_gets_one_sr_referencing_every_slice(tmp_path):
+    """A 3D model's result for a DICOM series folder: the SR references each slice, the SC shows three planes."""
+    from meddiag import load, train
+    from meddiag.pacs.store import write_results
+
+    from conftest import make_volume_folder
+
+    vols = make_volume_folder(tmp_path / "vols", per_class=6, size=20)
+    run = train(vols, model="seed_cnn", epochs=1, image_size=20, batch_size=4, out=tmp_path / "run", ood_keep=None)
+    series = tmp_path / "series"
+    rng = np.random.default_rng(0)
+    from pydicom.uid import generate_uid
+
+    study, uid = generate_uid(), generate_uid()
+    for z in range(12):
+        write_dicom(series / f"s{z:02d}.dcm", (rng.random((16, 16)) * 1000).astype(np.uint16), StudyInstanceUID=study,
+                    SeriesInstanceUID=uid, ImagePositionPatient=[0, 0, 2.0 * z], ImageOrientationPatient=[1, 0, 0, 0, 1, 0],
+                    PixelSpacing=[1, 1], SliceThickness=2, InstanceNumber=z + 1, PatientID="MRN-3D")
+    model = load(run)
+    predictions = model.predict([str(series)])
+    written, _, failures = write_results(model.predictor, list(predictions), tmp_path / "out")
+    assert written == 1 and not failures
+    sr = next(pydicom.dcmread(p) for p in (tmp_path / "out").rglob("*.dcm") if pydicom.dcmread(p).Modality == "SR")
+    referenced = {i.ReferencedSOPSequence[0].ReferencedSOPInstanceUID for i in content_items(sr) if i.ValueType == "IMAGE"}
+    assert referenced == {pydicom.dcmread(p).SOPInstanceUID for p in series.iterdir()}
+    assert sr.StudyInstanceUID == study
+    for path in (tmp_path / "out").rglob("*.dcm"):
+        assert dciodvfy_errors(path) == [], path
