@@ -44,7 +44,7 @@ def dciodvfy_errors(path: Path) -> list[str]:
 def dicom_sources(tmp_path_factory) -> list[Path]:
     root = tmp_path_factory.mktemp("sources")
     made = write_dicom(root / "synthetic.dcm", synthetic_image(1, np.random.default_rng(4), size=64).astype(np.uint16) * 16,
-                       PatientName="Roe^Richard", PatientID="MRN-77", Modality="DX", PatientOrientation=["AL", "F"],
+                       PatientName="Roe^Richard", PatientID="MRN-77", Modality="DX", PatientOrientation=["AL", "F"], StudyDate="20261130",
                        PixelSpacing=[0.2, 0.2], WindowCenter=2048, WindowWidth=4096)
     return [CR, made]
 
@@ -145,3 +145,80 @@ def test_a_series_gets_one_sr_referencing_every_slice(tmp_path):
     assert sr.StudyInstanceUID == study
     for path in (tmp_path / "out").rglob("*.dcm"):
         assert dciodvfy_errors(path) == [], path
+
+
+# -- a real PACS: Orthanc over DICOMweb --------------------------------------------------------------------
+
+def test_pacs_predict_over_dicomweb_stores_sr_and_sc_in_the_study_once(small_run, dicom_sources, tmp_path):
+    import io
+    import os
+
+    from orthanc import PASSWORD, USER, Orthanc
+
+    env = {**os.environ, "MEDDIAG_PACS_USER": USER, "MEDDIAG_PACS_PASSWORD": PASSWORD}
+    with Orthanc(tmp_path / "orthanc") as pacs:
+        for path in dicom_sources:
+            pacs.upload(path)
+        study = str(pydicom.dcmread(CR, stop_before_pixels=True).StudyInstanceUID)
+        command = [sys.executable, "-m", "meddiag", "pacs", "predict", str(small_run), "--url", pacs.dicomweb,
+                   "--study", study, "--outbox", str(tmp_path / "outbox")]
+        first = subprocess.run(command, capture_output=True, text=True, env=env, timeout=600)
+        assert first.returncode == 0, first.stderr
+        assert "1 series diagnosed, 2 result objects stored" in first.stdout
+        held = pacs.instances()
+        results = [i for i in held if i["StudyInstanceUID"] == study and i.get("Manufacturer") == "meddiag"]
+        assert sorted(i["Modality"] for i in results) == ["OT", "SR"]
+        sr = pydicom.dcmread(io.BytesIO(pacs.file(next(i["id"] for i in results if i["Modality"] == "SR"))))
+        source = pydicom.dcmread(CR, stop_before_pixels=True)
+        refs = {i.ReferencedSOPSequence[0].ReferencedSOPInstanceUID for i in content_items(sr) if i.ValueType == "IMAGE"}
+        assert refs == {source.SOPInstanceUID} and sr.PatientID == source.PatientID
+        assert PASSWORD not in first.stdout + first.stderr  # the credentials are never printed
+        # a second run finds the results there: nothing diagnosed again, nothing duplicated
+        again = subprocess.run(command, capture_output=True, text=True, env=env, timeout=600)
+        assert again.returncode == 0 and "0 series diagnosed" in again.stdout
+        assert "1 series diagnosed before by this model, 2 series of meddiag's own results" in again.stdout
+        assert len(pacs.instances()) == len(held)
+        # the other study, found by modality and date: meddiag's own results are never diagnosed
+        by_date = subprocess.run([*command[:8], "--modality", "DX", "--since", "1900-01-01", "--outbox", str(tmp_path / "outbox")],
+                                 capture_output=True, text=True, env=env, timeout=600)
+        assert by_date.returncode == 0, by_date.stderr
+        assert "1 series diagnosed" in by_date.stdout and len(pacs.instances()) == len(held) + 2
+        # wrong credentials: said at once, the password not shown
+        wrong = subprocess.run(command, capture_output=True, text=True, timeout=600,
+                               env={**env, "MEDDIAG_PACS_PASSWORD": "not-it"})
+        assert wrong.returncode == 2 and "refused the credentials (HTTP 401)" in wrong.stderr and "not-it" not in wrong.stderr
+
+
+def test_results_a_pacs_could_not_take_wait_in_the_outbox_and_go_first_next_time(small_run, dicom_sources, tmp_path):
+    import os
+
+    from orthanc import PASSWORD, USER, Orthanc
+
+    env = {**os.environ, "MEDDIAG_PACS_USER": USER, "MEDDIAG_PACS_PASSWORD": PASSWORD}
+    study = str(pydicom.dcmread(dicom_sources[1], stop_before_pixels=True).StudyInstanceUID)
+    # results made while no PACS answers: a local folder of the study stands for what was fetched
+    from meddiag import load
+    from meddiag.pacs.dicomweb import Outbox, PacsRun, _send
+    from meddiag.pacs.results import ResultMaker
+
+    model = load(small_run)
+    [prediction] = model.predict([str(dicom_sources[1])])
+    box = Outbox(tmp_path / "outbox")
+    files = [box.put(ds) for ds in ResultMaker(model.predictor).make(prediction).datasets()]
+
+    class Down:
+        def store_instances(self, *a, **k):
+            import requests
+            raise requests.ConnectionError("connection refused")
+
+    report = PacsRun()
+    _send(Down(), files, report, attempts=2, echo=lambda _: None)
+    assert report.stored == 0 and len(box.waiting()) == 2 and "cannot be reached" in report.problems[0]
+    with Orthanc(tmp_path / "orthanc") as pacs:
+        pacs.upload(dicom_sources[1])
+        done = subprocess.run([sys.executable, "-m", "meddiag", "pacs", "predict", str(small_run), "--url", pacs.dicomweb,
+                               "--study", study, "--outbox", str(tmp_path / "outbox")], capture_output=True, text=True,
+                              env=env, timeout=600)
+        assert done.returncode == 0, done.stderr
+        assert "2 result object(s) left in the outbox" in done.stderr and "1 series diagnosed before" in done.stdout
+        assert box.waiting() == [] and len(pacs.instances()) == 3

@@ -522,6 +522,41 @@ def inspect(
         json_out.write_text(json.dumps(report.to_dict(), indent=2))
 
 
+pacs_app = typer.Typer(help="The hospital's PACS: diagnose its studies and store the results back (DICOMweb).",
+                       no_args_is_help=True, add_completion=False)
+app.add_typer(pacs_app, name="pacs")
+
+
+@pacs_app.command("predict")
+@friendly_errors
+def pacs_predict_command(
+    run: Annotated[Path, typer.Argument(help="Run folder (or a checkpoint file).")],
+    url: Annotated[str, typer.Option(help="The PACS's DICOMweb root, e.g. http://pacs:8042/dicom-web.")],
+    study: Annotated[Optional[list[str]], typer.Option(help="A Study Instance UID to diagnose; repeatable.")] = None,
+    modality: Annotated[Optional[str], typer.Option(help="Only series of this modality, e.g. CR (with --since: studies that hold it).")] = None,
+    since: Annotated[Optional[str], typer.Option(help="Studies from this date on, YYYY-MM-DD.")] = None,
+    credentials: Annotated[Optional[Path], typer.Option(help='A JSON file: {"username": ..., "password": ...} or {"token": ...}. [default: MEDDIAG_PACS_USER/MEDDIAG_PACS_PASSWORD or MEDDIAG_PACS_TOKEN]')] = None,
+    outbox: Annotated[Optional[Path], typer.Option(help="Where results wait until the PACS has them. [default: $MEDDIAG_CACHE/outbox]")] = None,
+    attempts: Annotated[int, typer.Option(help="Tries per PACS request before giving up (waits 1, 2, 4 ... s between).", min=1)] = 4,
+) -> None:
+    """Find studies in a PACS (QIDO-RS), fetch their images (WADO-RS), diagnose them and store each result back as a
+    DICOM SR and heatmap SC in the same study (STOW-RS). Exit code 1 if anything could not be done."""
+    from meddiag.extras import require
+
+    require("pacs", "meddiag pacs")
+    from meddiag.pacs.dicomweb import pacs_predict
+    from meddiag.serving.predictor import Predictor
+
+    logging.getLogger("dicomweb_client").setLevel(logging.WARNING)  # its debug lines would show request headers
+    report = pacs_predict(Predictor.from_run(run), url, studies=study, modality=modality, since=since, credentials=credentials,
+                          outbox=outbox, attempts=attempts, echo=lambda text: print(text, file=sys.stderr))
+    print(report.summary())
+    for problem in report.problems:
+        print(f"error: {problem}", file=sys.stderr)
+    if report.problems or report.pending:
+        raise typer.Exit(1)
+
+
 @app.command("cache")
 @friendly_errors
 def cache_command(
