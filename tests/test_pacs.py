@@ -222,3 +222,99 @@ def test_results_a_pacs_could_not_take_wait_in_the_outbox_and_go_first_next_time
         assert done.returncode == 0, done.stderr
         assert "2 result object(s) left in the outbox" in done.stderr and "1 series diagnosed before" in done.stdout
         assert box.waiting() == [] and len(pacs.instances()) == 3
+
+
+# -- a DICOM node: C-STORE in, C-STORE out ----------------------------------------------------------------
+
+def wait_for(check, seconds: float = 90.0):  # noqa: ANN001, ANN201
+    import time
+
+    deadline = time.time() + seconds
+    while time.time() < deadline:
+        value = check()
+        if value:
+            return value
+        time.sleep(0.5)
+    return check()
+
+
+def test_listen_diagnoses_what_a_pacs_routes_to_it_and_stores_the_results_back(small_run, dicom_sources, tmp_path):
+    import os
+
+    from pynetdicom import AE
+    from pynetdicom.sop_class import Verification
+
+    from orthanc import Orthanc, free_port
+
+    port = free_port()
+    with Orthanc(tmp_path / "orthanc", modalities={"meddiag": ("MEDDIAG", "127.0.0.1", port)}) as pacs:
+        node = subprocess.Popen([sys.executable, "-m", "meddiag", "listen", str(small_run), "--port", str(port),
+                                 "--send-to", f"127.0.0.1:{pacs.dicom_port}:{pacs.aet}", "--series-timeout", "1",
+                                 "--max-series", "2", "--spool", str(tmp_path / "spool"), "--outbox", str(tmp_path / "outbox")],
+                                stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env={**os.environ, "OMP_NUM_THREADS": "1"})
+        try:
+            scu = AE(ae_title="MODALITY")
+            scu.add_requested_context(Verification)
+            assert wait_for(lambda: (a := scu.associate("127.0.0.1", port, ae_title="MEDDIAG")).is_established and (a.release() or True), 60)
+            # a PACS routing rule: Orthanc sends the CR to meddiag (C-STORE)
+            oid = pacs.upload(dicom_sources[0])
+            r = pacs.session.post(f"{pacs.url}/modalities/meddiag/store", json={"Resources": [oid], "Synchronous": True}, timeout=60)
+            assert r.ok, r.text
+            study = str(pydicom.dcmread(dicom_sources[0], stop_before_pixels=True).StudyInstanceUID)
+            results = wait_for(lambda: [i for i in pacs.instances() if i.get("Manufacturer") == "meddiag"], 120)
+            assert sorted(i["Modality"] for i in results) == ["OT", "SR"], node.stderr
+            assert all(i["StudyInstanceUID"] == study for i in results)
+            # a malformed object (no Series Instance UID: it belongs nowhere) is answered 'cannot understand'
+            good = pydicom.dcmread(dicom_sources[1])
+            bad = pydicom.dcmread(dicom_sources[1])
+            del bad.SeriesInstanceUID
+            scu2 = AE(ae_title="MODALITY")
+            scu2.add_requested_context(good.SOPClassUID, good.file_meta.TransferSyntaxUID)
+            assoc = scu2.associate("127.0.0.1", port, ae_title="MEDDIAG")
+            assert assoc.is_established
+            status = assoc.send_c_store(bad)
+            assoc.release()
+            assert int(status.Status) == 0xC210
+            # and the node goes on: the whole image gets its results
+            assoc = scu2.associate("127.0.0.1", port, ae_title="MEDDIAG")
+            assert int(assoc.send_c_store(good).Status) == 0x0000
+            assoc.release()
+            other = str(good.StudyInstanceUID)
+            assert wait_for(lambda: len([i for i in pacs.instances() if i.get("Manufacturer") == "meddiag"
+                                         and i["StudyInstanceUID"] == other]) == 2, 120)
+        finally:
+            node.terminate()
+            out, err = node.communicate(timeout=60)
+    assert "series diagnosed" in err and not list((tmp_path / "outbox").glob("*.dcm"))
+    for secret in ("Roe^Richard", "MRN-77", "CompressedSamples"):  # patient names and ids never in the log
+        assert secret not in err + out
+
+
+def test_listen_spools_on_disk_bounds_its_queue_and_leaves_non_images_alone(small_run, dicom_sources, tmp_path):
+    from types import SimpleNamespace
+
+    from pydicom.uid import generate_uid
+
+    from meddiag import load
+    from meddiag.pacs.listener import Destination, Listener
+
+    node = Listener(load(small_run).predictor, spool=tmp_path / "spool", outbox=tmp_path / "outbox", max_series=2)
+
+    def event(ds):  # noqa: ANN001, ANN202 - what pynetdicom hands the C-STORE handler
+        return SimpleNamespace(dataset=ds, file_meta=ds.file_meta, assoc=SimpleNamespace(requestor=SimpleNamespace(ae_title="CT1")))
+
+    codes = []
+    for k in range(3):
+        ds = pydicom.dcmread(dicom_sources[1])
+        ds.SeriesInstanceUID, ds.SOPInstanceUID = generate_uid(), generate_uid()
+        codes.append(node._on_store(event(ds)))
+    assert codes == [0x0000, 0x0000, 0xA700]  # the third series waits at its sender
+    assert sorted(len(list(p.iterdir())) for p in (tmp_path / "spool").iterdir()) == [1, 1]  # on disk, one file each
+    report = pydicom.dcmread(dicom_sources[1], stop_before_pixels=True)
+    report.SeriesInstanceUID = generate_uid()
+    assert node._on_store(event(report)) == 0x0000 and len(list((tmp_path / "spool").iterdir())) == 2  # no pixels: left alone
+    # a listener started again finds the series a stop left behind
+    again = Listener(load(small_run).predictor, spool=tmp_path / "spool", outbox=tmp_path / "outbox")
+    assert len(again._last) == 2
+    with pytest.raises(Exception, match="HOST:PORT:AET"):
+        Destination.parse("pacs:104")

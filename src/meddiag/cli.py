@@ -557,6 +557,48 @@ def pacs_predict_command(
         raise typer.Exit(1)
 
 
+@app.command()
+@friendly_errors
+def listen(
+    run: Annotated[Path, typer.Argument(help="Run folder (or a checkpoint file).")],
+    port: Annotated[int, typer.Option(help="The DICOM port to listen on.")] = 11112,
+    ae_title: Annotated[str, typer.Option(help="This node's AE title (what the PACS or modality sends to).")] = "MEDDIAG",
+    host: Annotated[str, typer.Option(help="The address to listen on; 0.0.0.0 for every network interface.")] = "127.0.0.1",
+    send_to: Annotated[Optional[str], typer.Option(help="Where the results go by C-STORE: HOST:PORT:AET (the PACS). [default: none, kept in the outbox]")] = None,
+    series_timeout: Annotated[float, typer.Option(help="A series is complete when no image of it has come for this many seconds.")] = 5.0,
+    max_series: Annotated[int, typer.Option(help="Series waiting at most; past it a C-STORE is answered 'out of resources' (the sender retries).", min=1)] = 64,
+    spool: Annotated[Optional[Path], typer.Option(help="Where received images wait until their series is diagnosed. [default: $MEDDIAG_CACHE/listen-spool]")] = None,
+    outbox: Annotated[Optional[Path], typer.Option(help="Where results wait until the PACS has them. [default: $MEDDIAG_CACHE/listen-outbox]")] = None,
+) -> None:
+    """A DICOM node: receive images by C-STORE (from a modality or a PACS routing rule), diagnose each series when it is
+    complete, and send its SR and heatmap SC to the PACS by C-STORE. Runs until stopped (Ctrl-C)."""
+    import signal
+    import threading
+
+    from meddiag.extras import require
+
+    require("pacs", "meddiag listen")
+    from meddiag.pacs.listener import Destination, Listener
+    from meddiag.serving.predictor import Predictor
+
+    logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(levelname)s %(message)s", stream=sys.stderr)
+    logging.getLogger("meddiag.listen").setLevel(logging.INFO)
+    destination = Destination.parse(send_to) if send_to else None
+    node = Listener(Predictor.from_run(run), ae_title=ae_title, host=host, port=port, send_to=destination, spool=spool,
+                    outbox=outbox, series_timeout=series_timeout, max_series=max_series)
+    stopped = threading.Event()
+    signal.signal(signal.SIGTERM, lambda *_: stopped.set())
+    node.start()
+    if destination is not None and node.outbox.waiting():
+        node.send(node.outbox.waiting())
+    try:
+        stopped.wait()
+    except KeyboardInterrupt:
+        pass
+    node.stop()
+    print(f"stopped: {node.diagnosed} series diagnosed", file=sys.stderr)
+
+
 @app.command("cache")
 @friendly_errors
 def cache_command(

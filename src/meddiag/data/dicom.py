@@ -132,7 +132,7 @@ def _starts_with_element(head: bytes) -> bool:
 
 
 @lru_cache(maxsize=1)
-def _quiet_value_validation() -> None:
+def quiet_value_validation() -> None:
     """Stop pydicom's value-validation warnings on reading: they quote header values verbatim,
     so an odd PatientName or PatientBirthDate would reach the log. (Set through pydicom's own
     configuration; ``warnings.catch_warnings`` is not thread-safe and files are read in threads.)"""
@@ -150,7 +150,7 @@ def read_dicom_dataset(path: Path, stop_before_pixels: bool = False):  # noqa: A
     from pydicom.dataset import FileMetaDataset
     from pydicom.uid import ExplicitVRBigEndian, ExplicitVRLittleEndian, ImplicitVRLittleEndian
 
-    _quiet_value_validation()
+    quiet_value_validation()
     try:
         with open(path, "rb") as fh:
             head = fh.read(132)
