@@ -1,12 +1,12 @@
 """The architecture's one rule, checked: each stage imports only earlier stages (data -> models -> training ->
-evaluation -> explain -> serving), so that a stage can be used, and tested, without the ones after it."""
+evaluation -> explain -> serving -> pacs), so that a stage can be used, and tested, without the ones after it."""
 
 from __future__ import annotations
 
 import ast
 from pathlib import Path
 
-STAGES = ["data", "models", "training", "evaluation", "explain", "serving"]
+STAGES = ["data", "models", "training", "evaluation", "explain", "serving", "pacs"]
 PACKAGE = Path(__file__).resolve().parents[1] / "src" / "meddiag"
 
 

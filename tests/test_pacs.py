@@ -318,3 +318,31 @@ def test_listen_spools_on_disk_bounds_its_queue_and_leaves_non_images_alone(smal
     assert len(again._last) == 2
     with pytest.raises(Exception, match="HOST:PORT:AET"):
         Destination.parse("pacs:104")
+
+
+def test_the_rest_service_answers_dicom_results_as_dicomweb_does(small_run, dicom_sources):
+    from io import BytesIO
+
+    from fastapi.testclient import TestClient
+
+    from meddiag.pacs.http import add_dicom_routes
+    from meddiag.serving.app import ServeOptions, create_app
+    from meddiag.serving.predictor import Predictor
+
+    app = create_app(Predictor.from_run(small_run), small_run, ServeOptions(token="t0k"))
+    add_dicom_routes(app)
+    with TestClient(app) as client:
+        files = [("files", (p.name, p.read_bytes(), "application/dicom")) for p in dicom_sources]
+        assert client.post("/v1/dicom-results", files=files).status_code == 401
+        r = client.post("/v1/dicom-results", files=files, headers={"Authorization": "Bearer t0k"})
+        assert r.status_code == 200 and r.headers["content-type"].startswith('multipart/related; type="application/dicom"')
+        boundary = r.headers["content-type"].split("boundary=")[1].encode()
+        parts = [p.split(b"\r\n\r\n", 1)[1].rstrip(b"\r\n") for p in r.content.split(b"--" + boundary)[1:-1]]
+        objects = [pydicom.dcmread(BytesIO(p)) for p in parts]
+        assert sorted(o.Modality for o in objects) == ["OT", "OT", "SR", "SR"]
+        sources = {pydicom.dcmread(p, stop_before_pixels=True).StudyInstanceUID for p in dicom_sources}
+        assert {o.StudyInstanceUID for o in objects} == sources
+        png = sorted((small_run.parent / "images").rglob("*.png"))[0]
+        bad = client.post("/v1/dicom-results", files=[("files", ("x.png", png.read_bytes(), "image/png"))],
+                          headers={"Authorization": "Bearer t0k"})
+        assert bad.status_code == 415 and "x.png: not a DICOM file" in bad.json()["detail"]

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import functools
+import importlib.util
 import logging
 import sys
 import warnings
@@ -499,6 +500,10 @@ def serve(
     options = ServeOptions(token=token, max_upload_mb=max_upload_mb, max_pixels=max_pixels, max_batch=max_batch,
                            batch_wait_ms=batch_wait_ms, drift_window=drift_window)
     application = create_app(predictor, run if run.is_dir() else None, options)
+    if importlib.util.find_spec("highdicom") is not None:  # the pacs extra: DICOM results over HTTP too
+        from meddiag.pacs.http import add_dicom_routes
+
+        add_dicom_routes(application)
     print(f"meddiag serving {predictor.card.model_name} on http://{host}:{port}/ (API docs /docs)"
           f"{'; bearer token required' if token else ''}", file=sys.stderr)
     uvicorn.run(application, host=host, port=port, log_level="info", access_log=True)

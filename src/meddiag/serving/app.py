@@ -116,6 +116,9 @@ def create_app(predictor: Predictor, run: str | Path | None = None, options: Ser
             raise HTTPException(401, "a valid bearer token is required (Authorization: Bearer <token>)",
                                 headers={"WWW-Authenticate": "Bearer"})
 
+    # what a later stage (meddiag.pacs: DICOM results) needs to add routes of its own to this service
+    app.state.predictor, app.state.authorised, app.state.options = predictor, authorised, opts
+
     @app.exception_handler(UploadProblem)
     async def _upload_problem(request: Request, exc: UploadProblem) -> JSONResponse:
         return JSONResponse({"detail": str(exc), "index": exc.index, "file": exc.name, "reason": exc.reason}, exc.status)
