@@ -346,3 +346,50 @@ def test_the_rest_service_answers_dicom_results_as_dicomweb_does(small_run, dico
         bad = client.post("/v1/dicom-results", files=[("files", ("x.png", png.read_bytes(), "image/png"))],
                           headers={"Authorization": "Bearer t0k"})
         assert bad.status_code == 415 and "x.png: not a DICOM file" in bad.json()["detail"]
+
+
+def test_a_pacs_that_fails_is_retried_with_back_off_then_reported_by_what_failed():
+    import threading
+    import time
+    from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+    import requests
+
+    from meddiag.pacs.dicomweb import PacsError, with_retries
+
+    answers: list[int] = []
+
+    class Flaky(BaseHTTPRequestHandler):
+        def do_GET(self):  # noqa: N802 - the HTTP verb
+            code = answers.pop(0) if answers else 200
+            self.send_response(code)
+            self.end_headers()
+            self.wfile.write(b"[]")
+
+        def log_message(self, *a):
+            pass
+
+    server = ThreadingHTTPServer(("127.0.0.1", 0), Flaky)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    url = f"http://127.0.0.1:{server.server_address[1]}/studies"
+
+    def get() -> int:
+        r = requests.get(url, timeout=5)
+        r.raise_for_status()
+        return r.status_code
+
+    try:
+        answers[:] = [503, 502]
+        start = time.perf_counter()
+        assert with_retries("searching studies", get, attempts=4, first_wait=0.2) == 200
+        assert time.perf_counter() - start >= 0.2 + 0.4  # waited, doubling
+        answers[:] = [500] * 3
+        with pytest.raises(PacsError, match="searching studies: the PACS answered HTTP 500 after 3 attempts"):
+            with_retries("searching studies", get, attempts=3, first_wait=0.05)
+        answers[:] = [404]
+        with pytest.raises(PacsError, match="answered HTTP 404"):  # not worth retrying
+            with_retries("searching studies", get, attempts=3, first_wait=0.05)
+    finally:
+        server.shutdown()
+    with pytest.raises(PacsError, match="cannot be reached .* after 2 attempts"):
+        with_retries("storing", lambda: requests.get(url, timeout=2), attempts=2, first_wait=0.05)
