@@ -393,3 +393,14 @@ def test_a_pacs_that_fails_is_retried_with_back_off_then_reported_by_what_failed
         server.shutdown()
     with pytest.raises(PacsError, match="cannot be reached .* after 2 attempts"):
         with_retries("storing", lambda: requests.get(url, timeout=2), attempts=2, first_wait=0.05)
+
+
+def test_a_source_value_its_vr_forbids_is_not_passed_on(small_run, tmp_path):
+    source = SHARED_DATA / "dicom" / "deid_data" / "ctbrain1.dcm"  # PatientAge '75Y' (AS takes three digits: '075Y')
+    assert pydicom.dcmread(source, stop_before_pixels=True).PatientAge == "75Y"
+    proc = predict(small_run, str(source), "--dicom-out", str(tmp_path / "out"))
+    assert proc.returncode == 0, proc.stderr
+    written = sorted((tmp_path / "out").rglob("*.dcm"))
+    assert len(written) == 2
+    for path in written:
+        assert "PatientAge" not in pydicom.dcmread(path) and dciodvfy_errors(path) == []

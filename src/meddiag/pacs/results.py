@@ -77,11 +77,28 @@ PATIENT_STUDY_TYPE2 = ("PatientName", "PatientID", "PatientBirthDate", "PatientS
 
 
 def complete_header(source: Any) -> Any:
-    """A copy of the source's header with the Type 2 patient and study attributes it lacks present and empty, as
-    the standard has them when unknown (highdicom copies them and needs them there)."""
+    """A copy of the source's header fit to be copied into new objects: the Type 2 patient and study attributes it
+    lacks present and empty (as the standard has them when unknown; highdicom copies them and needs them there),
+    and a value its VR does not allow (a PatientAge of '75Y' rather than '075Y') emptied, if Type 2, or left out:
+    the source's mistakes are not passed on into objects that must validate."""
     import copy
 
+    from pydicom import config
+    from pydicom.valuerep import validate_value
+
     header = copy.deepcopy(source)
+    for element in list(header):
+        if element.VR in ("SQ", "OB", "OW", "UN") or element.value in (None, "", b""):
+            continue
+        values = element.value if element.VM > 1 else [element.value]
+        try:
+            for value in values:
+                validate_value(element.VR, value, config.RAISE)
+        except (ValueError, TypeError):
+            if element.keyword in PATIENT_STUDY_TYPE2:
+                header[element.tag].value = None
+            else:
+                del header[element.tag]
     for name in PATIENT_STUDY_TYPE2:
         if name not in header:
             setattr(header, name, None)
@@ -135,6 +152,7 @@ def build_sr(sources: list[Any], prediction: Any, card: Any, checkpoint_sha256: 
     """The SR of ``prediction`` (a :class:`~meddiag.serving.predictor.Prediction`) of the image or series whose
     headers are ``sources`` (pydicom datasets; pixel data not needed)."""
     import highdicom as hd
+    from highdicom.coding_schemes import CodingSchemeIdentificationItem
     from highdicom.sr import (AlgorithmIdentification, CodedConcept, Comprehensive3DSR, DeviceObserverIdentifyingAttributes,
                               MeasurementReport, MeasurementsAndQualitativeEvaluations, ObservationContext, ObserverContext,
                               QualitativeEvaluation, SourceImageForMeasurementGroup, TrackingIdentifier)
@@ -184,7 +202,9 @@ def build_sr(sources: list[Any], prediction: Any, card: Any, checkpoint_sha256: 
         series_instance_uid=derived_uid("sr-series", identity, str(first.StudyInstanceUID)), series_number=SR_SERIES_NUMBER,
         sop_instance_uid=derived_uid("sr", identity, *source_uids), instance_number=1,
         manufacturer=MANUFACTURER, is_complete=True, is_final=False, is_verified=False,
-        series_description=f"meddiag {card.model_name}: {RESEARCH_USE}"[:64])
+        series_description=f"meddiag {card.model_name}: {RESEARCH_USE}"[:64],
+        coding_schemes=[CodingSchemeIdentificationItem(PRIVATE_SCHEME, name="meddiag class names and figures",
+                                                       responsible_organization="meddiag")])
 
 
 def build_sc(source: Any, overlay: np.ndarray, prediction: Any, card: Any, checkpoint_sha256: str,
@@ -211,7 +231,10 @@ def build_sc(source: Any, overlay: np.ndarray, prediction: Any, card: Any, check
         series_description=f"meddiag {card.model_name} heatmap: {RESEARCH_USE}"[:64])
     if not _single_letters(orientation):  # the source's own (type 2: empty where it gives none, or the planes differ)
         sc.PatientOrientation = list(orientation) if len(orientation) == 2 else None
-    if "Laterality" not in sc:  # type 2C: present, empty where the source says nothing (an unpaired part, or unknown)
+    body_part = str(getattr(source, "BodyPartExamined", "") or "").strip()
+    if body_part:  # what was imaged, as the source says: with it, a validator can tell an unpaired part needs no laterality
+        sc.BodyPartExamined = body_part
+    elif "Laterality" not in sc:  # type 2C: present and empty when it is not known whether the part is paired
         sc.Laterality = None
     sc.BurnedInAnnotation = "YES"
     sc.ImageComments = f"{caption} | {RESEARCH_USE}"[:10240]
