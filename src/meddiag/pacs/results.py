@@ -76,6 +76,9 @@ PATIENT_STUDY_TYPE2 = ("PatientName", "PatientID", "PatientBirthDate", "PatientS
                        "ReferringPhysicianName", "AccessionNumber", "StudyID")
 
 
+TEXT_VRS = {"AE", "AS", "CS", "DA", "DS", "DT", "IS", "LO", "LT", "PN", "SH", "ST", "TM", "UC", "UI", "UR", "UT"}
+
+
 def complete_header(source: Any) -> Any:
     """A copy of the source's header fit to be copied into new objects: the Type 2 patient and study attributes it
     lacks present and empty (as the standard has them when unknown; highdicom copies them and needs them there),
@@ -88,12 +91,12 @@ def complete_header(source: Any) -> Any:
 
     header = copy.deepcopy(source)
     for element in list(header):
-        if element.VR in ("SQ", "OB", "OW", "UN") or element.value in (None, "", b""):
+        if element.VR not in TEXT_VRS or element.value in (None, "", b""):
             continue
         values = element.value if element.VM > 1 else [element.value]
         try:
             for value in values:
-                validate_value(element.VR, value, config.RAISE)
+                validate_value(element.VR, str(value), config.RAISE)
         except (ValueError, TypeError):
             if element.keyword in PATIENT_STUDY_TYPE2:
                 header[element.tag].value = None
