@@ -261,8 +261,8 @@ def test_listen_diagnoses_what_a_pacs_routes_to_it_and_stores_the_results_back(s
             r = pacs.session.post(f"{pacs.url}/modalities/meddiag/store", json={"Resources": [oid], "Synchronous": True}, timeout=60)
             assert r.ok, r.text
             study = str(pydicom.dcmread(dicom_sources[0], stop_before_pixels=True).StudyInstanceUID)
-            results = wait_for(lambda: [i for i in pacs.instances() if i.get("Manufacturer") == "meddiag"], 120)
-            assert sorted(i["Modality"] for i in results) == ["OT", "SR"], node.stderr
+            results = wait_for(lambda: (r := [i for i in pacs.instances() if i.get("Manufacturer") == "meddiag"]) and len(r) >= 2 and r, 120)
+            assert sorted(i["Modality"] for i in results) == ["OT", "SR"]
             assert all(i["StudyInstanceUID"] == study for i in results)
             # a malformed object (no Series Instance UID: it belongs nowhere) is answered 'cannot understand'
             good = pydicom.dcmread(dicom_sources[1])
