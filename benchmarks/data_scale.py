@@ -23,7 +23,6 @@ import argparse
 import csv
 import json
 import os
-import platform
 import shutil
 import subprocess
 import sys
@@ -34,6 +33,8 @@ from datetime import date
 from pathlib import Path
 
 import numpy as np
+
+from _machine import cpu_name
 
 ROOT = Path("runs/benchmarks/data_scale")
 
@@ -258,7 +259,7 @@ def runs(args: argparse.Namespace) -> None:
 
 
 def header(args: argparse.Namespace, what: str) -> None:
-    print(f"\n{what} — {date.today()}, {platform.processor() or platform.machine()}, {os.cpu_count()} CPUs\n")
+    print(f"\n{what} — {date.today()}, {cpu_name()}, {os.cpu_count()} CPUs\n")
 
 
 def main() -> None:

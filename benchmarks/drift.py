@@ -15,7 +15,6 @@ and permutation seed each time). Far sets and corruptions as in benchmarks/ood.p
 from __future__ import annotations
 
 import argparse
-import platform
 import sys
 import time
 import warnings
@@ -28,6 +27,8 @@ from PIL import Image
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from ood import corruptions, far_sets  # noqa: E402
+
+from _machine import cpu_name
 
 HELD_BACK = 600
 
@@ -88,7 +89,7 @@ def main() -> None:
     sets = {"held back (same distribution, never seen)": held_back, "PneumoniaMNIST test split": test,
             **{f"far: {k}": v for k, v in far_sets(card.image_size, 300, rng).items()},
             **{f"corrupted held back: {k}": v for k, v in corruptions(held_back).items()}}
-    print(f"date {date.today()}, {platform.processor() or platform.machine()}, torch {torch.__version__}; seed_cnn on "
+    print(f"date {date.today()}, {cpu_name()}, torch {torch.__version__}; seed_cnn on "
           f"PneumoniaMNIST ({args.epochs} epochs, {HELD_BACK} training images held back); OOD rule {card.ood.method}; reference: {len(reference)} "
           f"validation images; batches of {args.batch}, {args.draws} draws per set ({2 * args.draws} held back)\n", flush=True)
     print("| batch drawn from | pool | draws | shift found (p < 0.01) | no shift (p > 0.05) | median p | median p: features / classes / flagged |")

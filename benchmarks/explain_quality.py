@@ -14,11 +14,12 @@ from __future__ import annotations
 
 import argparse
 import json
-import platform
 import shutil
 import time
 from datetime import date
 from pathlib import Path
+
+from _machine import cpu_name
 
 
 def check(run: Path, work: Path, images: int, method: str) -> dict:
@@ -64,7 +65,7 @@ def main() -> None:
     args.work.mkdir(parents=True, exist_ok=True)
     rows = [check(r, args.work, args.images, args.method) for r in args.runs]
     (args.work / "explain_quality.json").write_text(json.dumps(rows, indent=2))
-    print(f"\n{date.today()}, {platform.processor() or platform.machine()}\n")
+    print(f"\n{date.today()}, {cpu_name()}\n")
     print("| run | Spearman vs randomised (< 0.3) | deletion area (method / random) | test error, all | "
           "coverage (rule from val) | error answered | relative drop (>= 30%) | error at exactly 90% (test-ranked) |")
     print("|---|---|---|---|---|---|---|---|")

@@ -20,6 +20,8 @@ import time
 from datetime import date
 from pathlib import Path
 
+from _machine import cpu_name
+
 XRAY = Path(__file__).resolve().parents[2] / "shared" / "data" / "xray" / "chest_xray_pneumonia_kermany_224"
 
 CONFIGS = {
@@ -59,8 +61,7 @@ def main() -> None:
     parser.add_argument("--runs", type=Path, default=Path("runs/benchmarks"), help="where the run folders go")
     args = parser.parse_args()
     rows = [run(name, CONFIGS[name], args.runs) for name in (args.only or CONFIGS)]
-    cpu = next((l.split(":", 1)[1].strip() for l in open("/proc/cpuinfo") if l.startswith("model name")), platform.processor())
-    print(f"\n{date.today()} · {cpu} · {os.cpu_count()} cores · Python {platform.python_version()}\n")
+    print(f"\n{date.today()} · {cpu_name()} · {os.cpu_count()} cores · Python {platform.python_version()}\n")
     print("| configuration | px | params | epochs | test AUC | test ACC | sensitivity | specificity | wall time |")
     print("|---|---|---|---|---|---|---|---|---|")
     for r in rows:

@@ -23,7 +23,6 @@ from __future__ import annotations
 import argparse
 import csv
 import json
-import platform
 import statistics
 import time
 from datetime import date
@@ -31,6 +30,8 @@ from pathlib import Path
 
 import numpy as np
 import torch
+
+from _machine import cpu_name
 
 HAM = Path(__file__).resolve().parents[2] / "shared" / "data" / "dermatology" / "ham10000_subset"
 COVARIATES = ["age", "sex", "localization"]
@@ -183,7 +184,7 @@ def main() -> None:
     torch.set_num_threads(max(1, torch.get_num_threads()))
     out = args.out / f"{args.model}-{args.image_size}"
     manifest = write_manifest(args.out)
-    print(f"date {date.today()}, {platform.processor() or platform.machine()}, torch {torch.__version__}, "
+    print(f"date {date.today()}, {cpu_name()}, torch {torch.__version__}, "
           f"{torch.get_num_threads()} threads", flush=True)
     wide = wide_table(manifest, args.out, args)
     print(f"wide table: {wide}", flush=True)

@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import platform
 import statistics
 import subprocess
 import time
@@ -24,6 +23,8 @@ from datetime import date
 from pathlib import Path
 
 import numpy as np
+
+from _machine import cpu_name
 
 XRAY = Path(__file__).resolve().parents[2] / "shared" / "data" / "xray" / "chest_xray_pneumonia_kermany_224"
 DATA = {"breastmnist": "breastmnist", "xray": str(XRAY)}
@@ -91,7 +92,7 @@ def main() -> None:
     args = parser.parse_args()
     rows = [run_one(DATA[args.data], name, seed, args.runs) for name in (args.only or OPTIONS) for seed in args.seeds]
 
-    print(f"\n{args.data}, seeds {' '.join(map(str, args.seeds))} — {date.today()}, {platform.processor() or platform.machine()}\n")
+    print(f"\n{args.data}, seeds {' '.join(map(str, args.seeds))} — {date.today()}, {cpu_name()}\n")
     print("| training | balanced accuracy | test AUC | sensitivity at spec >= 0.90 (threshold from val) | its specificity | "
           "sensitivity at spec >= 0.90 (test oracle) | minutes per run |")
     print("|---|---|---|---|---|---|---|")

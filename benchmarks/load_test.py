@@ -16,7 +16,6 @@ import argparse
 import asyncio
 import io
 import os
-import platform
 import socket
 import subprocess
 import sys
@@ -27,6 +26,8 @@ from datetime import date
 from pathlib import Path
 
 import numpy as np
+
+from _machine import cpu_name
 
 
 def free_port() -> int:
@@ -151,7 +152,7 @@ def main() -> None:
             server.wait(timeout=30)
             log.close()
 
-    print(f"\n{date.today()}, {platform.processor() or platform.machine()}, {os.cpu_count()} cores; server and clients on this machine")
+    print(f"\n{date.today()}, {cpu_name()}, {os.cpu_count()} cores; server and clients on this machine")
     print(f"model {args.run or f'{args.model}@{args.size} (fresh weights)'}, backend {args.backend}, max batch {args.max_batch}, "
           f"explain {args.explain or 'no'}; image {len(data) / 1024:.0f} KB; {args.clients} clients for {args.seconds:.0f} s\n")
     print("| requests | errors | throughput (req/s) | p50 (ms) | p95 (ms) | p99 (ms) | mean batch | server RSS start → end (max) MB |")

@@ -21,13 +21,14 @@ import argparse
 import csv
 import json
 import os
-import platform
 import shutil
 import statistics
 import subprocess
 import time
 from datetime import date
 from pathlib import Path
+
+from _machine import cpu_name
 
 XRAY = Path(__file__).resolve().parents[2] / "shared" / "data" / "xray" / "chest_xray_pneumonia_kermany_224"
 
@@ -138,7 +139,7 @@ def main() -> None:
         print(text, flush=True)
         lines.append(text)
 
-    emit(f"\n{date.today()}, {platform.processor() or platform.machine()}, {os.cpu_count()} cores; "
+    emit(f"\n{date.today()}, {cpu_name()}, {os.cpu_count()} cores; "
           f"`meddiag train NAME --seed S`, seeds {' '.join(map(str, args.seeds))}\n")
     emit("| data | test AUC | test ACC | best ResNet baseline AUC / ACC | beats it? | epochs | wall min | train img/s |")
     emit("|---|---|---|---|---|---|---|---|")

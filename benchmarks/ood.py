@@ -18,7 +18,6 @@ FPR95 is the share of OOD inputs kept at the threshold that keeps 95% of the in-
 from __future__ import annotations
 
 import argparse
-import platform
 import time
 import warnings
 from datetime import date
@@ -26,6 +25,8 @@ from pathlib import Path
 
 import numpy as np
 import torch
+
+from _machine import cpu_name
 
 SHARED = Path(__file__).resolve().parents[2] / "shared" / "data"
 
@@ -158,7 +159,7 @@ def main() -> None:
 
     rng = np.random.default_rng(0)
     in_scores = scores(test)
-    print(f"date {date.today()}, {platform.processor() or platform.machine()}, torch {torch.__version__}; {args.model} on "
+    print(f"date {date.today()}, {cpu_name()}, torch {torch.__version__}; {args.model} on "
           f"{tag} at {card.image_size} px, {args.epochs} epochs; rule {card.ood.method} keeping {card.ood.keep:.0%} of "
           f"{card.ood.validation_images} validation images\n", flush=True)
     flagged = {m: float(np.mean(in_scores[m] > card.ood.thresholds[m])) for m in METHODS}

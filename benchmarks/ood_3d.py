@@ -9,7 +9,6 @@ docs/benchmarks.md.
 from __future__ import annotations
 
 import argparse
-import platform
 import sys
 import warnings
 from datetime import date
@@ -20,6 +19,8 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from ood import SHARED, print_table  # noqa: E402
+
+from _machine import cpu_name
 
 
 def far_volumes(size: int, rng: np.random.Generator, n_noise: int) -> dict[str, torch.Tensor]:
@@ -85,7 +86,7 @@ def main() -> None:
         return all_scores(logits, features, reference, card.task, card.temperature, images=images, scales=scales)
 
     in_scores = scores(test)
-    print(f"date {date.today()}, {platform.processor() or platform.machine()}, torch {torch.__version__}; seed_cnn (3D) on "
+    print(f"date {date.today()}, {cpu_name()}, torch {torch.__version__}; seed_cnn (3D) on "
           f"AdrenalMNIST3D at {card.image_size}^3, {args.epochs} epochs; rule {card.ood.method} keeping {card.ood.keep:.0%} of "
           f"{card.ood.validation_images} validation volumes; {len(test)} test volumes\n")
     print("In-distribution test volumes flagged by each method's validation threshold (target <= 6%): "

@@ -11,7 +11,6 @@ so without --run each model is a freshly initialised checkpoint. Prints a markdo
 from __future__ import annotations
 
 import argparse
-import platform
 import statistics
 import tempfile
 import time
@@ -23,6 +22,8 @@ import torch
 
 from meddiag.models.checkpoint import ModelCard, save_checkpoint
 from meddiag.serving.predictor import Predictor
+
+from _machine import cpu_name
 
 CASES = [("seed_cnn", 28), ("resnet18", 28), ("resnet18", 128)]
 
@@ -78,7 +79,7 @@ def main() -> None:
                 checkpoints.append(save_checkpoint(path, card.build_model(), card))
         results = [measure(c, args.repeats, args.batches) for c in checkpoints]
 
-    print(f"\n{date.today()}, {platform.processor() or platform.machine()}, {args.threads} threads, "
+    print(f"\n{date.today()}, {cpu_name()}, {args.threads} threads, "
           f"torch {torch.__version__}, onnxruntime {__import__('onnxruntime').__version__}\n")
     head = " | ".join(f"batch {b} img/s" for b in args.batches)
     print(f"| model | backend | 1 image p50 (ms) | 1 image p95 (ms) | {head} |")

@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import argparse
 import os
-import platform
 import time
 import warnings
 from datetime import date
@@ -35,6 +34,8 @@ from meddiag.training.config import TrainConfig
 from meddiag.training.datamodule import ImageDataModule
 from meddiag.training.module import DiagnosisModule
 from meddiag.training.run import resolve_precision, train
+
+from _machine import cpu_name
 
 BATCH = 128
 TARGET_AUC = 0.944
@@ -203,7 +204,7 @@ def main() -> None:
     parser.add_argument("--runs", default="runs/benchmarks/speed")
     args = parser.parse_args()
     threads = torch.get_num_threads()
-    print(f"{date.today()}, {platform.processor() or platform.machine()}, {os.cpu_count()} cores, {threads} threads, torch {torch.__version__}")
+    print(f"{date.today()}, {cpu_name()}, {os.cpu_count()} cores, {threads} threads, torch {torch.__version__}")
     data = load_data("pneumoniamnist", progress=False)
     rows = []
     if "speed" in args.part or "flops" in args.part:

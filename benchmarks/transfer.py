@@ -28,7 +28,6 @@ import argparse
 import csv
 import json
 import os
-import platform
 import statistics
 import subprocess
 import time
@@ -36,10 +35,18 @@ from datetime import date
 from pathlib import Path
 
 import numpy as np
+from _machine import cpu_name
 
 SHARED = Path(__file__).resolve().parents[2] / "shared" / "data"
 XRAY = SHARED / "xray" / "chest_xray_pneumonia_kermany_224"
 FRACTIONS = (0.01, 0.1, 1.0)
+
+
+REPORT_ONLY = False  # --report-only: tabulate the finished runs, start none
+
+
+class NotRun(Exception):
+    """A run that is not finished, skipped under --report-only."""
 
 
 def run(cmd: list[str], out: Path, done: str = "report.json") -> float:
@@ -48,6 +55,8 @@ def run(cmd: list[str], out: Path, done: str = "report.json") -> float:
     if (out / done).exists() and stamp.exists():
         print("reusing", out, flush=True)
         return json.loads(stamp.read_text())["wall_min"]
+    if REPORT_ONLY:
+        raise NotRun(out)
     print("$", " ".join(map(str, cmd)), flush=True)
     start = time.perf_counter()
     resume = ["--resume"] if (out / "checkpoints" / "last.ckpt").exists() else []
@@ -118,14 +127,18 @@ def label_manifest(fraction: float, seed: int, root: Path) -> Path:
 
 
 LR1 = "pretrained, --backbone-lr-mult 1"
-ARM_FOLDERS = {"scratch": "scratch", "pretrained": "pretrained", LR1: "pretrained-lr1"}
+PROBE = "pretrained, --freeze-backbone (linear probe)"
+ARM_FOLDERS = {"scratch": "scratch", "pretrained": "pretrained", LR1: "pretrained-lr1", PROBE: "pretrained-probe"}
+OPTIONAL_ARMS = (LR1, PROBE)  # run only for --extra-fractions
 
 
 def arms(weights: Path) -> dict[str, list]:
-    """The starts compared: from scratch, from the pretraining with the fine-tuning defaults (the backbone at a
-    tenth of the learning rate, a warm-up epoch), and with the backbone at the full learning rate."""
+    """The starts compared: from scratch; from the pretraining with the fine-tuning defaults (the backbone at a
+    tenth of the learning rate, a warm-up epoch); with the backbone at the full learning rate; and the backbone
+    frozen (only the new head learns: a linear probe of the pretrained features)."""
     return {"scratch": [], "pretrained": ["--init-weights", weights],
-            LR1: ["--init-weights", weights, "--backbone-lr-mult", "1"]}
+            LR1: ["--init-weights", weights, "--backbone-lr-mult", "1"],
+            PROBE: ["--init-weights", weights, "--freeze-backbone"]}
 
 
 def labels(args: argparse.Namespace) -> None:
@@ -136,11 +149,14 @@ def labels(args: argparse.Namespace) -> None:
             manifest = label_manifest(fraction, seed, args.runs / "manifests")
             n_train = sum(1 for r in csv.DictReader(open(manifest)) if r["split"] == "train")
             for arm, extra in arms(weights).items():
-                if ARM_FOLDERS[arm] not in args.arms or (arm == LR1 and fraction not in args.lr1_fractions):
+                if ARM_FOLDERS[arm] not in args.arms or (arm in OPTIONAL_ARMS and fraction not in args.extra_fractions):
                     continue
                 out = args.runs / "labels" / f"{ARM_FOLDERS[arm]}-{fraction:g}-seed{seed}"
                 cmd = ["meddiag", "train", manifest, "--model", args.model, "--seed", seed, "--out", out, "--no-progress", *extra]
-                wall = run(cmd, out)
+                try:
+                    wall = run(cmd, out)
+                except NotRun:
+                    continue
                 rows.append({"arm": arm, "fraction": fraction, "seed": seed, "n_train": n_train, "wall_min": wall,
                              **test_figures(out)})
     (args.runs / "labels.json").write_text(json.dumps(rows, indent=2))
@@ -208,6 +224,8 @@ def cross(args: argparse.Namespace) -> None:
     for seed in args.seeds:
         source = args.runs / "labels" / f"scratch-1-seed{seed}"
         if not (source / "report.json").exists():
+            if REPORT_ONLY:
+                continue
             manifest = label_manifest(1.0, seed, args.runs / "manifests")
             run(["meddiag", "train", manifest, "--model", args.model, "--seed", seed, "--out", source, "--no-progress"], source)
         targets = {"PneumoniaMNIST@64, all 4708": "pneumoniamnist",
@@ -219,7 +237,10 @@ def cross(args: argparse.Namespace) -> None:
                 out = args.runs / "cross" / f"{'all' if 'all' in name else '200'}-{'scratch' if arm == 'scratch' else 'xray'}-seed{seed}"
                 cmd = ["meddiag", "train", data, "--model", args.model, "--image-size", 64, "--seed", seed, "--out", out,
                        "--no-progress", *extra]
-                wall = run(cmd, out)
+                try:
+                    wall = run(cmd, out)
+                except NotRun:
+                    continue
                 rows.append({"target": name, "arm": arm, "seed": seed, "wall_min": wall, **test_figures(out)})
     (args.runs / "cross.json").write_text(json.dumps(rows, indent=2))
     header(args)
@@ -228,6 +249,8 @@ def cross(args: argparse.Namespace) -> None:
     for name in dict.fromkeys(r["target"] for r in rows):
         for arm in ("scratch", "from the X-ray model"):
             mine = [r for r in rows if r["target"] == name and r["arm"] == arm]
+            if not mine:
+                continue
             print(f"| {name} | {arm} | " + " | ".join(fmt([r[k] for r in mine]) for k in ("auc", "acc", "acc_youden"))
                   + f" | {statistics.fmean(r['wall_min'] for r in mine):.1f} |")
 
@@ -236,7 +259,7 @@ def header(args: argparse.Namespace) -> None:
     import torch
 
     print(f"\n{args.part}, seeds {' '.join(map(str, args.seeds))}, model {args.model} — {date.today()}, "
-          f"{platform.processor() or platform.machine()}, {os.cpu_count()} CPUs, torch {torch.__version__}\n")
+          f"{cpu_name()}, {os.cpu_count()} CPUs, torch {torch.__version__}\n")
 
 
 def main() -> None:
@@ -248,12 +271,15 @@ def main() -> None:
     parser.add_argument("--fractions", type=float, nargs="+", default=list(FRACTIONS))
     parser.add_argument("--arms", nargs="+", default=list(ARM_FOLDERS.values()), choices=list(ARM_FOLDERS.values()),
                         help="the starts compared")
-    parser.add_argument("--lr1-fractions", type=float, nargs="+", default=[0.01, 0.1],
-                        help="the fractions that also get the full-learning-rate fine-tuning")
+    parser.add_argument("--extra-fractions", type=float, nargs="+", default=[0.01, 0.1],
+                        help="the fractions that also get the full-learning-rate fine-tuning and the linear probe")
     parser.add_argument("--full-target", action=argparse.BooleanOptionalAction, default=True,
                         help="cross: also the whole PneumoniaMNIST training split (the long runs)")
     parser.add_argument("--runs", type=Path, default=Path("runs/benchmarks/transfer"))
+    parser.add_argument("--report-only", action="store_true", help="tabulate the finished runs; start none")
     args = parser.parse_args()
+    global REPORT_ONLY
+    REPORT_ONLY = args.report_only
     args.runs.mkdir(parents=True, exist_ok=True)
     if args.part == "pretrain":
         pretrain_folder(args)
