@@ -3,6 +3,7 @@ or half-written entry is rebuilt (never trained on), DICOM facts survive it, and
 
 from __future__ import annotations
 
+import multiprocessing
 import os
 import subprocess
 import sys
@@ -236,3 +237,50 @@ def test_disk_images_travel_to_loader_worker_processes(tmp_path):
     disk = load_data(str(data), image_size=32, cache=tmp_path / "cache", memory_mb=0, progress=False)
     copy = pickle.loads(pickle.dumps(disk.splits["train"].images))
     assert torch.equal(copy[:], memory.splits["train"].images)
+
+
+class DyingPreparer(files.Preparer):
+    """Prepares as meddiag does, but a decoding process given ``die.png`` dies (as one killed for memory would)."""
+
+    def prepare(self, rec):
+        if rec.path.name == "die.png" and multiprocessing.parent_process() is not None:
+            os._exit(1)
+        return super().prepare(rec)
+
+
+@pytest.fixture
+def pools(monkeypatch):
+    """Decode in processes from the first file on; the pools used, in order."""
+    used = []
+    real = files._decode_pool
+
+    def recording(n, processes=True):
+        used.append(real(n, processes))
+        return used[-1]
+
+    monkeypatch.setattr(files, "PROCESS_MIN_FILES", 1)
+    monkeypatch.setattr(files, "_decode_pool", recording)
+    return used
+
+
+def test_a_large_first_pass_decodes_in_processes_with_the_threads_result(tmp_path, pools):
+    data = make_image_folder(tmp_path / "images", per_class=20)
+    (data / "normal" / "broken.png").write_bytes(b"\x89PNG\r\n\x1a\n not the rest")
+    with pytest.MonkeyPatch.context() as threads_only:
+        threads_only.setattr(files, "PROCESS_MIN_FILES", 10**9)
+        in_threads = load_data(str(data), image_size=32, cache="off", progress=False)
+    in_processes = load_data(str(data), image_size=32, cache=tmp_path / "cache", progress=False)
+    assert [type(p).__name__ for p in pools] == ["ThreadPoolExecutor", "ProcessPoolExecutor"]
+    assert same_data(in_threads, in_processes)
+    assert [p for p, _ in in_processes.excluded] == [str(data / "normal" / "broken.png")] == [p for p, _ in in_threads.excluded]
+    assert PreparedCache(tmp_path / "cache").info()["entries"] == 40  # the processes' arrays were kept
+
+
+def test_a_decoding_process_that_dies_costs_a_warning_and_the_rest_are_read_in_threads(tmp_path, pools, monkeypatch):
+    data = make_image_folder(tmp_path / "images", per_class=20)
+    Image.fromarray(synthetic_image(0, np.random.default_rng(1))).save(data / "normal" / "die.png")
+    monkeypatch.setattr(files, "Preparer", DyingPreparer)
+    with pytest.warns(UserWarning, match="a process decoding images stopped.*read in threads"):
+        got = load_data(str(data), image_size=32, cache="off", progress=False)
+    assert [type(p).__name__ for p in pools] == ["ProcessPoolExecutor", "ThreadPoolExecutor"]
+    assert sum(len(s) for s in got.splits.values()) + len(got.excluded) == 41
