@@ -3,7 +3,7 @@ radiograph-like PNG files. Prints markdown tables for docs/benchmarks.md.
 
     python benchmarks/data_scale.py make --n 100000          # the folder (256 px PNG; a few GB; not committed)
     python benchmarks/data_scale.py formats                  # how to store prepared arrays: per-file .npy vs shards
-    python benchmarks/data_scale.py decode --n 10000         # first pass: threads against processes
+    python benchmarks/data_scale.py decode --n 5000          # first pass: threads against processes (and --dicom)
     python benchmarks/data_scale.py runs --sizes 10000 100000 --seconds 240   # first/second run, RSS, throughput
 
 Images: a smooth "anatomy" (a bright ellipse of body, two darker lung fields, low-frequency texture and
@@ -159,7 +159,9 @@ def decode(args: argparse.Namespace) -> None:
         files = [str(p) for p in sorted((args.root / "images").rglob("*.png"), key=lambda p: p.name)[: args.n]]
         what = f"{len(files)} PNG files of 256 px"
     rows = []
-    for name, pool_type, workers in (("threads (meddiag)", ThreadPoolExecutor, 8), ("processes", ProcessPoolExecutor, os.cpu_count())):
+    pools = (("threads (meddiag, under 2,000 files)", ThreadPoolExecutor, 8),
+             ("processes (meddiag, from 2,000 files)", ProcessPoolExecutor, os.cpu_count()))
+    for name, pool_type, workers in pools:
         start = time.perf_counter()
         with pool_type(workers) as pool:
             list(pool.map(_prepare, files, chunksize=64))
