@@ -86,7 +86,7 @@ def manifest(args: argparse.Namespace, n: int) -> Path:
     with open(path, "w", newline="") as fh:
         writer = csv.writer(fh)
         writer.writerow(["path", "label"])
-        writer.writerows((str(p), p.parent.name) for p in files)
+        writer.writerows((str(p.resolve()), p.parent.name) for p in files)
     return path
 
 
