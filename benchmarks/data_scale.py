@@ -270,7 +270,8 @@ def main() -> None:
     parser.add_argument("--n", type=int, default=100_000)
     parser.add_argument("--sizes", type=int, nargs="+", default=[10_000, 100_000])
     parser.add_argument("--seconds", type=float, default=240, help="runs: how long into the epoch RSS is watched")
-    parser.add_argument("--model", default="seed_cnn")
+    parser.add_argument("--model", default="resnet18",
+                        help="runs: the network (seed_cnn at 128 px holds a 51M-parameter dense layer: its RSS is the model's)")
     parser.add_argument("--dicom", action="store_true", help="decode: DICOM slices instead of the PNG folder")
     parser.add_argument("--root", type=Path, default=ROOT)
     args = parser.parse_args()
