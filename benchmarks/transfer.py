@@ -220,6 +220,7 @@ def pneumonia_subset(n: int, seed: int, root: Path) -> Path:
 
 
 def cross(args: argparse.Namespace) -> None:
+    os.environ.setdefault("MEDDIAG_DATA", str(SHARED / "medmnist"))  # the .npz files held here; the runs inherit it
     rows = []
     for seed in args.seeds:
         source = args.runs / "labels" / f"scratch-1-seed{seed}"
