@@ -17,9 +17,18 @@ identical in every arm. Pretraining (``meddiag pretrain``, SimCLR) sees every im
 label removed, never ``test/``; one pretraining serves the three seeds. Reported on test: AUC, accuracy at
 threshold 0.5, and accuracy at the validation-chosen Youden point.
 
-Cross-task. The source is the scratch model trained on 100% of the X-ray labels (same seed); the targets are
+Cross-task. The source is one scratch model trained on 100% of the X-ray labels (``--source-seed``, the same
+run as the label-efficiency table's); each seed then trains the targets from it and from scratch. The targets are
 PneumoniaMNIST at 64 px (its 28 px images enlarged: no 64 px file is held here) with all 4708 training images,
 and with a stratified 200 of them (PNG files written from the .npz; the full validation and test splits).
+At 64 px ResNet-18 has meddiag's small-image stem (stride 1, no max-pool) where the 128 px source had the
+strided one, so ``--subset-sizes 64 128`` also runs the subset at the source's own size. PneumoniaMNIST is
+made from the same Kermany et al. collection: its training images are among those the source learned from
+(at another size), and its test split has the counts of the folder's ``test/`` (234 normal, 390 pneumonia),
+the collection's test images, which no run trains on.
+
+    python benchmarks/transfer.py cross --seeds 0 --no-subset-target --full-epochs 5   # the whole split, shortened
+    python benchmarks/transfer.py cross --seeds 0 1 2 --no-full-target --subset-sizes 64 128
 """
 
 from __future__ import annotations
@@ -222,22 +231,31 @@ def pneumonia_subset(n: int, seed: int, root: Path) -> Path:
 def cross(args: argparse.Namespace) -> None:
     os.environ.setdefault("MEDDIAG_DATA", str(SHARED / "medmnist"))  # the .npz files held here; the runs inherit it
     rows = []
+    source = args.runs / "labels" / f"scratch-1-seed{args.source_seed}"
+    if not (source / "report.json").exists():
+        if REPORT_ONLY:
+            return
+        manifest = label_manifest(1.0, args.source_seed, args.runs / "manifests")
+        run(["meddiag", "train", manifest, "--model", args.model, "--seed", args.source_seed, "--out", source,
+             "--no-progress"], source)
+    print(f"source: {source}, test AUC {test_figures(source)['auc']:.4f}", flush=True)
     for seed in args.seeds:
-        source = args.runs / "labels" / f"scratch-1-seed{seed}"
-        if not (source / "report.json").exists():
-            if REPORT_ONLY:
+        subset = pneumonia_subset(200, seed, args.runs / "pneumonia-subsets")
+        targets = [("PneumoniaMNIST@64, all 4708", "pneumoniamnist", 64)] + \
+                  [(f"PneumoniaMNIST@{px}, 200 images", subset, px) for px in args.subset_sizes]
+        for name, data, px in targets:
+            full = "all" in name
+            if full and not args.full_target or not full and not args.subset_target:
                 continue
-            manifest = label_manifest(1.0, seed, args.runs / "manifests")
-            run(["meddiag", "train", manifest, "--model", args.model, "--seed", seed, "--out", source, "--no-progress"], source)
-        targets = {"PneumoniaMNIST@64, all 4708": "pneumoniamnist",
-                   "PneumoniaMNIST@64, 200 images": pneumonia_subset(200, seed, args.runs / "pneumonia-subsets")}
-        for name, data in targets.items():
-            if "all" in name and not args.full_target:
-                continue
+            epochs = args.full_epochs if full else None
+            if epochs:
+                name += f", {epochs} epochs"
             for arm, extra in (("scratch", []), ("from the X-ray model", ["--init-weights", source])):
-                out = args.runs / "cross" / f"{'all' if 'all' in name else '200'}-{'scratch' if arm == 'scratch' else 'xray'}-seed{seed}"
-                cmd = ["meddiag", "train", data, "--model", args.model, "--image-size", 64, "--seed", seed, "--out", out,
-                       "--no-progress", *extra]
+                folder = (f"{'all' if full else '200'}{f'-e{epochs}' if epochs else ''}{f'-{px}px' if px != 64 else ''}"
+                          f"-{'scratch' if arm == 'scratch' else 'xray'}-seed{seed}")
+                out = args.runs / "cross" / folder
+                cmd = ["meddiag", "train", data, "--model", args.model, "--image-size", px, "--seed", seed, "--out", out,
+                       "--no-progress", *extra, *(["--epochs", epochs] if epochs else [])]
                 try:
                     wall = run(cmd, out)
                 except NotRun:
@@ -276,6 +294,14 @@ def main() -> None:
                         help="the fractions that also get the full-learning-rate fine-tuning and the linear probe")
     parser.add_argument("--full-target", action=argparse.BooleanOptionalAction, default=True,
                         help="cross: also the whole PneumoniaMNIST training split (the long runs)")
+    parser.add_argument("--subset-target", action=argparse.BooleanOptionalAction, default=True,
+                        help="cross: the 200-image subset of PneumoniaMNIST")
+    parser.add_argument("--subset-sizes", type=int, nargs="+", default=[64],
+                        help="cross: the image sizes of the 200-image runs (128: the X-ray model's own size and stem)")
+    parser.add_argument("--full-epochs", type=int, default=None,
+                        help="cross: epochs of the whole-split runs (default: meddiag's; at 64 px ResNet-18 keeps the full "
+                             "resolution in its first block, so an epoch costs several of the 128 px X-ray runs' epochs)")
+    parser.add_argument("--source-seed", type=int, default=0, help="cross: the seed of the X-ray model used as the start")
     parser.add_argument("--runs", type=Path, default=Path("runs/benchmarks/transfer"))
     parser.add_argument("--report-only", action="store_true", help="tabulate the finished runs; start none")
     args = parser.parse_args()

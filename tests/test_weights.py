@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from meddiag.errors import ConfigError
-from meddiag.models.checkpoint import load_checkpoint
+from meddiag.models.checkpoint import load_checkpoint, load_ood_state
 from meddiag.models.registry import create_model
 from meddiag.models.weights import WeightsError, fetch_url, initialise, resolve_weights
 from meddiag.training.finetune import FineTuning, lr_factors
@@ -183,6 +183,35 @@ def test_fine_tune_from_another_run_with_a_frozen_backbone(tmp_path, small_run):
     assert card.init_weights["kind"] == "run" and card.init_weights["head"] == "new" and card.init_weights["backbone_fraction"] == 1.0
     report = json.loads((result.run_dir / "init_weights.json").read_text())
     assert "classifier.3.weight" not in report["backbone_parameters"] and "features.0.weight" in report["backbone_parameters"]
+    # the first run's out-of-distribution reference is its data's, not weights: set aside, said so, not "unexpected"
+    ood = load_ood_state(small_run / "checkpoints" / "best.ckpt")
+    assert ood and report["unexpected"] == []
+    assert any(f"out-of-distribution reference ({len(ood)} tensors) is not carried over" in n for n in report["notes"])
+
+
+def test_a_run_trained_at_another_size_is_loaded_with_a_note_on_its_stem(tmp_path):
+    """A meddiag checkpoint of ResNet-18 trained at 128 px (strided stem) loaded for 64 px (small-image stem):
+    everything is filled, the 7x7 stem kernel resized, and the report says the network's scale changed."""
+    from meddiag.models.checkpoint import META_KEY
+    from meddiag.models.weights import WeightsFile
+
+    torch.manual_seed(0)
+    source = create_model("resnet18", 1, 2, 2, 128)
+    state = {"model." + k: v for k, v in source.state_dict().items()}
+    state["ood.means"] = torch.zeros(2, 512)
+    path = tmp_path / "best.ckpt"
+    torch.save({"state_dict": state, META_KEY: {"model_name": "resnet18", "image_size": 128, "spatial_dims": 2}}, path)
+    target = create_model("resnet18", 1, 2, 2, 64)
+    report = initialise(target, "resnet18", WeightsFile(str(path), "run", path), image_size=64)
+    assert report.fraction == 1.0 and report.head_loaded and report.unexpected == []
+    assert report.adapted["conv1.weight"].startswith("kernel 7x7 -> 3x3")
+    assert torch.equal(target.state_dict()["layer4.1.conv2.weight"], source.state_dict()["layer4.1.conv2.weight"])
+    notes = " | ".join(report.notes)
+    assert "trained at 128 px, trained here at 64 px" in notes and "small-image stem" in notes
+    assert "out-of-distribution reference (1 tensor)" in notes
+    # the same size: no note on the stem
+    same = initialise(create_model("resnet18", 1, 2, 2, 128), "resnet18", WeightsFile(str(path), "run", path), image_size=128)
+    assert not any("px" in n for n in same.notes)
 
 
 def test_torchvision_densenet121_names_are_mapped_onto_monais(tmp_path):

@@ -32,8 +32,10 @@ file that would run code is refused. Then the keys are mapped onto the network:
 5. the head (the final linear layer) is left at its fresh initialisation whenever its shape differs
    (another class count) — a source's own classifier is never forced onto the task.
 
-The :class:`LoadReport` says which tensors were loaded, adapted, left missing (kept at initialisation)
-or unexpected (in the file, unused); a load that fills less than :data:`MIN_BACKBONE_FRACTION` of the
+Another meddiag run's out-of-distribution reference (its ``ood.*`` tensors) is set aside: it describes
+that run's data, and the new run fits its own. The :class:`LoadReport` says which tensors were loaded,
+adapted, left missing (kept at initialisation) or unexpected (in the file, unused), and notes what the
+network becomes when the weights were made at another image size (a small-image stem); a load that fills less than :data:`MIN_BACKBONE_FRACTION` of the
 backbone's tensors is refused with it, unless ``allow_partial``.
 """
 
@@ -51,6 +53,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from meddiag.errors import ConfigError, ModelError
+from meddiag.models.registry import ModelEntry
 
 MIN_BACKBONE_FRACTION = 0.9
 WRAPPER_PREFIXES = ("module.", "model.", "net.", "backbone.", "encoder.", "_orig_mod.", "image.")
@@ -479,6 +482,7 @@ def initialise(model: nn.Module, model_name: str, weights: WeightsFile, *, allow
                inflate: bool = False, image_size: int | None = None) -> LoadReport:
     """Load ``weights`` into the image network of ``model`` (a registered network, or one fused with patient
     data), refusing a partial load as :func:`check_report` says. Returns the report."""
+    from meddiag.models.checkpoint import OOD_PREFIX
     from meddiag.models.fusion import image_part
     from meddiag.models.registry import get_entry
 
@@ -486,16 +490,40 @@ def initialise(model: nn.Module, model_name: str, weights: WeightsFile, *, allow
     net, prefix = image_part(model)
     entry = get_entry(model_name)
     head = entry.head if _has_module(net, entry.head) else ""
-    report = load_into(net, head, state, weights.record(), inflate=inflate, prefix=prefix)
     pre = meta if meta.get("method") else {}
+    # another meddiag run's out-of-distribution reference describes that run's data, not weights to learn from
+    ood = [k for k in state if not pre and meta and k.startswith(OOD_PREFIX)]
+    state = {k: v for k, v in state.items() if k not in ood}
+    report = load_into(net, head, state, weights.record(), inflate=inflate, prefix=prefix)
+    if ood:
+        report.notes.append(f"the source run's out-of-distribution reference ({len(ood)} tensor{'s' if len(ood) != 1 else ''}) is not carried over: "
+                            "this run fits its own")
     if pre:
         report.source["pretraining"] = {k: pre.get(k) for k in ("method", "model", "epochs", "images", "image_size", "data")}
-        if pre.get("model") and pre["model"] != model_name:
-            report.notes.append(f"pretrained as {pre['model']}, loaded into {model_name}")
-        if image_size is not None and pre.get("image_size") not in (None, image_size):
-            report.notes.append(f"pretrained at {pre['image_size']} px, trained here at {image_size} px")
+    source_model, source_size = (pre.get("model"), pre.get("image_size")) if pre else (meta.get("model_name"), meta.get("image_size"))
+    done = "pretrained" if pre else "trained"
+    if source_model and source_model != model_name:
+        report.notes.append(f"{done} as {source_model}, loaded into {model_name}")
+    if image_size is not None and source_size not in (None, image_size):
+        report.notes.append(f"{done} at {source_size} px, trained here at {image_size} px{_stem_note(entry, meta, source_size, image_size)}")
     check_report(report, allow_partial)
     return report
+
+
+def _stem_note(entry: ModelEntry, meta: dict, source_size: int, image_size: int) -> str:
+    """What a change of image size does to the stem of one of MONAI's networks, which keeps small 2D images
+    at full resolution (see :func:`meddiag.models.monai_nets.cifar_stem`); '' when it changes nothing."""
+    from meddiag.models import monai_nets
+
+    if entry.builder.__module__ != monai_nets.__name__:
+        return ""
+    dims = meta.get("spatial_dims", 2)
+    before, after = monai_nets.cifar_stem(dims, source_size), monai_nets.cifar_stem(dims, image_size)
+    if before == after:
+        return ""
+    stems = {False: "a strided stem that downsamples the image", True: "the small-image stem (stride 1, no downsampling)"}
+    return (f"; at this size the network has {stems[after]}, where the source had {stems[before]}: the later "
+            "layers see the image at another scale than they learned it on")
 
 
 def _has_module(net: nn.Module, name: str) -> bool:
