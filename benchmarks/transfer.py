@@ -137,17 +137,22 @@ def label_manifest(fraction: float, seed: int, root: Path) -> Path:
 
 LR1 = "pretrained, --backbone-lr-mult 1"
 PROBE = "pretrained, --freeze-backbone (linear probe)"
-ARM_FOLDERS = {"scratch": "scratch", "pretrained": "pretrained", LR1: "pretrained-lr1", PROBE: "pretrained-probe"}
-OPTIONAL_ARMS = (LR1, PROBE)  # run only for --extra-fractions
+LPFT = "pretrained, --freeze-epochs 10 (probe, then fine-tune)"
+ARM_FOLDERS = {"scratch": "scratch", "pretrained": "pretrained", LR1: "pretrained-lr1", PROBE: "pretrained-probe",
+               LPFT: "pretrained-lpft"}
+OPTIONAL_ARMS = (LR1, PROBE, LPFT)  # run only for --extra-fractions
 
 
 def arms(weights: Path) -> dict[str, list]:
     """The starts compared: from scratch; from the pretraining with the fine-tuning defaults (the backbone at a
-    tenth of the learning rate, a warm-up epoch); with the backbone at the full learning rate; and the backbone
-    frozen (only the new head learns: a linear probe of the pretrained features)."""
+    tenth of the learning rate, a warm-up epoch); with the backbone at the full learning rate; the backbone
+    frozen (only the new head learns: a linear probe of the pretrained features); and the probe for the first
+    half of the epochs, then the defaults (LP-FT: the head is already fitted when the backbone starts to move,
+    so its first gradients do not scramble the pretrained features)."""
     return {"scratch": [], "pretrained": ["--init-weights", weights],
             LR1: ["--init-weights", weights, "--backbone-lr-mult", "1"],
-            PROBE: ["--init-weights", weights, "--freeze-backbone"]}
+            PROBE: ["--init-weights", weights, "--freeze-backbone"],
+            LPFT: ["--init-weights", weights, "--freeze-epochs", "10"]}
 
 
 def labels(args: argparse.Namespace) -> None:
@@ -186,13 +191,18 @@ def labels(args: argparse.Namespace) -> None:
             if mine:
                 print(f"- {fraction:.0%} {arm}: " + ", ".join(f"{r['auc']:.4f}" for r in mine))
     full = [r["auc"] for r in rows if r["arm"] == "scratch" and r["fraction"] == 1.0]
-    ten = [r["auc"] for r in rows if r["arm"] == "pretrained" and r["fraction"] == 0.1]
-    one_p = [r["auc"] for r in rows if r["arm"] == "pretrained" and r["fraction"] == 0.01]
     one_s = [r["auc"] for r in rows if r["arm"] == "scratch" and r["fraction"] == 0.01]
-    if full and ten:
-        print(f"\npretrained at 10% minus scratch at 100%: {statistics.fmean(ten) - statistics.fmean(full):+.4f} AUC (target >= -0.01)")
-    if one_p and one_s:
-        print(f"pretrained at 1% minus scratch at 1%: {statistics.fmean(one_p) - statistics.fmean(one_s):+.4f} AUC (target >= +0.05)")
+    for arm in ARM_FOLDERS:
+        if arm == "scratch":
+            continue
+        ten = [r["auc"] for r in rows if r["arm"] == arm and r["fraction"] == 0.1]
+        one_p = [r["auc"] for r in rows if r["arm"] == arm and r["fraction"] == 0.01]
+        if full and ten:
+            print(f"\n{arm}: at 10% minus scratch at 100%: {statistics.fmean(ten) - statistics.fmean(full):+.4f} AUC "
+                  f"(target >= -0.01; {len(ten)} against {len(full)} seeds)")
+        if one_p and one_s:
+            print(f"{arm}: at 1% minus scratch at 1%: {statistics.fmean(one_p) - statistics.fmean(one_s):+.4f} AUC "
+                  f"(target >= +0.05; {len(one_p)} against {len(one_s)} seeds)")
 
 
 # -- cross-task transfer ----------------------------------------------------------------------------------
@@ -228,6 +238,17 @@ def pneumonia_subset(n: int, seed: int, root: Path) -> Path:
     return manifest
 
 
+KEPT = "from the X-ray model (its stem kept: the default)"
+SWITCHED = "from the X-ray model, the small-image stem (model_kwargs stem: auto)"
+
+
+def switched_config(root: Path) -> Path:
+    """A --config file that lets the network take the stem its image size would get without initial weights."""
+    path = root / "stem-auto.yaml"
+    path.write_text("model_kwargs:\n  stem: auto\n")
+    return path
+
+
 def cross(args: argparse.Namespace) -> None:
     os.environ.setdefault("MEDDIAG_DATA", str(SHARED / "medmnist"))  # the .npz files held here; the runs inherit it
     rows = []
@@ -250,9 +271,12 @@ def cross(args: argparse.Namespace) -> None:
             epochs = args.full_epochs if full else None
             if epochs:
                 name += f", {epochs} epochs"
-            for arm, extra in (("scratch", []), ("from the X-ray model", ["--init-weights", source])):
+            starts = [("scratch", "scratch", []), (KEPT, "xray-kept", ["--init-weights", source])]
+            if px <= 64:  # where the automatic stem differs from the source's: the switched stem too
+                starts.append((SWITCHED, "xray-switched", ["--init-weights", source, "--config", switched_config(args.runs)]))
+            for arm, short, extra in starts:
                 folder = (f"{'all' if full else '200'}{f'-e{epochs}' if epochs else ''}{f'-{px}px' if px != 64 else ''}"
-                          f"-{'scratch' if arm == 'scratch' else 'xray'}-seed{seed}")
+                          f"-{short}-seed{seed}")
                 out = args.runs / "cross" / folder
                 cmd = ["meddiag", "train", data, "--model", args.model, "--image-size", px, "--seed", seed, "--out", out,
                        "--no-progress", *extra, *(["--epochs", epochs] if epochs else [])]
@@ -266,7 +290,7 @@ def cross(args: argparse.Namespace) -> None:
     print("| target | start | test AUC | ACC at 0.5 | ACC at the val-chosen Youden point | minutes per run |")
     print("|---|---|---|---|---|---|")
     for name in dict.fromkeys(r["target"] for r in rows):
-        for arm in ("scratch", "from the X-ray model"):
+        for arm in ("scratch", KEPT, SWITCHED):
             mine = [r for r in rows if r["target"] == name and r["arm"] == arm]
             if not mine:
                 continue

@@ -64,6 +64,17 @@ def test_small_inputs_get_a_cifar_stem():
     assert large.conv1.kernel_size == (7, 7) and _layer1_size(large, 224) == 56
 
 
+def test_the_stem_option_overrides_the_choice_by_size():
+    """stem: strided keeps a 64 px network downsampling as at 128 px (what fine-tuning from a 128 px model
+    needs); small gives a large image the small-image stem; anything else is refused by name."""
+    kept = create_model("resnet18", 1, 2, image_size=64, stem="strided")
+    assert kept.conv1.kernel_size == (7, 7) and _layer1_size(kept, 64) == 16
+    assert create_model("resnet18", 1, 2, image_size=128, stem="small").conv1.stride == (1, 1)
+    assert create_model("densenet121", 1, 2, image_size=64, stem="strided").features.conv0.kernel_size == (7, 7)
+    with pytest.raises(ModelError, match="stem must be one of auto, small, strided, not 'cifar'"):
+        create_model("resnet18", 1, 2, image_size=64, stem="cifar")
+
+
 def test_3d_resnet():
     model = create_model("resnet18", 1, 2, spatial_dims=3, image_size=16).eval()
     with torch.no_grad():

@@ -189,29 +189,70 @@ def test_fine_tune_from_another_run_with_a_frozen_backbone(tmp_path, small_run):
     assert any(f"out-of-distribution reference ({len(ood)} tensors) is not carried over" in n for n in report["notes"])
 
 
-def test_a_run_trained_at_another_size_is_loaded_with_a_note_on_its_stem(tmp_path):
-    """A meddiag checkpoint of ResNet-18 trained at 128 px (strided stem) loaded for 64 px (small-image stem):
-    everything is filled, the 7x7 stem kernel resized, and the report says the network's scale changed."""
+def resnet18_run_checkpoint(path, image_size: int = 128):
+    """A meddiag checkpoint of ResNet-18 trained at ``image_size`` (its card and an OOD tensor included), and the
+    network it holds."""
     from meddiag.models.checkpoint import META_KEY
-    from meddiag.models.weights import WeightsFile
 
     torch.manual_seed(0)
-    source = create_model("resnet18", 1, 2, 2, 128)
+    source = create_model("resnet18", 1, 2, 2, image_size)
     state = {"model." + k: v for k, v in source.state_dict().items()}
     state["ood.means"] = torch.zeros(2, 512)
+    torch.save({"state_dict": state, META_KEY: {"model_name": "resnet18", "image_size": image_size, "spatial_dims": 2}}, path)
+    return source
+
+
+def test_a_run_trained_at_another_size_keeps_its_stem_or_says_it_changed(tmp_path):
+    """A ResNet-18 trained at 128 px (strided stem) fine-tuned at 64 px: kept_stem asks for the strided stem and
+    then everything loads unchanged; with the small-image stem the 7x7 kernel is resized and the report says
+    the network's scale changed. Files from outside meddiag say nothing and keep the automatic stem."""
+    from meddiag.models.weights import WeightsFile, kept_stem
+
     path = tmp_path / "best.ckpt"
-    torch.save({"state_dict": state, META_KEY: {"model_name": "resnet18", "image_size": 128, "spatial_dims": 2}}, path)
-    target = create_model("resnet18", 1, 2, 2, 64)
-    report = initialise(target, "resnet18", WeightsFile(str(path), "run", path), image_size=64)
-    assert report.fraction == 1.0 and report.head_loaded and report.unexpected == []
-    assert report.adapted["conv1.weight"].startswith("kernel 7x7 -> 3x3")
-    assert torch.equal(target.state_dict()["layer4.1.conv2.weight"], source.state_dict()["layer4.1.conv2.weight"])
+    source = resnet18_run_checkpoint(path)
+    weights = WeightsFile(str(path), "run", path)
+    assert kept_stem(weights, "resnet18", 2, 64) == "strided"
+    assert kept_stem(weights, "resnet18", 2, 128) is None and kept_stem(weights, "resnet18", 2, 224) is None
+    assert kept_stem(weights, "seed_cnn", 2, 64) is None  # no stem to keep
+    outside = tmp_path / "torchvision.pth"
+    torch.save(torchvision_resnet18(), outside)
+    assert kept_stem(WeightsFile(str(outside), "file", outside), "resnet18", 2, 28) is None
+
+    kept = create_model("resnet18", 1, 2, 2, 64, stem="strided")
+    report = initialise(kept, "resnet18", weights, image_size=64, model_kwargs={"stem": "strided"})
+    assert report.fraction == 1.0 and report.adapted == {} and report.head_loaded and report.unexpected == []
+    assert torch.equal(kept.state_dict()["conv1.weight"], source.state_dict()["conv1.weight"])
     notes = " | ".join(report.notes)
-    assert "trained at 128 px, trained here at 64 px" in notes and "small-image stem" in notes
-    assert "out-of-distribution reference (1 tensor)" in notes
-    # the same size: no note on the stem
-    same = initialise(create_model("resnet18", 1, 2, 2, 128), "resnet18", WeightsFile(str(path), "run", path), image_size=128)
+    assert "trained at 128 px, trained here at 64 px; the network keeps the source's stem" in notes
+    assert "out-of-distribution reference (1 tensor) is not carried over" in notes
+
+    switched = create_model("resnet18", 1, 2, 2, 64)
+    report = initialise(switched, "resnet18", weights, image_size=64, model_kwargs={"stem": "auto"})
+    assert report.fraction == 1.0 and report.adapted["conv1.weight"].startswith("kernel 7x7 -> 3x3")
+    assert torch.equal(switched.state_dict()["layer4.1.conv2.weight"], source.state_dict()["layer4.1.conv2.weight"])
+    assert any("the small-image stem (stride 1, no downsampling), where the source had a strided stem" in n for n in report.notes)
+    same = initialise(create_model("resnet18", 1, 2, 2, 128), "resnet18", weights, image_size=128)
     assert not any("px" in n for n in same.notes)
+
+
+def test_fine_tuning_a_128px_model_at_32px_keeps_its_stem_in_the_run_and_its_card(tmp_path):
+    """train --init-weights (a 128 px ResNet-18) on 32 px images: the run's network has the source's strided stem,
+    the config and the model card say so, and the saved model predicts with that network."""
+    from meddiag.training.config import TrainConfig
+    from meddiag.training.run import train
+
+    path = tmp_path / "source.ckpt"
+    source = resnet18_run_checkpoint(path)
+    data = make_image_folder(tmp_path / "images", per_class=12)
+    config = TrainConfig(data=str(data), model="resnet18", epochs=1, image_size=32, batch_size=8, init_weights=str(path),
+                         out=str(tmp_path / "run"), ood_keep=None, freeze_backbone=True)
+    result = train(config, progress=False)
+    model, card = load_checkpoint(result.best_checkpoint)
+    assert card.model_kwargs == {"stem": "strided"} and "stem: strided" in (result.run_dir / "config.yaml").read_text()
+    assert model.state_dict()["conv1.weight"].shape[-1] == 7
+    assert torch.equal(model.state_dict()["layer3.0.conv1.weight"], source.state_dict()["layer3.0.conv1.weight"])
+    with torch.no_grad():
+        assert model.eval()(torch.zeros(2, 1, 32, 32)).shape == (2, 2)
 
 
 def test_torchvision_densenet121_names_are_mapped_onto_monais(tmp_path):

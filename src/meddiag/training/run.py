@@ -32,7 +32,7 @@ from meddiag.data.sources import load_data
 from meddiag.errors import ConfigError
 from meddiag.models.checkpoint import ModelCard, slim_checkpoint
 from meddiag.models.registry import get_entry, model_options
-from meddiag.models.weights import WeightsFile, fetch_published, initialise, published_weights, resolve_weights
+from meddiag.models.weights import WeightsFile, fetch_published, initialise, kept_stem, published_weights, resolve_weights
 from meddiag.runfolder import RunFolder, write_text_atomic
 from meddiag.training.config import TrainConfig
 from meddiag.training.datamodule import ImageDataModule
@@ -188,6 +188,11 @@ def train(config: TrainConfig, *, resume: bool = False, progress: bool | None = 
         published = published_weights(config.pretrained, config.model, data.spatial_dims)
         config = config.model_copy(update={"model_kwargs": {**published.model_kwargs, **config.model_kwargs}})
         weights = fetch_published(published, progress=progress)
+    if weights is not None and "stem" not in config.model_kwargs:
+        # another meddiag model's weights keep the stem they were learned with at this run's image size
+        stem = kept_stem(weights, config.model, data.spatial_dims, data.image_size)
+        if stem:
+            config = config.model_copy(update={"model_kwargs": {**config.model_kwargs, "stem": stem}})
     schema = fit_covariates(config, data)
     shortcuts = covariate_shortcuts(data, schema) if schema is not None else []
     if launched_rank == 0:
@@ -295,7 +300,7 @@ def start_from_weights(module: DiagnosisModule, config: TrainConfig, data: Image
         return
     assert weights is not None
     loaded = initialise(module.model, config.model, weights, allow_partial=config.allow_partial, inflate=config.inflate,
-                        image_size=data.image_size)
+                        image_size=data.image_size, model_kwargs=config.model_kwargs)
     module.use_backbone(loaded.backbone_parameters)
     module.card = module.card.model_copy(update={"init_weights": loaded.summary()})
     if announce:
