@@ -5,6 +5,8 @@ Prints markdown tables for docs/benchmarks.md.
     python benchmarks/transfer.py pretrain                 # meddiag pretrain on the X-ray training images
     python benchmarks/transfer.py labels --seeds 0 1 2     # 1/10/100% of the labels: scratch vs pretrained
     python benchmarks/transfer.py cross --seeds 0 1 2      # X-ray model -> PneumoniaMNIST@64, all / 200 images
+    python benchmarks/transfer.py labels --pretrain-config benchmarks/configs/strong-views.yaml --arms pretrained-probe
+                                                           # another pretraining (its runs in folders of their own)
 
 Every run is the real command line (``meddiag pretrain`` / ``meddiag train``) with meddiag's defaults plus
 the option under test; a finished run folder is reused, so the tables can fill in over several sittings.
@@ -93,9 +95,16 @@ def fmt(values: list[float]) -> str:
 
 # -- pretraining ------------------------------------------------------------------------------------------
 
+def pretrain_tag(args: argparse.Namespace) -> str:
+    """'' for meddiag's pretraining defaults, '-<stem>' for a --pretrain-config (its runs get their own folders)."""
+    return f"-{args.pretrain_config.stem}" if args.pretrain_config else ""
+
+
 def pretrain_folder(args: argparse.Namespace) -> Path:
-    out = args.runs / f"pretrain-xray-{args.model}-e{args.pretrain_epochs}"
+    out = args.runs / f"pretrain-xray-{args.model}-e{args.pretrain_epochs}{pretrain_tag(args)}"
     cmd = ["meddiag", "pretrain", XRAY, "--model", args.model, "--epochs", args.pretrain_epochs, "--out", out, "--no-progress"]
+    if args.pretrain_config:
+        cmd += ["--config", args.pretrain_config]
     wall = run(cmd, out, done="pretrain.json")
     info = json.loads((out / "pretrain.json").read_text())
     history = (out / "history.csv").read_text().splitlines()
@@ -156,7 +165,8 @@ def arms(weights: Path) -> dict[str, list]:
 
 
 def labels(args: argparse.Namespace) -> None:
-    weights = pretrain_folder(args)
+    # pretrain only when an arm starts from the pretraining (a scratch-only call needs none)
+    weights = pretrain_folder(args) if set(args.arms) - {"scratch"} else None
     rows = []
     for fraction in args.fractions:
         for seed in args.seeds:
@@ -165,7 +175,8 @@ def labels(args: argparse.Namespace) -> None:
             for arm, extra in arms(weights).items():
                 if ARM_FOLDERS[arm] not in args.arms or (arm in OPTIONAL_ARMS and fraction not in args.extra_fractions):
                     continue
-                out = args.runs / "labels" / f"{ARM_FOLDERS[arm]}-{fraction:g}-seed{seed}"
+                tag = "" if arm == "scratch" else pretrain_tag(args)
+                out = args.runs / "labels" / f"{ARM_FOLDERS[arm]}{tag}-{fraction:g}-seed{seed}"
                 cmd = ["meddiag", "train", manifest, "--model", args.model, "--seed", seed, "--out", out, "--no-progress", *extra]
                 try:
                     wall = run(cmd, out)
@@ -311,6 +322,9 @@ def main() -> None:
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     parser.add_argument("--model", default="resnet18")
     parser.add_argument("--pretrain-epochs", type=int, default=50)
+    parser.add_argument("--pretrain-config", type=Path, default=None,
+                        help="a meddiag pretrain --config YAML (e.g. other views); its pretraining and the runs from it "
+                             "get folders of their own, named after the file")
     parser.add_argument("--fractions", type=float, nargs="+", default=list(FRACTIONS))
     parser.add_argument("--arms", nargs="+", default=list(ARM_FOLDERS.values()), choices=list(ARM_FOLDERS.values()),
                         help="the starts compared")
