@@ -5,11 +5,14 @@ Prints markdown tables for docs/benchmarks.md.
     python benchmarks/transfer.py pretrain                 # meddiag pretrain on the X-ray training images
     python benchmarks/transfer.py labels --seeds 0 1 2     # 1/10/100% of the labels: scratch vs pretrained
     python benchmarks/transfer.py cross --seeds 0 1 2      # X-ray model -> PneumoniaMNIST@64, all / 200 images
-    python benchmarks/transfer.py labels --pretrain-config benchmarks/configs/strong-views.yaml --arms pretrained-probe
-                                                           # another pretraining (its runs in folders of their own)
+    python benchmarks/transfer.py labels --pretrain-config benchmarks/configs/mild-views.yaml --arms pretrained-probe
+                                                           # another pretraining (its runs in folders of their own;
+                                                           # mild-views: meddiag pretrain's views before 2026-12-07)
 
 Every run is the real command line (``meddiag pretrain`` / ``meddiag train``) with meddiag's defaults plus
-the option under test; a finished run folder is reused, so the tables can fill in over several sittings.
+the option under test; a finished run folder is reused, so the tables can fill in over several sittings. Each
+run's stamp records its wall time, processor and date, and a table made on more than one says which run ran
+where. A pretraining folder made with other views than the call asks for is refused, not reused.
 
 Label efficiency. The X-ray folder's ``train/`` (1341 normal, 3875 pneumonia) is split once (seed 0) into a
 fixed stratified 10% validation set and a pool; a run with fraction p trains on a stratified p of the pool
@@ -60,21 +63,22 @@ class NotRun(Exception):
     """A run that is not finished, skipped under --report-only."""
 
 
-def run(cmd: list[str], out: Path, done: str = "report.json") -> float:
-    """Run ``cmd`` unless ``out/done`` exists; the wall time in minutes (stored beside the run)."""
+def run(cmd: list[str], out: Path, done: str = "report.json") -> dict:
+    """Run ``cmd`` unless ``out/done`` exists; its stamp (stored beside the run): the wall time in minutes and
+    the processor and date it ran on, so a table filled in over sittings on different machines can say which."""
     stamp = out / "benchmark_wall.json"
     if (out / done).exists() and stamp.exists():
         print("reusing", out, flush=True)
-        return json.loads(stamp.read_text())["wall_min"]
+        return {"cpu": "not recorded", "date": "not recorded", **json.loads(stamp.read_text())}
     if REPORT_ONLY:
         raise NotRun(out)
     print("$", " ".join(map(str, cmd)), flush=True)
     start = time.perf_counter()
     resume = ["--resume"] if (out / "checkpoints" / "last.ckpt").exists() else []
     subprocess.run([*map(str, cmd), *resume], check=True)
-    wall = (time.perf_counter() - start) / 60
-    stamp.write_text(json.dumps({"wall_min": wall}))
-    return wall
+    made = {"wall_min": (time.perf_counter() - start) / 60, "cpu": cpu_name(), "date": str(date.today())}
+    stamp.write_text(json.dumps(made))
+    return made
 
 
 def test_figures(out: Path) -> dict:
@@ -100,16 +104,34 @@ def pretrain_tag(args: argparse.Namespace) -> str:
     return f"-{args.pretrain_config.stem}" if args.pretrain_config else ""
 
 
+def check_views(out: Path, config: Path | None) -> None:
+    """Stop before reusing (or resuming) a pretraining folder made with other views than this call asks for:
+    reuse goes by folder name, and meddiag pretrain's default views have changed (mild-views.yaml: the old ones)."""
+    from meddiag.training.config import read_yaml
+    from meddiag.training.pretrain import PretrainConfig
+
+    if not (out / "config.yaml").exists():
+        return
+    made = read_yaml(out / "config.yaml")
+    wanted = PretrainConfig.from_sources(config, data=str(XRAY))
+    if made.get("augment") != wanted.augment.model_dump() or made.get("noise") != wanted.noise:
+        raise SystemExit(f"{out} was made with other views (augment {made.get('augment')}, noise {made.get('noise')}) "
+                         f"than this call's ({wanted.augment.model_dump()}, noise {wanted.noise}): move it aside, or "
+                         "pass the --pretrain-config it was made with (benchmarks/configs/mild-views.yaml: the defaults "
+                         "before 2026-12-07)")
+
+
 def pretrain_folder(args: argparse.Namespace) -> Path:
     out = args.runs / f"pretrain-xray-{args.model}-e{args.pretrain_epochs}{pretrain_tag(args)}"
     cmd = ["meddiag", "pretrain", XRAY, "--model", args.model, "--epochs", args.pretrain_epochs, "--out", out, "--no-progress"]
     if args.pretrain_config:
         cmd += ["--config", args.pretrain_config]
-    wall = run(cmd, out, done="pretrain.json")
+    check_views(out, args.pretrain_config)
+    made = run(cmd, out, done="pretrain.json")
     info = json.loads((out / "pretrain.json").read_text())
     history = (out / "history.csv").read_text().splitlines()
     print(f"\npretraining: {info['images']} images, {info['epochs']} epochs, {info['seconds_per_epoch']} s per epoch, "
-          f"{wall:.1f} min in all; last epoch: {history[-1]}")
+          f"{made['wall_min']:.1f} min in all ({made['cpu']}, {made['date']}); last epoch: {history[-1]}")
     return out
 
 
@@ -179,10 +201,10 @@ def labels(args: argparse.Namespace) -> None:
                 out = args.runs / "labels" / f"{ARM_FOLDERS[arm]}{tag}-{fraction:g}-seed{seed}"
                 cmd = ["meddiag", "train", manifest, "--model", args.model, "--seed", seed, "--out", out, "--no-progress", *extra]
                 try:
-                    wall = run(cmd, out)
+                    made = run(cmd, out)
                 except NotRun:
                     continue
-                rows.append({"arm": arm, "fraction": fraction, "seed": seed, "n_train": n_train, "wall_min": wall,
+                rows.append({"arm": arm, "fraction": fraction, "seed": seed, "n_train": n_train, **made,
                              **test_figures(out)})
     (args.runs / "labels.json").write_text(json.dumps(rows, indent=2))
     header(args)
@@ -201,6 +223,7 @@ def labels(args: argparse.Namespace) -> None:
             mine = [r for r in rows if r["arm"] == arm and r["fraction"] == fraction]
             if mine:
                 print(f"- {fraction:.0%} {arm}: " + ", ".join(f"{r['auc']:.4f}" for r in mine))
+    machines(rows, lambda r: f"{r['fraction']:.0%} {ARM_FOLDERS[r['arm']]} seed {r['seed']}")
     full = [r["auc"] for r in rows if r["arm"] == "scratch" and r["fraction"] == 1.0]
     one_s = [r["auc"] for r in rows if r["arm"] == "scratch" and r["fraction"] == 0.01]
     for arm in ARM_FOLDERS:
@@ -292,10 +315,10 @@ def cross(args: argparse.Namespace) -> None:
                 cmd = ["meddiag", "train", data, "--model", args.model, "--image-size", px, "--seed", seed, "--out", out,
                        "--no-progress", *extra, *(["--epochs", epochs] if epochs else [])]
                 try:
-                    wall = run(cmd, out)
+                    made = run(cmd, out)
                 except NotRun:
                     continue
-                rows.append({"target": name, "arm": arm, "seed": seed, "wall_min": wall, **test_figures(out)})
+                rows.append({"target": name, "arm": arm, "seed": seed, **made, **test_figures(out)})
     (args.runs / "cross.json").write_text(json.dumps(rows, indent=2))
     header(args)
     print("| target | start | test AUC | ACC at 0.5 | ACC at the val-chosen Youden point | minutes per run |")
@@ -307,6 +330,19 @@ def cross(args: argparse.Namespace) -> None:
                 continue
             print(f"| {name} | {arm} | " + " | ".join(fmt([r[k] for r in mine]) for k in ("auc", "acc", "acc_youden"))
                   + f" | {statistics.fmean(r['wall_min'] for r in mine):.1f} |")
+    machines(rows, lambda r: f"{r['target']} {r['arm']} seed {r['seed']}")
+
+
+def machines(rows: list[dict], name) -> None:
+    """Where the runs of a table were made, when more than one processor or day made them (``name(row)`` says which
+    run a row is): figures from different machines differ in the third place, so compare like with like."""
+    made: dict[tuple[str, str], list[str]] = {}
+    for r in rows:
+        made.setdefault((r["cpu"], r["date"]), []).append(name(r))
+    if len(made) > 1:
+        print("\nRuns by machine and date:")
+        for (cpu, day), which in made.items():
+            print(f"- {cpu}, {day}: {', '.join(which)}")
 
 
 def header(args: argparse.Namespace) -> None:
