@@ -8,6 +8,8 @@ Prints markdown tables for docs/benchmarks.md.
     python benchmarks/transfer.py labels --pretrain-config benchmarks/configs/mild-views.yaml --arms pretrained-probe
                                                            # another pretraining (its runs in folders of their own;
                                                            # mild-views: meddiag pretrain's views before 2026-12-07)
+    python benchmarks/transfer.py labels --pretrain-config benchmarks/configs/strong-views.yaml --pretrain-more 50 ...
+                                                           # 50 epochs more from that pretraining, then the runs
 
 Every run is the real command line (``meddiag pretrain`` / ``meddiag train``) with meddiag's defaults plus
 the option under test; a finished run folder is reused, so the tables can fill in over several sittings. Each
@@ -100,8 +102,9 @@ def fmt(values: list[float]) -> str:
 # -- pretraining ------------------------------------------------------------------------------------------
 
 def pretrain_tag(args: argparse.Namespace) -> str:
-    """'' for meddiag's pretraining defaults, '-<stem>' for a --pretrain-config (its runs get their own folders)."""
-    return f"-{args.pretrain_config.stem}" if args.pretrain_config else ""
+    """'' for meddiag's pretraining defaults, '-<stem>' for a --pretrain-config, '-plusN' for N more epochs
+    (--pretrain-more): each pretraining's runs get folders of their own."""
+    return (f"-{args.pretrain_config.stem}" if args.pretrain_config else "") + (f"-plus{args.pretrain_more}" if args.pretrain_more else "")
 
 
 def check_views(out: Path, config: Path | None) -> None:
@@ -122,17 +125,26 @@ def check_views(out: Path, config: Path | None) -> None:
 
 
 def pretrain_folder(args: argparse.Namespace) -> Path:
-    out = args.runs / f"pretrain-xray-{args.model}-e{args.pretrain_epochs}{pretrain_tag(args)}"
-    cmd = ["meddiag", "pretrain", XRAY, "--model", args.model, "--epochs", args.pretrain_epochs, "--out", out, "--no-progress"]
-    if args.pretrain_config:
-        cmd += ["--config", args.pretrain_config]
-    check_views(out, args.pretrain_config)
-    made = run(cmd, out, done="pretrain.json")
-    info = json.loads((out / "pretrain.json").read_text())
-    history = (out / "history.csv").read_text().splitlines()
-    print(f"\npretraining: {info['images']} images, {info['epochs']} epochs, {info['seconds_per_epoch']} s per epoch, "
-          f"{made['wall_min']:.1f} min in all ({made['cpu']}, {made['date']}); last epoch: {history[-1]}")
-    return out
+    """The pretraining the label runs start from (made unless it has finished): ``--pretrain-epochs`` epochs with
+    ``--pretrain-config``'s views, and with ``--pretrain-more N`` a second pretraining that starts from it
+    (``meddiag pretrain --init-weights``) for N epochs more."""
+    views = f"-{args.pretrain_config.stem}" if args.pretrain_config else ""
+    base = args.runs / f"pretrain-xray-{args.model}-e{args.pretrain_epochs}{views}"
+    config = ["--config", args.pretrain_config] if args.pretrain_config else []
+    steps = [(base, ["--epochs", args.pretrain_epochs])]
+    if args.pretrain_more:
+        steps.append((args.runs / f"pretrain-xray-{args.model}-e{args.pretrain_epochs}-plus{args.pretrain_more}{views}",
+                      ["--epochs", args.pretrain_more, "--init-weights", base]))
+    for out, extra in steps:
+        check_views(out, args.pretrain_config)
+        made = run(["meddiag", "pretrain", XRAY, "--model", args.model, *extra, "--out", out, "--no-progress", *config],
+                   out, done="pretrain.json")
+        info = json.loads((out / "pretrain.json").read_text())
+        history = (out / "history.csv").read_text().splitlines()
+        before = f" after {info['epochs_before']}" if info.get("epochs_before") else ""
+        print(f"\npretraining {out.name}: {info['images']} images, {info['epochs']} epochs{before}, {info['seconds_per_epoch']} s "
+              f"per epoch, {made['wall_min']:.1f} min in all ({made['cpu']}, {made['date']}); last epoch: {history[-1]}")
+    return steps[-1][0]
 
 
 # -- label efficiency -------------------------------------------------------------------------------------
@@ -237,6 +249,21 @@ def labels(args: argparse.Namespace) -> None:
         if one_p and one_s:
             print(f"{arm}: at 1% minus scratch at 1%: {statistics.fmean(one_p) - statistics.fmean(one_s):+.4f} AUC "
                   f"(target >= +0.05; {len(one_p)} against {len(one_s)} seeds)")
+        paired(rows, arm, 0.01)
+
+
+def paired(rows: list[dict], arm: str, fraction: float) -> None:
+    """The arm minus scratch seed by seed (the same labelled images): mean, standard error and wins. Seeds differ
+    far more in which images they draw than arms do, so the paired difference is the sharper comparison."""
+    mine = {r["seed"]: r["auc"] for r in rows if r["arm"] == arm and r["fraction"] == fraction}
+    base = {r["seed"]: r["auc"] for r in rows if r["arm"] == "scratch" and r["fraction"] == fraction}
+    both = sorted(set(mine) & set(base))
+    if len(both) < 2:
+        return
+    diffs = [mine[s] - base[s] for s in both]
+    se = statistics.stdev(diffs) / len(diffs) ** 0.5
+    print(f"{arm}: at {fraction:.0%}, paired by seed: {statistics.fmean(diffs):+.4f} ± {se:.4f} (s.e.) AUC over scratch, "
+          f"better in {sum(d > 0 for d in diffs)} of {len(diffs)} seeds")
 
 
 # -- cross-task transfer ----------------------------------------------------------------------------------
@@ -358,6 +385,9 @@ def main() -> None:
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     parser.add_argument("--model", default="resnet18")
     parser.add_argument("--pretrain-epochs", type=int, default=50)
+    parser.add_argument("--pretrain-more", type=int, default=None,
+                        help="labels: continue the pretraining for this many more epochs (meddiag pretrain --init-weights) "
+                             "and start the runs from that")
     parser.add_argument("--pretrain-config", type=Path, default=None,
                         help="a meddiag pretrain --config YAML (e.g. other views); its pretraining and the runs from it "
                              "get folders of their own, named after the file")

@@ -161,3 +161,61 @@ def test_pretrain_a_3d_network_on_volumes_and_fine_tune_it(tmp_path):
                                out=str(tmp_path / "ft3d"), ood_keep=None), progress=False)
     report = json.loads((result.run_dir / "init_weights.json").read_text())
     assert report["backbone_fraction"] == 1.0 and report["head"] == ["fc.weight", "fc.bias"]
+
+
+def test_a_pretraining_continues_from_another_for_more_epochs(tmp_path, capsys):
+    """``init_weights`` in a pretraining: the network starts where the other left off (its load report kept), the
+    epochs of both are recorded, and a fine-tuned model's card says how long its weights were pretrained."""
+    from meddiag.models.registry import create_model
+    from meddiag.training.config import TrainConfig
+    from meddiag.training.run import train
+
+    data = make_image_folder(tmp_path / "images", per_class=16)
+    first = pretrain(PretrainConfig(data=str(data), model="seed_cnn", epochs=2, image_size=32, batch_size=16,
+                                    out=str(tmp_path / "first")), progress=False)
+    source = torch.load(first / "weights.pt", weights_only=True)["state_dict"]
+    # a learning rate too small to move the weights: what the continued run saves is what it loaded
+    more = pretrain(PretrainConfig(data=str(data), model="seed_cnn", epochs=1, image_size=32, batch_size=16, lr=1e-12,
+                                   init_weights=str(first), out=str(tmp_path / "more")), progress=False)
+    err = capsys.readouterr().err
+    assert "100.0%" in err and "continuing a simclr pretraining of 2 epochs: 1 more" in err
+    report = json.loads((more / "init_weights.json").read_text())
+    assert report["backbone_fraction"] == 1.0 and report["epochs_before"] == 2 and report["source"]["kind"] == "pretrain"
+    saved = torch.load(more / "weights.pt", weights_only=True)
+    assert saved["meddiag_pretrain"]["epochs"] == 1 and saved["meddiag_pretrain"]["epochs_before"] == 2
+    assert json.loads((more / "pretrain.json").read_text())["epochs_before"] == 2
+    fresh = create_model("seed_cnn", 1, 2, 2, 32).state_dict()
+    weights = [k for k, v in source.items() if v.ndim >= 2]
+    assert weights and all(torch.allclose(saved["state_dict"][k], source[k], atol=1e-6) for k in weights)
+    assert not all(torch.allclose(fresh[k], source[k]) for k in weights)
+    result = train(TrainConfig(data=str(data), model="seed_cnn", epochs=1, image_size=32, batch_size=8, init_weights=str(more),
+                               out=str(tmp_path / "ft"), ood_keep=None), progress=False)
+    _, card = load_checkpoint(result.best_checkpoint)
+    assert card.init_weights["pretraining"]["epochs"] == 1 and card.init_weights["pretraining"]["epochs_before"] == 2
+
+
+def test_a_pretrainings_initial_weights_are_checked_before_the_images_are_read(tmp_path):
+    from meddiag.models.weights import WeightsError
+
+    data = make_image_folder(tmp_path / "images", per_class=8)
+    # a missing file is named at once, before the (here also missing) images are read
+    with pytest.raises(WeightsError, match="missing.pt: no such file or folder"):
+        pretrain(PretrainConfig(data=str(tmp_path / "nowhere"), model="seed_cnn", init_weights=str(tmp_path / "missing.pt"),
+                                out=str(tmp_path / "a")), progress=False)
+    # weights of something else: refused with the report, unless a partial load is allowed
+    other = tmp_path / "other.pt"
+    torch.save({"encoder.block.weight": torch.randn(8, 3, 3, 3)}, other)
+    with pytest.raises(WeightsError, match="fill only 0.0% of the backbone(?s:.*)unexpected"):
+        pretrain(PretrainConfig(data=str(data), model="seed_cnn", epochs=1, image_size=32, batch_size=8,
+                                init_weights=str(other), out=str(tmp_path / "b")), progress=False)
+    with pytest.warns(UserWarning, match="only 0.0%"):
+        out = pretrain(PretrainConfig(data=str(data), model="seed_cnn", epochs=1, image_size=32, batch_size=8,
+                                      init_weights=str(other), allow_partial=True, out=str(tmp_path / "c")), progress=False)
+    assert json.loads((out / "init_weights.json").read_text())["epochs_before"] == 0
+    # a damaged file: named, no traceback, through the command line
+    bad = tmp_path / "bad.pt"
+    bad.write_bytes(b"not a weights file")
+    done = subprocess.run([sys.executable, "-m", "meddiag", "pretrain", str(data), "--model", "seed_cnn", "--epochs", "1",
+                           "--image-size", "32", "--init-weights", str(bad), "--out", str(tmp_path / "d"), "--no-progress"],
+                          capture_output=True, text=True, timeout=180)
+    assert done.returncode != 0 and "bad.pt" in done.stderr and "Traceback" not in done.stderr, done.stderr[-2000:]

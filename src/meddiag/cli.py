@@ -157,6 +157,8 @@ def pretrain(
     cache: Annotated[Optional[str], typer.Option(help="Keep files, once decoded and prepared, for later runs: auto, off, or a folder. [default: auto]")] = None,
     memory_mb: Annotated[Optional[int], typer.Option(help="Prepared images up to this many MiB are held in memory; more are read from the cache as they are used. [default: 1024]")] = None,
     out: Annotated[Optional[str], typer.Option(help="Output folder. [default: runs/pretrain-<data>-<model>]")] = None,
+    init_weights: Annotated[Optional[str], typer.Option(help="Start from these weights: another 'meddiag pretrain' folder (to pretrain for longer), a run, a .pt/.pth/.bin/.safetensors/.ckpt file, or an http(s) URL (URL#sha256=HEX is verified). A load report says what was loaded; under 90% is refused.")] = None,
+    allow_partial: Annotated[Optional[bool], typer.Option("--allow-partial/--no-allow-partial", help="Accept initial weights that fill under 90% of the network. [default: no]")] = None,
     config: Annotated[Optional[Path], typer.Option(help="YAML configuration (e.g. a pretraining folder's config.yaml); options given here override it.")] = None,
     resume: Annotated[bool, typer.Option(help="Continue the pretraining in --out from its last epoch.")] = False,
     accelerator: Annotated[Optional[str], typer.Option(help="cpu, gpu or auto. [default: auto]")] = None,
@@ -172,7 +174,7 @@ def pretrain(
         model=model, method=method, epochs=epochs, batch_size=batch_size, lr=lr, temperature=temperature,
         image_size=image_size, fit=fit, volumes=volumes, window=window, volume_index=volume_index, seed=seed, out=out,
         accelerator=accelerator, devices=int(devices) if devices and devices.isdigit() else devices, cache=cache,
-        memory_mb=memory_mb,
+        memory_mb=memory_mb, init_weights=init_weights, allow_partial=allow_partial,
     )
 
 

@@ -524,6 +524,8 @@ def initialise(model: nn.Module, model_name: str, weights: WeightsFile, *, allow
                             "this run fits its own")
     if pre:
         report.source["pretraining"] = {k: pre.get(k) for k in ("method", "model", "epochs", "images", "image_size", "data")}
+        if pre.get("epochs_before"):  # a pretraining continued from another: the epochs of both
+            report.source["pretraining"]["epochs_before"] = pre["epochs_before"]
     source_model, source_size = (pre.get("model"), pre.get("image_size")) if pre else (meta.get("model_name"), meta.get("image_size"))
     done = "pretrained" if pre else "trained"
     if source_model and source_model != model_name:

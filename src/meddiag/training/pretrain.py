@@ -12,6 +12,13 @@ asked (``hflip``: anatomy is lateral). The run folder holds ``config.yaml``, ``h
 the share of views whose nearest neighbour in the batch is their twin), ``checkpoints/last.ckpt``
 (``--resume``), ``weights.pt`` (the network's weights after every epoch: ``--init-weights`` takes
 the folder or the file) and ``pretrain.json`` when it has finished.
+
+A pretraining can itself start from weights (``init_weights``: another pretraining folder to pretrain for
+longer, a run, a file or a URL, loaded as ``meddiag train --init-weights`` loads them, with the same load
+report in ``init_weights.json`` and the same refusal of a partial load): the projection head starts anew,
+and the learning rate follows a cosine schedule of its own from its full value. On the chest X-rays, 50 more
+epochs from a 50-epoch pretraining (docs/benchmarks.md) are how the pretraining was made longer without
+starting over.
 """
 
 from __future__ import annotations
@@ -38,7 +45,7 @@ from meddiag.data.files import UnlabelledImages
 from meddiag.data.transforms import AugmentConfig, augment_batch, normalize, to_unit_float
 from meddiag.errors import ConfigError
 from meddiag.models.registry import create_model, get_entry
-from meddiag.models.weights import PRETRAIN_META
+from meddiag.models.weights import PRETRAIN_META, initialise, kept_stem, read_state_dict, resolve_weights
 from meddiag.runfolder import RunFolder, write_text_atomic
 from meddiag.training.datamodule import epoch_seed
 from meddiag.training.run import check_writable, default_batch_size, resolve_precision
@@ -82,6 +89,8 @@ class PretrainConfig(BaseModel):
     seed: int = 0
     cache: str = Field("auto", description="where files, once decoded and prepared, are kept for later runs: auto ($MEDDIAG_CACHE/prepared), off, or a folder")
     memory_mb: int = Field(1024, ge=0, description="prepared images up to this many MiB are held in memory; more are read from the cache as training uses them")
+    init_weights: str | None = Field(None, description="start from these weights: another pretraining folder (to pretrain for longer), a run, a file (.pt/.pth/.bin/.safetensors/.ckpt) or an http(s) URL (URL#sha256=<hex> is verified)")
+    allow_partial: bool = Field(False, description="accept initial weights that fill less than 90% of the network's tensors")
     accelerator: str = "auto"
     devices: int | str = "auto"
     precision: str = "auto"
@@ -220,6 +229,26 @@ def save_pretrained(path: Path, encoder: nn.Module, meta: dict) -> None:
     tmp.replace(path)
 
 
+def start_from(encoder: nn.Module, config: PretrainConfig, weights: Any, image_size: int, folder: RunFolder,
+               announce: bool) -> dict:
+    """Load ``weights`` into the encoder (refusing a partial load), print the load report and keep it in
+    ``init_weights.json``; returns what the weights file records of them: the report's summary and, when they
+    come from another SimCLR pretraining of this network, its epochs (``epochs_before``: the total is the sum)."""
+    loaded = initialise(encoder, config.model, weights, allow_partial=config.allow_partial, image_size=image_size,
+                        model_kwargs=config.model_kwargs)
+    _, source = read_state_dict(weights.path)
+    same = source.get("method") == config.method and source.get("model") == config.model
+    before = int(source.get("epochs", 0)) + int(source.get("epochs_before", 0)) if same else 0
+    if announce:
+        print(loaded.text(), file=sys.stderr, flush=True)
+        if before:
+            print(f"continuing a {config.method} pretraining of {before} epochs: {config.epochs} more (a new projection "
+                  "head; the learning rate starts again from its full value)", file=sys.stderr, flush=True)
+        write_text_atomic(folder.init_weights, json.dumps({**loaded.to_dict(), "summary": loaded.summary(),
+                                                           "epochs_before": before}, indent=2))
+    return {"init_weights": loaded.summary(), "epochs_before": before}
+
+
 def pretrain(config: PretrainConfig, *, resume: bool = False, progress: bool | None = None,
              images: UnlabelledImages | None = None) -> Path:
     """Pretrain ``config.model`` on ``config.data`` without labels; returns the run folder (its ``weights.pt``
@@ -237,6 +266,8 @@ def pretrain(config: PretrainConfig, *, resume: bool = False, progress: bool | N
     if not resume and run_dir.exists() and any(run_dir.iterdir()):
         raise ConfigError(f"folder {run_dir} already exists; pass --resume to continue it or choose another --out")
     check_writable(run_dir)
+    # a weights file or URL is found (downloaded) before the images are read: a wrong path fails in seconds
+    weights = resolve_weights(config.init_weights, progress=progress) if config.init_weights and not resume else None
     L.seed_everything(config.seed, workers=True, verbose=False)
     data = images or load_unlabelled(config.data, image_size=config.image_size, fit=config.fit, window=config.window,
                                      volume_index=config.volume_index, volumes=config.volumes, progress=progress,
@@ -247,6 +278,11 @@ def pretrain(config: PretrainConfig, *, resume: bool = False, progress: bool | N
         raise ConfigError(f"{config.data}: {n} images are too few to pretrain on (SimCLR contrasts the images of a batch)")
     batch = min(batch, n)
     config = config.model_copy(update={"image_size": data.image_size, "out": str(run_dir), "batch_size": batch})
+    if weights is not None and "stem" not in config.model_kwargs:
+        # weights learned with another stem than this size would choose keep theirs (as meddiag train does)
+        stem = kept_stem(weights, config.model, data.spatial_dims, data.image_size)
+        if stem:
+            config = config.model_copy(update={"model_kwargs": {**config.model_kwargs, "stem": stem}})
     write_text_atomic(folder.config, yaml.safe_dump(config.model_dump(mode="json"), sort_keys=False))
     module = SimCLRModule(config.model, config.model_kwargs, data.in_channels, data.spatial_dims, data.image_size,
                           config.mean, config.std, config.augment.model_dump(), config.noise, config.temperature,
@@ -255,6 +291,11 @@ def pretrain(config: PretrainConfig, *, resume: bool = False, progress: bool | N
     meta = {"method": config.method, "model": config.model, "model_kwargs": config.model_kwargs, "images": n,
             "image_size": data.image_size, "in_channels": data.in_channels, "spatial_dims": data.spatial_dims,
             "data": config.data, "temperature": config.temperature, "meddiag_version": meddiag.__version__}
+    if weights is not None:
+        meta.update(start_from(module.encoder, config, weights, data.image_size, folder, announce=True))
+    elif resume and folder.init_weights.exists():
+        report = json.loads(folder.init_weights.read_text())
+        meta.update({"init_weights": report.get("summary"), "epochs_before": report.get("epochs_before", 0)})
     generator = torch.Generator().manual_seed(config.seed)
     loader = torch.utils.data.DataLoader(ImagesOnly(data.images), batch_size=batch, shuffle=True,
                                          drop_last=True, generator=generator)
@@ -282,7 +323,7 @@ def pretrain(config: PretrainConfig, *, resume: bool = False, progress: bool | N
     if trainer.is_global_zero and not trainer.interrupted:
         epoch_times = [float(r.split(",")[-1]) for r in folder.history.read_text().splitlines()[1:]]
         write_text_atomic(run_dir / "pretrain.json", json.dumps(
-            {"finished": True, "epochs": trainer.current_epoch, "images": n, "train_seconds": round(seconds, 1),
+            {"finished": True, "epochs": trainer.current_epoch, "epochs_before": meta.get("epochs_before", 0), "images": n, "train_seconds": round(seconds, 1),
              "seconds_per_epoch": round(sum(epoch_times) / max(1, len(epoch_times)), 1),
              "excluded": [{"path": p, "reason": r} for p, r in data.excluded]}, indent=2))
         last.unlink(missing_ok=True)
