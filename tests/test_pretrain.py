@@ -100,11 +100,16 @@ def test_pretrain_refuses_what_it_cannot_use_with_a_clear_message(tmp_path):
     assert done.returncode == 2 and "no such file or folder" in done.stderr and "Traceback" not in done.stderr
 
 
-def test_a_killed_pretraining_resumes_from_its_last_epoch(tmp_path):
+@pytest.mark.parametrize("continued", [False, True], ids=["plain", "continued-from-another"])
+def test_a_killed_pretraining_resumes_from_its_last_epoch(tmp_path, continued):
     data = make_image_folder(tmp_path / "images", per_class=64)
     out = tmp_path / "pre"
     command = [sys.executable, "-m", "meddiag", "pretrain", str(data), "--model", "seed_cnn", "--epochs", "4",
                "--image-size", "32", "--batch-size", "16", "--out", str(out), "--no-progress"]
+    if continued:  # a pretraining that started from another keeps saying so after its resume
+        first = pretrain(PretrainConfig(data=str(data), model="seed_cnn", epochs=1, image_size=32, batch_size=16,
+                                        out=str(tmp_path / "first")), progress=False)
+        command += ["--init-weights", str(first)]
     env = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
     proc = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=env)
     deadline = time.time() + 300
@@ -125,6 +130,9 @@ def test_a_killed_pretraining_resumes_from_its_last_epoch(tmp_path):
     assert json.loads((out / "pretrain.json").read_text())["epochs"] == 4
     assert torch.load(out / "weights.pt", weights_only=True)["meddiag_pretrain"]["epochs"] == 4
     assert not (out / "checkpoints" / "last.ckpt").exists()
+    before = torch.load(out / "weights.pt", weights_only=True)["meddiag_pretrain"].get("epochs_before", 0)
+    assert before == json.loads((out / "pretrain.json").read_text())["epochs_before"] == (1 if continued else 0)
+    assert "initial weights" not in resumed.stderr  # the resume loads its checkpoint, not the weights again
 
 
 def test_pretrain_then_fine_tune_from_its_folder(tmp_path, capsys):
