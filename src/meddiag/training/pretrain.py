@@ -45,10 +45,10 @@ from meddiag.data.files import UnlabelledImages
 from meddiag.data.transforms import AugmentConfig, augment_batch, normalize, to_unit_float
 from meddiag.errors import ConfigError
 from meddiag.models.registry import create_model, get_entry
-from meddiag.models.weights import PRETRAIN_META, initialise, kept_stem, read_state_dict, resolve_weights
+from meddiag.models.weights import PRETRAIN_META, initialise, kept_stem, resolve_weights
 from meddiag.runfolder import RunFolder, write_text_atomic
 from meddiag.training.datamodule import epoch_seed
-from meddiag.training.run import check_writable, default_batch_size, resolve_precision
+from meddiag.training.run import check_writable, default_batch_size, process_rank, resolve_precision
 
 METHODS = ("simclr",)
 
@@ -236,9 +236,9 @@ def start_from(encoder: nn.Module, config: PretrainConfig, weights: Any, image_s
     come from another SimCLR pretraining of this network, its epochs (``epochs_before``: the total is the sum)."""
     loaded = initialise(encoder, config.model, weights, allow_partial=config.allow_partial, image_size=image_size,
                         model_kwargs=config.model_kwargs)
-    _, source = read_state_dict(weights.path)
+    source = loaded.source.get("pretraining") or {}  # what a meddiag pretraining's weights file says of itself
     same = source.get("method") == config.method and source.get("model") == config.model
-    before = int(source.get("epochs", 0)) + int(source.get("epochs_before", 0)) if same else 0
+    before = int(source.get("epochs") or 0) + int(source.get("epochs_before") or 0) if same else 0
     if announce:
         print(loaded.text(), file=sys.stderr, flush=True)
         if before:
@@ -292,7 +292,8 @@ def pretrain(config: PretrainConfig, *, resume: bool = False, progress: bool | N
             "image_size": data.image_size, "in_channels": data.in_channels, "spatial_dims": data.spatial_dims,
             "data": config.data, "temperature": config.temperature, "meddiag_version": meddiag.__version__}
     if weights is not None:
-        meta.update(start_from(module.encoder, config, weights, data.image_size, folder, announce=True))
+        # one report, printed and written once, when a launcher has started a process per device
+        meta.update(start_from(module.encoder, config, weights, data.image_size, folder, announce=process_rank() == 0))
     elif resume and folder.init_weights.exists():
         report = json.loads(folder.init_weights.read_text())
         meta.update({"init_weights": report.get("summary"), "epochs_before": report.get("epochs_before", 0)})
@@ -323,7 +324,8 @@ def pretrain(config: PretrainConfig, *, resume: bool = False, progress: bool | N
     if trainer.is_global_zero and not trainer.interrupted:
         epoch_times = [float(r.split(",")[-1]) for r in folder.history.read_text().splitlines()[1:]]
         write_text_atomic(run_dir / "pretrain.json", json.dumps(
-            {"finished": True, "epochs": trainer.current_epoch, "epochs_before": meta.get("epochs_before", 0), "images": n, "train_seconds": round(seconds, 1),
+            {"finished": True, "epochs": trainer.current_epoch, "epochs_before": meta.get("epochs_before", 0), "images": n,
+             "train_seconds": round(seconds, 1),
              "seconds_per_epoch": round(sum(epoch_times) / max(1, len(epoch_times)), 1),
              "excluded": [{"path": p, "reason": r} for p, r in data.excluded]}, indent=2))
         last.unlink(missing_ok=True)
