@@ -16,7 +16,7 @@ import torch
 
 from meddiag.errors import ConfigError, DataError
 from meddiag.models.checkpoint import load_checkpoint
-from meddiag.training.pretrain import PretrainConfig, nt_xent, pretrain
+from meddiag.training.pretrain import PretrainConfig, global_batch, nt_xent, pretrain
 
 from conftest import make_image_folder, make_volume_folder, synthetic_image, write_csv, write_dicom
 
@@ -44,6 +44,68 @@ def test_nt_xent_is_low_when_each_view_finds_its_twin_and_chance_level_otherwise
     step = z1.detach() - 0.5 * z1.grad
     before = torch.nn.functional.cosine_similarity(z1.detach(), z2).mean()
     assert torch.nn.functional.cosine_similarity(step, z2).mean() > before
+
+
+def _contrast_one_share(rank: int, world: int, init: str, out: str) -> None:
+    """One of ``world`` processes (gloo): its share of a batch of projections, contrasted with every process's."""
+    torch.distributed.init_process_group("gloo", init_method=init, rank=rank, world_size=world)
+    try:
+        torch.manual_seed(0)
+        z1, z2 = torch.randn(12, 16), torch.randn(12, 16)
+        share = slice(rank * 12 // world, (rank + 1) * 12 // world)
+        a, b = z1[share].clone().requires_grad_(), z2[share].clone().requires_grad_()
+        loss, twin = nt_xent(global_batch(a), global_batch(b), 0.2)
+        loss.backward()
+        torch.save({"loss": loss.item(), "twin": twin.item(), "grad1": a.grad, "grad2": b.grad}, f"{out}.{rank}")
+    finally:
+        torch.distributed.destroy_process_group()
+
+
+def test_processes_contrast_the_whole_batch_and_learn_as_one_process_would(tmp_path):
+    """Under DDP each process holds a share of the batch: its views are contrasted with every process's (the
+    negatives of the whole batch, not of its share), and the gradients it gets, once DDP has averaged them over
+    the processes, are those of one process holding the whole batch."""
+    world = 2
+    torch.multiprocessing.spawn(_contrast_one_share, args=(world, f"file://{tmp_path / 'rendezvous'}", str(tmp_path / "share")),
+                                nprocs=world, join=True)
+    torch.manual_seed(0)
+    z1, z2 = torch.randn(12, 16, requires_grad=True), torch.randn(12, 16, requires_grad=True)
+    loss, twin = nt_xent(z1, z2, 0.2)
+    loss.backward()
+    shares = [torch.load(tmp_path / f"share.{r}", weights_only=True) for r in range(world)]
+    for r, share in enumerate(shares):
+        assert abs(share["loss"] - loss.item()) < 1e-5 and share["twin"] == twin.item()  # the whole batch's loss
+        rows = slice(r * 6, (r + 1) * 6)
+        # each process's loss is the whole batch's, so its share's gradient comes back summed over the processes:
+        # DDP's average over the processes then gives exactly the one-process gradient
+        assert torch.allclose(share["grad1"] / world, z1.grad[rows], atol=1e-6)
+        assert torch.allclose(share["grad2"] / world, z2.grad[rows], atol=1e-6)
+    # against contrasting each share alone (what a process would do without the gather): another loss
+    alone = nt_xent(z1[:6].detach(), z2[:6].detach(), 0.2)[0].item()
+    assert abs(alone - shares[0]["loss"]) > 0.1
+
+
+def test_two_processes_pretrain_one_folder(tmp_path):
+    """``--devices 2`` on a CPU (Lightning's DDP, gloo): the second process joins the folder the first made
+    instead of refusing it; one start line names the batch per process and in all, one history, one weights file."""
+    data = make_image_folder(tmp_path / "images", per_class=24, splits=("train",))
+    out = tmp_path / "pre"
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
+    proc = subprocess.run([sys.executable, "-m", "meddiag", "pretrain", str(data), "--model", "seed_cnn", "--epochs", "2",
+                           "--image-size", "24", "--batch-size", "8", "--accelerator", "cpu", "--devices", "2",
+                           "--out", str(out), "--no-progress"], capture_output=True, text=True, env=env, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert proc.stderr.count("pretraining seed_cnn with simclr") == 1, proc.stderr[-3000:]
+    assert "2 epochs of 3 steps (batch 16: 8 on each of 2 processes)" in proc.stderr, proc.stderr[-3000:]
+    assert history_epochs(out) == [1, 2]
+    assert torch.load(out / "weights.pt", weights_only=True)["meddiag_pretrain"]["epochs"] == 2
+    assert json.loads((out / "pretrain.json").read_text())["finished"]
+    # a batch larger than a process's share of the images is refused, naming the per-process batch
+    proc = subprocess.run([sys.executable, "-m", "meddiag", "pretrain", str(data), "--model", "seed_cnn", "--epochs", "1",
+                           "--image-size", "24", "--batch-size", "32", "--accelerator", "cpu", "--devices", "2",
+                           "--out", str(tmp_path / "big"), "--no-progress"], capture_output=True, text=True, env=env, timeout=600)
+    assert proc.returncode != 0 and "fill no batch of 32 on each of 2 processes" in proc.stderr, proc.stderr[-3000:]
+    assert "Traceback" not in proc.stderr
 
 
 def test_pretrain_reads_only_a_manifests_training_rows_and_names_bad_files(tmp_path):

@@ -162,7 +162,8 @@ def pretrain(
     config: Annotated[Optional[Path], typer.Option(help="YAML configuration (e.g. a pretraining folder's config.yaml); options given here override it.")] = None,
     resume: Annotated[bool, typer.Option(help="Continue the pretraining in --out from its last epoch.")] = False,
     accelerator: Annotated[Optional[str], typer.Option(help="cpu, gpu or auto. [default: auto]")] = None,
-    devices: Annotated[Optional[str], typer.Option(help="Number of devices, or auto. [default: auto]")] = None,
+    devices: Annotated[Optional[str], typer.Option(help="Devices per node (GPUs, or processes on a CPU), or auto; several share one batch of --batch-size each, contrasted as one. [default: auto]")] = None,
+    num_nodes: Annotated[Optional[int], typer.Option(help="Machines the pretraining spans (torchrun, SLURM or Lightning's launcher). [default: 1]")] = None,
     progress: Annotated[Optional[bool], typer.Option("--progress/--no-progress", help="Progress bar. [default: when in a terminal]")] = None,
 ) -> None:
     """Pretrain a network on unlabelled images of DATA (self-supervised, SimCLR); 'train --init-weights OUT' fine-tunes it."""
@@ -174,7 +175,7 @@ def pretrain(
         model=model, method=method, epochs=epochs, batch_size=batch_size, lr=lr, temperature=temperature,
         image_size=image_size, fit=fit, volumes=volumes, window=window, volume_index=volume_index, seed=seed, out=out,
         accelerator=accelerator, devices=int(devices) if devices and devices.isdigit() else devices, cache=cache,
-        memory_mb=memory_mb, init_weights=init_weights, allow_partial=allow_partial,
+        memory_mb=memory_mb, init_weights=init_weights, allow_partial=allow_partial, num_nodes=num_nodes,
     )
 
 

@@ -34,6 +34,7 @@ from typing import Any, Literal
 import lightning as L
 import numpy as np
 import torch
+import torch.distributed as dist
 import torch.nn.functional as F
 import yaml
 from lightning.pytorch.callbacks import ModelCheckpoint
@@ -72,7 +73,7 @@ class PretrainConfig(BaseModel):
     model_kwargs: dict[str, Any] = Field(default_factory=dict)
     method: Literal["simclr"] = "simclr"
     epochs: int = Field(50, ge=1)
-    batch_size: int | None = Field(None, ge=4, description="None: 128 for images, 32 for volumes (fewer for small sets); larger batches give SimCLR more negatives")
+    batch_size: int | None = Field(None, ge=4, description="None: 128 for images, 32 for volumes (fewer for small sets); larger batches give SimCLR more negatives; per process when several share the work")
     lr: float = Field(1e-3, gt=0)
     weight_decay: float = Field(1e-4, ge=0)
     temperature: float = Field(0.2, gt=0, le=1, description="NT-Xent temperature")
@@ -92,7 +93,8 @@ class PretrainConfig(BaseModel):
     init_weights: str | None = Field(None, description="start from these weights: another pretraining folder (to pretrain for longer), a run, a file (.pt/.pth/.bin/.safetensors/.ckpt) or an http(s) URL (URL#sha256=<hex> is verified)")
     allow_partial: bool = Field(False, description="accept initial weights that fill less than 90% of the network's tensors")
     accelerator: str = "auto"
-    devices: int | str = "auto"
+    devices: int | str = Field("auto", description="devices per node (GPUs, or CPU processes): a number, or auto")
+    num_nodes: int = Field(1, ge=1, description="machines the pretraining spans (Lightning: torchrun, SLURM or its own launcher)")
     precision: str = "auto"
     out: str | None = None
 
@@ -111,7 +113,8 @@ class PretrainConfig(BaseModel):
 
 def nt_xent(z1: torch.Tensor, z2: torch.Tensor, temperature: float) -> tuple[torch.Tensor, torch.Tensor]:
     """SimCLR's NT-Xent loss of two (N, D) batches of projections (row i of each: views of image i), and
-    the share of the 2N views whose most similar other view is their twin."""
+    the share of the 2N views whose most similar other view is their twin. Under DDP the batches given are
+    every process's (:func:`global_batch`), so the negatives are those of the whole batch."""
     z = F.normalize(torch.cat([z1, z2]).float(), dim=1)
     n = z1.shape[0]
     sim = z @ z.T / temperature
@@ -120,6 +123,19 @@ def nt_xent(z1: torch.Tensor, z2: torch.Tensor, temperature: float) -> tuple[tor
     loss = F.cross_entropy(sim, twin)
     accuracy = (sim.argmax(dim=1) == twin).float().mean()
     return loss, accuracy
+
+
+def global_batch(z: torch.Tensor) -> torch.Tensor:
+    """Every process's projections, this process's among them, in rank order (as SimCLR does on many devices);
+    ``z`` itself in a run of one process. Each process then computes the loss of the whole batch, and the gather
+    passes the gradients back to the process whose images made them, summed over the processes; DDP averages
+    the processes' gradients, so several processes of batch B learn as one process of batch B x processes would
+    (but for batch norm: per process on CPUs, synchronised across GPUs, :func:`synchronised_batch_norm`)."""
+    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+        return z
+    from torch.distributed.nn.functional import all_gather
+
+    return torch.cat(all_gather(z))
 
 
 def encoder_of(model_name: str, in_channels: int, spatial_dims: int, image_size: int, model_kwargs: dict) -> tuple[nn.Module, int]:
@@ -182,7 +198,7 @@ class SimCLRModule(L.LightningModule):
         x = to_unit_float(batch[0])
         z1 = self.projector(self.encoder(self.view(x)).flatten(1))
         z2 = self.projector(self.encoder(self.view(x)).flatten(1))
-        loss, accuracy = nt_xent(z1, z2, self.hparams.temperature)
+        loss, accuracy = nt_xent(global_batch(z1), global_batch(z2), self.hparams.temperature)
         self.log("train_loss", loss, on_step=False, on_epoch=True, prog_bar=True, batch_size=len(x))
         self.log("twin_acc", accuracy, on_step=False, on_epoch=True, prog_bar=True, batch_size=len(x))
         return loss
@@ -221,6 +237,13 @@ class WeightsWriter(L.Callback):
                   f"twin_acc {float(m.get('twin_acc', 0)):.3f}  {seconds:.1f}s", file=sys.stderr, flush=True)
 
 
+def synchronised_batch_norm(accelerator: str) -> bool:
+    """Whether the batch norms average their statistics over every process's images (SimCLR's "global BN":
+    a process's own batch statistics would let its twins find each other through them). PyTorch synchronises
+    batch norm on GPUs only, so on CPU processes each keeps its own; on one device it changes nothing."""
+    return accelerator in ("gpu", "cuda") or (accelerator == "auto" and torch.cuda.is_available())
+
+
 def save_pretrained(path: Path, encoder: nn.Module, meta: dict) -> None:
     """``weights.pt``: the encoder's tensors (a registered network's names, no head) and what made them."""
     state = {k: v.detach().cpu().clone() for k, v in encoder.state_dict().items()}
@@ -257,20 +280,24 @@ def pretrain(config: PretrainConfig, *, resume: bool = False, progress: bool | N
 
     get_entry(config.model)
     progress = sys.stderr.isatty() if progress is None else progress
+    # Under DDP, Lightning re-runs this command once per extra process (torchrun and SLURM start them all): the
+    # others find the folder made by process 0 and join it; only process 0 writes it (as meddiag train does)
+    first = process_rank() == 0
     stem = Path(config.data.rstrip("/\\")).name or config.data
     run_dir = Path(config.out) if config.out else Path("runs") / f"pretrain-{stem}-{config.model}"
     folder = RunFolder(run_dir)
     last = folder.resume_checkpoint
     if resume and not last.exists():
         raise ConfigError(f"cannot resume: {last} does not exist" + (" (the pretraining has finished)" if (run_dir / "pretrain.json").exists() else ""))
-    if not resume and run_dir.exists() and any(run_dir.iterdir()):
+    if first and not resume and run_dir.exists() and any(run_dir.iterdir()):
         raise ConfigError(f"folder {run_dir} already exists; pass --resume to continue it or choose another --out")
-    check_writable(run_dir)
+    if first:
+        check_writable(run_dir)
     # a weights file or URL is found (downloaded) before the images are read: a wrong path fails in seconds
     weights = resolve_weights(config.init_weights, progress=progress) if config.init_weights and not resume else None
     L.seed_everything(config.seed, workers=True, verbose=False)
     data = images or load_unlabelled(config.data, image_size=config.image_size, fit=config.fit, window=config.window,
-                                     volume_index=config.volume_index, volumes=config.volumes, progress=progress,
+                                     volume_index=config.volume_index, volumes=config.volumes, progress=progress and first,
                                      cache=config.cache, memory_mb=config.memory_mb)
     n = len(data.images)
     batch = config.batch_size or default_batch_size(n, data.spatial_dims)
@@ -283,7 +310,8 @@ def pretrain(config: PretrainConfig, *, resume: bool = False, progress: bool | N
         stem = kept_stem(weights, config.model, data.spatial_dims, data.image_size)
         if stem:
             config = config.model_copy(update={"model_kwargs": {**config.model_kwargs, "stem": stem}})
-    write_text_atomic(folder.config, yaml.safe_dump(config.model_dump(mode="json"), sort_keys=False))
+    if first:
+        write_text_atomic(folder.config, yaml.safe_dump(config.model_dump(mode="json"), sort_keys=False))
     module = SimCLRModule(config.model, config.model_kwargs, data.in_channels, data.spatial_dims, data.image_size,
                           config.mean, config.std, config.augment.model_dump(), config.noise, config.temperature,
                           config.projection_dim, {"lr": config.lr, "weight_decay": config.weight_decay, "epochs": config.epochs},
@@ -293,7 +321,7 @@ def pretrain(config: PretrainConfig, *, resume: bool = False, progress: bool | N
             "data": config.data, "temperature": config.temperature, "meddiag_version": meddiag.__version__}
     if weights is not None:
         # one report, printed and written once, when a launcher has started a process per device
-        meta.update(start_from(module.encoder, config, weights, data.image_size, folder, announce=process_rank() == 0))
+        meta.update(start_from(module.encoder, config, weights, data.image_size, folder, announce=first))
     elif resume and folder.init_weights.exists():
         report = json.loads(folder.init_weights.read_text())
         meta.update({"init_weights": report.get("summary"), "epochs_before": report.get("epochs_before", 0)})
@@ -302,18 +330,24 @@ def pretrain(config: PretrainConfig, *, resume: bool = False, progress: bool | N
                                          drop_last=True, generator=generator)
     precision = resolve_precision(config.precision, config.accelerator, data.spatial_dims)
     trainer = L.Trainer(
-        max_epochs=config.epochs, accelerator=config.accelerator, devices=config.devices, precision=precision,
+        max_epochs=config.epochs, accelerator=config.accelerator, devices=config.devices, num_nodes=config.num_nodes,
+        precision=precision, sync_batchnorm=synchronised_batch_norm(config.accelerator),
         callbacks=[WeightsWriter(folder, meta, echo=not progress),
                    ModelCheckpoint(dirpath=folder.checkpoints, filename=last.stem, monitor=None, save_top_k=1,
                                    save_on_train_epoch_end=True, enable_version_counter=False)],
         logger=False, default_root_dir=run_dir, enable_progress_bar=progress, enable_model_summary=False,
         num_sanity_val_steps=0, limit_val_batches=0,
     )
+    world = trainer.world_size
+    if n < batch * world:
+        raise ConfigError(f"{config.data}: {n} images fill no batch of {batch} on each of {world} processes; give a smaller "
+                          "--batch-size (it is per process)")
     if trainer.is_global_zero:
         size = "x".join([str(data.image_size)] * data.spatial_dims)
+        batches = f"batch {batch}" if world == 1 else f"batch {batch * world}: {batch} on each of {world} processes"
         print(f"{'resuming' if resume else 'pretraining'} {config.model} with {config.method} on {data.note}: {n} images, {size} px, "
-              f"{data.in_channels} channel(s); {config.epochs} epochs of {n // batch} steps (batch {batch}), {precision} -> {run_dir}",
-              file=sys.stderr, flush=True)
+              f"{data.in_channels} channel(s); {config.epochs} epochs of {n // (batch * world)} steps ({batches}), {precision} "
+              f"-> {run_dir}", file=sys.stderr, flush=True)
     start = time.perf_counter()
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", message=".*does not have many workers.*")
