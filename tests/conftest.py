@@ -2,8 +2,15 @@
 
 from __future__ import annotations
 
+import contextlib
+import io
+import logging
 import os
+import subprocess
+import sys
 import threading
+import traceback
+import warnings
 from functools import partial
 from http.server import SimpleHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
@@ -67,6 +74,62 @@ def _few_threads() -> None:
     import torch
 
     torch.set_num_threads(min(2, os.cpu_count() or 1))
+
+
+def run_meddiag(*args: str, env: dict | None = None, cwd: Path | None = None) -> subprocess.CompletedProcess:
+    """``meddiag ARGS`` through the command line's own entry (the ``app`` that ``python -m meddiag`` and the
+    ``meddiag`` script call), in this process: what a test sees is what a new process would print and return
+    (stdout, stderr with meddiag's warnings and errors, a traceback for an uncaught exception, the exit code),
+    without the seconds each new process spends importing torch, Lightning and MONAI. ``env`` and ``cwd`` hold
+    for the call only; warnings, logging, torch's thread count and the working directory are put back after it.
+    Tests whose subject is the process itself (killed and resumed runs, servers, several processes, ``python -m``)
+    start real processes instead."""
+    import lightning.pytorch  # noqa: F401  (imported now, its log handler holds this process's stderr: moved below)
+    import torch
+
+    from meddiag.cli import app
+
+    out, err = io.StringIO(), io.StringIO()
+    saved_env, saved_cwd, threads = dict(os.environ), os.getcwd(), torch.get_num_threads()
+    saved_logging = {name: (logger.level, list(logger.handlers)) for name, logger in
+                     [("", logging.root), *logging.root.manager.loggerDict.items()] if isinstance(logger, logging.Logger)}
+    # Logging handlers made earlier (Lightning's) hold the stream they were made with: point them at this call's.
+    moved = [(handler, handler.stream) for _, handlers in saved_logging.values() for handler in handlers
+             if type(handler) is logging.StreamHandler and handler.stream in (sys.stdout, sys.stderr)]
+    code = 0
+    try:
+        for handler, stream in moved:
+            handler.setStream(out if stream is sys.stdout else err)
+        os.environ.update(env or {})
+        if cwd is not None:
+            os.chdir(cwd)
+        with warnings.catch_warnings(), contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+            # A new interpreter's warning filters, shown on (this call's) stderr rather than recorded by pytest.
+            warnings.resetwarnings()
+            warnings.simplefilter("default")
+            for category in (DeprecationWarning, PendingDeprecationWarning, ImportWarning, ResourceWarning):
+                warnings.simplefilter("ignore", category)
+            warnings.showwarning = lambda message, category, filename, lineno, file=None, line=None: sys.stderr.write(
+                warnings.formatwarning(message, category, filename, lineno, line))
+            try:
+                app(args=[str(a) for a in args], prog_name="meddiag")
+            except SystemExit as exc:
+                code = exc.code if isinstance(exc.code, int) else (0 if exc.code is None else 1)
+            except Exception:  # what Python prints and returns when a command raises
+                traceback.print_exc()
+                code = 1
+    finally:
+        os.environ.clear()
+        os.environ.update(saved_env)
+        os.chdir(saved_cwd)
+        torch.set_num_threads(threads)
+        for handler, stream in moved:
+            handler.setStream(stream)
+        for name, (level, handlers) in saved_logging.items():
+            logger = logging.getLogger(name or None)
+            logger.setLevel(level)
+            logger.handlers[:] = handlers
+    return subprocess.CompletedProcess(["meddiag", *map(str, args)], code, out.getvalue(), err.getvalue())
 
 
 def write_dicom(path: Path, pixels: np.ndarray, **attributes: object) -> Path:

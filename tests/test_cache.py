@@ -18,7 +18,7 @@ import meddiag.data.files as files
 from meddiag.data.cache import PreparedCache, Preparation, file_identity
 from meddiag.data.sources import load_data
 
-from conftest import make_image_folder, synthetic_image, write_dicom
+from conftest import make_image_folder, run_meddiag, synthetic_image, write_dicom
 
 
 @pytest.fixture
@@ -162,8 +162,7 @@ def test_processes_filling_one_cache_at_once_leave_every_entry_sound(tmp_path):
 def test_cache_info_and_clear_from_the_command_line(tmp_path):
     data = make_image_folder(tmp_path / "images", per_class=10)
     load_data(str(data), image_size=32, cache=tmp_path / "cache", progress=False)
-    run = lambda *a: subprocess.run([sys.executable, "-m", "meddiag", "cache", *a, "--cache", str(tmp_path / "cache")],  # noqa: E731
-                                    capture_output=True, text=True, timeout=120)
+    run = lambda *a: run_meddiag("cache", *a, "--cache", str(tmp_path / "cache"))  # noqa: E731
     info = run("info")
     assert info.returncode == 0 and "20 prepared files" in info.stdout and "v1-image-32-pad-own" in info.stdout
     cleared = run("clear")

@@ -5,8 +5,6 @@ from __future__ import annotations
 
 import csv
 import json
-import subprocess
-import sys
 import warnings
 from pathlib import Path
 
@@ -14,14 +12,10 @@ import numpy as np
 import pytest
 import torch
 
-from conftest import make_covariate_manifest, write_csv
+from conftest import make_covariate_manifest, run_meddiag as cli, write_csv
 from meddiag.data.covariates import CovariateSchema, PatientData, TabularSpec, parse_columns
 from meddiag.data.sources import load_data
 from meddiag.errors import ConfigError, DataError
-
-
-def cli(*args: str) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "meddiag", *args], capture_output=True, text=True)
 
 
 @pytest.fixture(scope="module")

@@ -6,8 +6,6 @@ from __future__ import annotations
 import csv
 import io
 import json
-import subprocess
-import sys
 import warnings
 from pathlib import Path
 
@@ -16,11 +14,7 @@ import pytest
 import torch
 from PIL import Image
 
-from conftest import make_image_folder, synthetic_image
-
-
-def cli(*args: str) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "meddiag", *args], capture_output=True, text=True)
+from conftest import make_image_folder, run_meddiag as cli, synthetic_image
 
 
 def write(path: Path, image: np.ndarray) -> Path:

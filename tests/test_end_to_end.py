@@ -1,4 +1,5 @@
-"""train -> evaluate -> predict through the real command line, as a user runs it."""
+"""train -> evaluate -> predict through the real command line, as a user runs it (the shared run is trained by a
+new ``python -m meddiag`` process; the other commands go through the same entry in this process)."""
 
 from __future__ import annotations
 
@@ -14,12 +15,18 @@ import pytest
 import yaml
 from PIL import Image
 
-from conftest import make_image_folder, synthetic_image
+from conftest import make_image_folder, run_meddiag, synthetic_image
 
 
-def meddiag(*args: str, env: dict | None = None, cwd: Path | None = None) -> subprocess.CompletedProcess:
-    full_env = {**os.environ, "MEDDIAG_DATA": os.environ.get("MEDDIAG_DATA", "/nonexistent"), **(env or {})}
-    return subprocess.run([sys.executable, "-m", "meddiag", *args], capture_output=True, text=True, env=full_env, cwd=cwd, timeout=600)
+def meddiag(*args: str, env: dict | None = None, cwd: Path | None = None, process: bool = False) -> subprocess.CompletedProcess:
+    """``meddiag ARGS`` as a user types it: through the command line's entry in this process (``run_meddiag``),
+    or with ``process=True`` as a new ``python -m meddiag`` process (for what only a process shows: several
+    processes, a kill, the interpreter's start)."""
+    env = {"MEDDIAG_DATA": os.environ.get("MEDDIAG_DATA", "/nonexistent"), **(env or {})}
+    if not process:
+        return run_meddiag(*args, env=env, cwd=cwd)
+    return subprocess.run([sys.executable, "-m", "meddiag", *args], capture_output=True, text=True, env={**os.environ, **env},
+                          cwd=cwd, timeout=600)
 
 
 def no_traceback(proc: subprocess.CompletedProcess) -> bool:
@@ -33,7 +40,7 @@ def trained_run(tmp_path_factory) -> tuple[Path, Path]:
     data = make_image_folder(base / "images", per_class=40)
     run = base / "run"
     proc = meddiag("train", str(data), "--model", "seed_cnn", "--epochs", "15", "--image-size", "32",
-                   "--batch-size", "8", "--out", str(run), "--no-progress")
+                   "--batch-size", "8", "--out", str(run), "--no-progress", process=True)
     assert proc.returncode == 0, proc.stderr
     return data, run, proc
 
@@ -148,7 +155,7 @@ def test_two_process_ddp_on_cpu(tmp_path):
     data = make_image_folder(tmp_path / "images", per_class=16)
     run = tmp_path / "ddp"
     proc = meddiag("train", str(data), "--model", "seed_cnn", "--epochs", "2", "--image-size", "24", "--batch-size", "8",
-                   "--accelerator", "cpu", "--devices", "2", "--out", str(run), "--no-progress")
+                   "--accelerator", "cpu", "--devices", "2", "--out", str(run), "--no-progress", process=True)
     assert proc.returncode == 0, proc.stderr
     assert proc.stdout.count("test AUC") == 1
     assert (run / "metrics.json").exists() and (run / "checkpoints" / "best.ckpt").exists()

@@ -5,8 +5,6 @@ from __future__ import annotations
 
 import csv
 import json
-import subprocess
-import sys
 import warnings
 from pathlib import Path
 
@@ -15,7 +13,7 @@ import pytest
 import torch
 from PIL import Image
 
-from conftest import make_image_folder, synthetic_image
+from conftest import make_image_folder, run_meddiag as cli, synthetic_image
 
 
 @pytest.fixture(scope="module")
@@ -33,10 +31,6 @@ def ood_run(tmp_path_factory) -> Path:
         train_and_evaluate(config, progress=False)
     (base / "train.log").write_text("\n".join(str(w.message) for w in caught))
     return base / "run"
-
-
-def cli(*args: str) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "meddiag", *args], capture_output=True, text=True)
 
 
 def test_the_feature_reference_scores_far_points_higher_and_the_threshold_keeps_its_share():

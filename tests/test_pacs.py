@@ -14,15 +14,14 @@ import numpy as np
 import pydicom
 import pytest
 
-from conftest import SHARED_DATA, synthetic_image, write_dicom
+from conftest import SHARED_DATA, run_meddiag, synthetic_image, write_dicom
 
 CR = SHARED_DATA / "dicom" / "pydicom_data" / "RG1_UNCR.dcm"  # a real chest CR, 1955 x 1841
 DCIODVFY = shutil.which("dciodvfy")
 
 
 def predict(run: Path, *args: str) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "meddiag", "predict", str(run), *args], capture_output=True, text=True,
-                          timeout=600)
+    return run_meddiag("predict", str(run), *args)
 
 
 def content_items(ds) -> list:  # noqa: ANN001
@@ -151,18 +150,16 @@ def test_a_series_gets_one_sr_referencing_every_slice(tmp_path):
 
 def test_pacs_predict_over_dicomweb_stores_sr_and_sc_in_the_study_once(small_run, dicom_sources, tmp_path):
     import io
-    import os
 
     from orthanc import PASSWORD, USER, Orthanc
 
-    env = {**os.environ, "MEDDIAG_PACS_USER": USER, "MEDDIAG_PACS_PASSWORD": PASSWORD}
+    env = {"MEDDIAG_PACS_USER": USER, "MEDDIAG_PACS_PASSWORD": PASSWORD}
     with Orthanc(tmp_path / "orthanc") as pacs:
         for path in dicom_sources:
             pacs.upload(path)
         study = str(pydicom.dcmread(CR, stop_before_pixels=True).StudyInstanceUID)
-        command = [sys.executable, "-m", "meddiag", "pacs", "predict", str(small_run), "--url", pacs.dicomweb,
-                   "--study", study, "--outbox", str(tmp_path / "outbox")]
-        first = subprocess.run(command, capture_output=True, text=True, env=env, timeout=600)
+        command = ["pacs", "predict", str(small_run), "--url", pacs.dicomweb, "--study", study, "--outbox", str(tmp_path / "outbox")]
+        first = run_meddiag(*command, env=env)
         assert first.returncode == 0, first.stderr
         assert "1 series diagnosed, 2 result objects stored" in first.stdout
         held = pacs.instances()
@@ -174,27 +171,24 @@ def test_pacs_predict_over_dicomweb_stores_sr_and_sc_in_the_study_once(small_run
         assert refs == {source.SOPInstanceUID} and sr.PatientID == source.PatientID
         assert PASSWORD not in first.stdout + first.stderr  # the credentials are never printed
         # a second run finds the results there: nothing diagnosed again, nothing duplicated
-        again = subprocess.run(command, capture_output=True, text=True, env=env, timeout=600)
+        again = run_meddiag(*command, env=env)
         assert again.returncode == 0 and "0 series diagnosed" in again.stdout
         assert "1 series diagnosed before by this model, 2 series of meddiag's own results" in again.stdout
         assert len(pacs.instances()) == len(held)
         # the other study, found by modality and date: meddiag's own results are never diagnosed
-        by_date = subprocess.run([*command[:8], "--modality", "DX", "--since", "1900-01-01", "--outbox", str(tmp_path / "outbox")],
-                                 capture_output=True, text=True, env=env, timeout=600)
+        by_date = run_meddiag(*command[:5], "--modality", "DX", "--since", "1900-01-01", "--outbox", str(tmp_path / "outbox"),
+                              env=env)
         assert by_date.returncode == 0, by_date.stderr
         assert "1 series diagnosed" in by_date.stdout and len(pacs.instances()) == len(held) + 2
         # wrong credentials: said at once, the password not shown
-        wrong = subprocess.run(command, capture_output=True, text=True, timeout=600,
-                               env={**env, "MEDDIAG_PACS_PASSWORD": "not-it"})
+        wrong = run_meddiag(*command, env={**env, "MEDDIAG_PACS_PASSWORD": "not-it"})
         assert wrong.returncode == 2 and "refused the credentials (HTTP 401)" in wrong.stderr and "not-it" not in wrong.stderr
 
 
 def test_results_a_pacs_could_not_take_wait_in_the_outbox_and_go_first_next_time(small_run, dicom_sources, tmp_path):
-    import os
-
     from orthanc import PASSWORD, USER, Orthanc
 
-    env = {**os.environ, "MEDDIAG_PACS_USER": USER, "MEDDIAG_PACS_PASSWORD": PASSWORD}
+    env = {"MEDDIAG_PACS_USER": USER, "MEDDIAG_PACS_PASSWORD": PASSWORD}
     study = str(pydicom.dcmread(dicom_sources[1], stop_before_pixels=True).StudyInstanceUID)
     # results made while no PACS answers: a local folder of the study stands for what was fetched
     from meddiag import load
@@ -216,9 +210,8 @@ def test_results_a_pacs_could_not_take_wait_in_the_outbox_and_go_first_next_time
     assert report.stored == 0 and len(box.waiting()) == 2 and "cannot be reached" in report.problems[0]
     with Orthanc(tmp_path / "orthanc") as pacs:
         pacs.upload(dicom_sources[1])
-        done = subprocess.run([sys.executable, "-m", "meddiag", "pacs", "predict", str(small_run), "--url", pacs.dicomweb,
-                               "--study", study, "--outbox", str(tmp_path / "outbox")], capture_output=True, text=True,
-                              env=env, timeout=600)
+        done = run_meddiag("pacs", "predict", str(small_run), "--url", pacs.dicomweb, "--study", study,
+                           "--outbox", str(tmp_path / "outbox"), env=env)
         assert done.returncode == 0, done.stderr
         assert "2 result object(s) left in the outbox" in done.stderr and "1 series diagnosed before" in done.stdout
         assert box.waiting() == [] and len(pacs.instances()) == 3

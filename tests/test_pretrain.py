@@ -18,7 +18,7 @@ from meddiag.errors import ConfigError, DataError
 from meddiag.models.checkpoint import load_checkpoint
 from meddiag.training.pretrain import PretrainConfig, global_batch, nt_xent, pretrain
 
-from conftest import make_image_folder, make_volume_folder, synthetic_image, write_csv, write_dicom
+from conftest import make_image_folder, make_volume_folder, run_meddiag, synthetic_image, write_csv, write_dicom
 
 
 def history_epochs(folder) -> list[int]:
@@ -156,8 +156,7 @@ def test_pretrain_refuses_what_it_cannot_use_with_a_clear_message(tmp_path):
     with pytest.raises(ConfigError, match="method"):
         PretrainConfig.from_sources(data=str(few), method="byol")
     # through the command line: exit code 2 and the message, no traceback
-    done = subprocess.run([sys.executable, "-m", "meddiag", "pretrain", str(tmp_path / "nowhere"), "--out", str(tmp_path / "c")],
-                          capture_output=True, text=True, timeout=120)
+    done = run_meddiag("pretrain", str(tmp_path / "nowhere"), "--out", str(tmp_path / "c"))
     assert done.returncode == 2 and "no such file or folder" in done.stderr and "Traceback" not in done.stderr
 
 
@@ -284,7 +283,6 @@ def test_a_pretrainings_initial_weights_are_checked_before_the_images_are_read(t
     # a damaged file: named, no traceback, through the command line
     bad = tmp_path / "bad.pt"
     bad.write_bytes(b"not a weights file")
-    done = subprocess.run([sys.executable, "-m", "meddiag", "pretrain", str(data), "--model", "seed_cnn", "--epochs", "1",
-                           "--image-size", "32", "--init-weights", str(bad), "--out", str(tmp_path / "d"), "--no-progress"],
-                          capture_output=True, text=True, timeout=180)
+    done = run_meddiag("pretrain", str(data), "--model", "seed_cnn", "--epochs", "1", "--image-size", "32",
+                       "--init-weights", str(bad), "--out", str(tmp_path / "d"), "--no-progress")
     assert done.returncode != 0 and "bad.pt" in done.stderr and "Traceback" not in done.stderr, done.stderr[-2000:]

@@ -9,8 +9,6 @@ import json
 import logging
 import os
 import struct
-import subprocess
-import sys
 import tempfile
 import zlib
 from pathlib import Path
@@ -20,7 +18,7 @@ import pytest
 import torch
 from PIL import Image
 
-from conftest import write_dicom
+from conftest import run_meddiag, write_dicom
 
 TOKEN = "test-token-1234"
 
@@ -128,17 +126,14 @@ def test_the_weights_fingerprint_covers_every_tensor_including_batchnorm_counter
 
 
 def test_export_and_predict_command_lines(run, tmp_path):
-    env = {**os.environ, "MEDDIAG_DATA": "/nonexistent"}
+    env = {"MEDDIAG_DATA": "/nonexistent"}
     out = tmp_path / "model.onnx"
-    proc = subprocess.run([sys.executable, "-m", "meddiag", "export", str(run), "--out", str(out)], capture_output=True,
-                          text=True, env=env, timeout=300)
+    proc = run_meddiag("export", str(run), "--out", str(out), env=env)
     assert proc.returncode == 0 and out.is_file() and str(out) in proc.stdout, proc.stderr
-    proc = subprocess.run([sys.executable, "-m", "meddiag", "export", str(run), "--format", "tflite"], capture_output=True,
-                          text=True, env=env, timeout=300)
+    proc = run_meddiag("export", str(run), "--format", "tflite", env=env)
     assert proc.returncode == 2 and "unknown export format 'tflite'" in proc.stderr
     image = test_images(run, 2)[0]
-    rows = [subprocess.run([sys.executable, "-m", "meddiag", "predict", str(run), str(image), "--backend", backend],
-                           capture_output=True, text=True, env=env, timeout=300) for backend in ("torch", "onnx")]
+    rows = [run_meddiag("predict", str(run), str(image), "--backend", backend, env=env) for backend in ("torch", "onnx")]
     assert all(r.returncode == 0 for r in rows), rows[1].stderr
     torch_row, onnx_row = (r.stdout.splitlines()[1].split(",") for r in rows)
     assert torch_row[:2] == onnx_row[:2] and abs(float(torch_row[2]) - float(onnx_row[2])) < 1e-4
