@@ -135,6 +135,17 @@ def test_errors_are_one_clear_line(args, message):
     assert message in proc.stderr and proc.stderr.startswith("error:") and no_traceback(proc)
 
 
+def test_a_command_in_this_process_prints_and_returns_what_a_new_process_does(trained_run, tmp_path):
+    """The tests' in-process calls stand for ``python -m meddiag``: same stdout, stderr (warnings, errors) and exit code."""
+    data, run, _ = trained_run
+    (tmp_path / "broken.png").write_bytes(b"not a png")
+    for args in (("predict", str(run), str(data / "normal" / "img000.png"), str(tmp_path / "broken.png")),
+                 ("evaluate", str(tmp_path / "nowhere")), ("train", "--epochs", "0")):
+        here, there = meddiag(*args), meddiag(*args, process=True)
+        assert (here.returncode, here.stdout, here.stderr) == (there.returncode, there.stdout, there.stderr), args
+        assert here.returncode != 0 and here.stderr
+
+
 def test_models_command_lists_models():
     proc = meddiag("models")
     assert proc.returncode == 0 and "seed_cnn" in proc.stdout and "efficientnet_b0" in proc.stdout
