@@ -7,8 +7,11 @@ from __future__ import annotations
 import csv
 import io
 import json
-import resource
+import os
 import shutil
+import subprocess
+import sys
+import tempfile
 from pathlib import Path
 
 import numpy as np
@@ -21,6 +24,19 @@ from hostile import make_corpus
 from test_end_to_end import meddiag, no_traceback
 
 REFUSED = ("bad", "nonfinite", "volume")  # by a 2D model
+
+
+def measured(*args: str) -> tuple[subprocess.CompletedProcess, float]:
+    """``python -m meddiag ARGS`` in a process of its own, and that process's peak memory in MB (with its own
+    children's; not the test session's earlier processes', as ``RUSAGE_CHILDREN`` would be)."""
+    with tempfile.TemporaryFile("w+") as out, tempfile.TemporaryFile("w+") as err:
+        proc = subprocess.Popen([sys.executable, "-m", "meddiag", *args], stdout=out, stderr=err, text=True,
+                                env={**os.environ, "MEDDIAG_DATA": "/nonexistent"})
+        _, status, usage = os.wait4(proc.pid, 0)
+        proc.returncode = os.waitstatus_to_exitcode(status)
+        out.seek(0)
+        err.seek(0)
+        return subprocess.CompletedProcess(proc.args, proc.returncode, out.read(), err.read()), usage.ru_maxrss / 1024
 
 
 @pytest.fixture(scope="module")
@@ -52,9 +68,7 @@ def test_reading_any_file_gives_an_image_or_a_named_reason_never_another_excepti
 
 def test_predict_diagnoses_every_good_file_and_names_every_bad_one(corpus, small_run):
     folder = next(iter(corpus)).parent
-    before = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss
-    proc = meddiag("predict", str(small_run), str(folder))
-    peak_mb = max(before, resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss) / 1024
+    proc, peak_mb = measured("predict", str(small_run), str(folder))
     assert proc.returncode == 1 and no_traceback(proc), proc.stderr[-3000:]
     predicted = {row["path"] for row in csv.DictReader(io.StringIO(proc.stdout))}
     named = {line.split(": ", 2)[1] for line in proc.stderr.splitlines() if line.startswith("error: ")}
