@@ -26,17 +26,26 @@ from test_end_to_end import meddiag, no_traceback
 REFUSED = ("bad", "nonfinite", "volume")  # by a 2D model
 
 
+# Runs the command in a process of its own and writes its peak resident memory (kB) to argv[1]. A go-between,
+# because Linux counts a child's peak from the memory of the process it was forked from (``ru_maxrss`` keeps
+# the parent's across exec), and the test process may be large by then: this small one is forked instead.
+_MEASURE = """
+import os, subprocess, sys
+child = subprocess.Popen([sys.executable, "-m", "meddiag", *sys.argv[2:]])
+_, status, usage = os.wait4(child.pid, 0)
+open(sys.argv[1], "w").write(str(usage.ru_maxrss))
+sys.exit(os.waitstatus_to_exitcode(status) % 256)
+"""
+
+
 def measured(*args: str) -> tuple[subprocess.CompletedProcess, float]:
-    """``python -m meddiag ARGS`` in a process of its own, and that process's peak memory in MB (with its own
-    children's; not the test session's earlier processes', as ``RUSAGE_CHILDREN`` would be)."""
-    with tempfile.TemporaryFile("w+") as out, tempfile.TemporaryFile("w+") as err:
-        proc = subprocess.Popen([sys.executable, "-m", "meddiag", *args], stdout=out, stderr=err, text=True,
-                                env={**os.environ, "MEDDIAG_DATA": "/nonexistent"})
-        _, status, usage = os.wait4(proc.pid, 0)
-        proc.returncode = os.waitstatus_to_exitcode(status)
-        out.seek(0)
-        err.seek(0)
-        return subprocess.CompletedProcess(proc.args, proc.returncode, out.read(), err.read()), usage.ru_maxrss / 1024
+    """``python -m meddiag ARGS`` in a process of its own, and that process's peak memory in MB (its own and its
+    children's; neither this test process's nor its earlier children's, as ``RUSAGE_CHILDREN`` here would give)."""
+    with tempfile.TemporaryDirectory() as folder:
+        peak = Path(folder) / "peak_kb"
+        done = subprocess.run([sys.executable, "-c", _MEASURE, str(peak), *args], capture_output=True, text=True,
+                              env={**os.environ, "MEDDIAG_DATA": "/nonexistent"}, timeout=600)
+        return done, int(peak.read_text()) / 1024
 
 
 @pytest.fixture(scope="module")
